@@ -1,1 +1,17 @@
-//! herd
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub(crate) mod keys;
+pub mod session;
+
+pub use crate::client::RedisClient;
+pub use crate::config::{Config, ConfigBuilder};
+pub use crate::error::{Error, Result};
+pub use crate::session::{Session, SessionLayer, SessionStore};
+
+/// Re-exported so users name the same versions herd uses.
+pub use cookie;
+pub use redis;

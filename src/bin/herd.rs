@@ -1,0 +1,2 @@
+//! Placeholder until the launcher lands.
+fn main() {}

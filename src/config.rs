@@ -1,0 +1,401 @@
+//! One [`Config`] for everything herd does: where Redis is, the cookie signing key, the key prefix and
+//! every timeout. Build it from the environment ([`Config::from_env`]) or in code ([`Config::builder`]).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `REDIS_URL` | where Redis is (`redis://[user:pass@]host:port[/db]`) | `redis://127.0.0.1:6379` |
+//! | `HERD_SECRET` | cookie signing key: base64 of at least 64 random bytes (`openssl rand -base64 64`) | a random key per process, with a warning |
+//! | `HERD_OLD_SECRETS` | comma-separated earlier secrets still accepted when verifying cookies (key rotation) | none |
+//! | `HERD_PREFIX` | prefix of every Redis key herd writes | `herd` |
+//! | `HERD_REDIS_TIMEOUT_MS` | longest wait for one Redis round trip (connecting included) | `1000` |
+//! | `HERD_CONNECT_TIMEOUT_MS` | longest wait to open a connection | `1000` |
+//! | `HERD_POOL_SIZE` | connections in the pool of dedicated connections (used for `WATCH`) | `16` |
+//! | `HERD_POOL_WAIT_MS` | longest wait for a free pooled connection | `1000` |
+//!
+//! When `HERD_SECRET` is missing, a random key is made and a loud warning is logged: cookies then only
+//! verify in this one process and until it restarts. Under the launcher the master makes one key and
+//! hands it to every worker, so cookies verify in all of them.
+
+use std::fmt;
+use std::sync::Once;
+use std::time::Duration;
+
+use base64::Engine as _;
+use cookie::Key;
+
+use crate::error::{Error, Result};
+
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_PREFIX: &str = "herd";
+
+/// Configuration shared by sessions, globals and the Redis client. See the [module docs](self).
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) redis_url: String,
+    pub(crate) key: Key,
+    pub(crate) old_keys: Vec<Key>,
+    pub(crate) key_is_ephemeral: bool,
+    pub(crate) prefix: String,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) pool_size: usize,
+    pub(crate) pool_wait_timeout: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("key", &"<secret>")
+            .field("old_keys", &self.old_keys.len())
+            .field("key_is_ephemeral", &self.key_is_ephemeral)
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pool_size", &self.pool_size)
+            .field("pool_wait_timeout", &self.pool_wait_timeout)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the environment (see the [module docs](self) for the variables).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable when a value is malformed (a secret that is not base64 or
+    /// shorter than 64 bytes, an unparsable `REDIS_URL`, a timeout that is not a number).
+    pub fn from_env() -> Result<Config> {
+        ConfigBuilder::from_env()?.build()
+    }
+
+    /// A builder starting from the defaults (not from the environment).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = herd::Config::builder()
+    ///     .redis_url("redis://127.0.0.1:6379/0")
+    ///     .prefix("myapp")
+    ///     .command_timeout(Duration::from_millis(500))
+    ///     .build()?;
+    /// # Ok::<(), herd::Error>(())
+    /// ```
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// The Redis URL (with any password).
+    pub fn redis_url(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The prefix of every key herd writes.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The longest wait for one Redis round trip.
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// True when no secret was configured and a random per-process key is in use.
+    pub fn key_is_ephemeral(&self) -> bool {
+        self.key_is_ephemeral
+    }
+}
+
+/// Builds a [`Config`]; every setter is optional.
+#[derive(Clone, Default)]
+pub struct ConfigBuilder {
+    redis_url: Option<String>,
+    secret: Option<Secret>,
+    old_secrets: Vec<Secret>,
+    prefix: Option<String>,
+    command_timeout: Option<Duration>,
+    connect_timeout: Option<Duration>,
+    pool_size: Option<usize>,
+    pool_wait_timeout: Option<Duration>,
+}
+
+#[derive(Clone)]
+enum Secret {
+    Base64 { source: &'static str, text: String },
+    Key(Key),
+}
+
+impl fmt::Debug for ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigBuilder")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigBuilder {
+    /// A builder filled from the environment; later setters override it.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when a numeric variable does not parse.
+    pub fn from_env() -> Result<ConfigBuilder> {
+        let mut b = ConfigBuilder::default();
+        if let Some(url) = env("REDIS_URL") {
+            b.redis_url = Some(url);
+        }
+        if let Some(secret) = env("HERD_SECRET") {
+            b.secret = Some(Secret::Base64 {
+                source: "HERD_SECRET",
+                text: secret,
+            });
+        }
+        if let Some(old) = env("HERD_OLD_SECRETS") {
+            b.old_secrets = old
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Secret::Base64 {
+                    source: "HERD_OLD_SECRETS",
+                    text: s.to_owned(),
+                })
+                .collect();
+        }
+        if let Some(prefix) = env("HERD_PREFIX") {
+            b.prefix = Some(prefix);
+        }
+        b.command_timeout = env_millis("HERD_REDIS_TIMEOUT_MS")?;
+        b.connect_timeout = env_millis("HERD_CONNECT_TIMEOUT_MS")?;
+        b.pool_wait_timeout = env_millis("HERD_POOL_WAIT_MS")?;
+        if let Some(size) = env("HERD_POOL_SIZE") {
+            b.pool_size = Some(size.parse().map_err(|_| {
+                Error::Config(format!("HERD_POOL_SIZE must be a whole number, got `{size}`"))
+            })?);
+        }
+        Ok(b)
+    }
+
+    /// Where Redis is. Default `redis://127.0.0.1:6379`.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// The cookie signing secret, base64 of at least 64 bytes (checked by [`build`](Self::build)).
+    pub fn secret_base64(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(Secret::Base64 {
+            source: "secret",
+            text: secret.into(),
+        });
+        self
+    }
+
+    /// The cookie signing key.
+    pub fn key(mut self, key: Key) -> Self {
+        self.secret = Some(Secret::Key(key));
+        self
+    }
+
+    /// An earlier key still accepted when verifying cookies (new cookies are signed with the current
+    /// key). Call several times for several keys.
+    pub fn old_key(mut self, key: Key) -> Self {
+        self.old_secrets.push(Secret::Key(key));
+        self
+    }
+
+    /// An earlier secret (base64) still accepted when verifying cookies.
+    pub fn old_secret_base64(mut self, secret: impl Into<String>) -> Self {
+        self.old_secrets.push(Secret::Base64 {
+            source: "old secret",
+            text: secret.into(),
+        });
+        self
+    }
+
+    /// Prefix of every Redis key herd writes. Default `herd`. Letters, digits and `-_.:` only.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// The longest wait for one Redis round trip. Default 1 s.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest wait to open a connection. Default 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Size of the pool of dedicated connections (used for `WATCH`). Default 16.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = Some(size);
+        self
+    }
+
+    /// The longest wait for a free pooled connection. Default 1 s.
+    pub fn pool_wait_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_wait_timeout = Some(timeout);
+        self
+    }
+
+    /// Checks every value and builds the [`Config`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] with a sentence naming the bad value.
+    pub fn build(self) -> Result<Config> {
+        let redis_url = self
+            .redis_url
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
+            return Err(Error::Config(format!(
+                "REDIS_URL `{}` is not a usable Redis URL: {e}",
+                redact_url(&redis_url)
+            )));
+        }
+        let (key, key_is_ephemeral) = match self.secret {
+            Some(secret) => (secret.into_key()?, false),
+            None => {
+                warn_ephemeral_key();
+                (Key::generate(), true)
+            }
+        };
+        let old_keys = self
+            .old_secrets
+            .into_iter()
+            .map(Secret::into_key)
+            .collect::<Result<Vec<_>>>()?;
+        let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        crate::keys::validate_prefix(&prefix)?;
+        let pool_size = self.pool_size.unwrap_or(16);
+        if pool_size == 0 {
+            return Err(Error::Config("the pool size must be at least 1".into()));
+        }
+        let positive = |name: &str, d: Option<Duration>| -> Result<Duration> {
+            let d = d.unwrap_or(Duration::from_secs(1));
+            if d.is_zero() {
+                return Err(Error::Config(format!("{name} must be above zero")));
+            }
+            Ok(d)
+        };
+        Ok(Config {
+            redis_url,
+            key,
+            old_keys,
+            key_is_ephemeral,
+            prefix,
+            command_timeout: positive("the Redis timeout", self.command_timeout)?,
+            connect_timeout: positive("the connect timeout", self.connect_timeout)?,
+            pool_size,
+            pool_wait_timeout: positive("the pool wait timeout", self.pool_wait_timeout)?,
+        })
+    }
+}
+
+impl Secret {
+    fn into_key(self) -> Result<Key> {
+        match self {
+            Secret::Key(key) => Ok(key),
+            Secret::Base64 { source, text } => key_from_base64(source, &text),
+        }
+    }
+}
+
+/// Decodes a base64 secret (standard or URL-safe alphabet, padding optional) of at least 64 bytes.
+pub(crate) fn key_from_base64(source: &str, text: &str) -> Result<Key> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let text = text.trim();
+    let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{source} is not base64; make one with `openssl rand -base64 64`"
+            ))
+        })?;
+    Key::try_from(bytes.as_slice()).map_err(|_| {
+        Error::Config(format!(
+            "{source} decodes to {} bytes but needs at least 64; make one with `openssl rand -base64 64`",
+            bytes.len()
+        ))
+    })
+}
+
+fn warn_ephemeral_key() {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        let msg = "HERD_SECRET is not set: using a random cookie key for this process only. \
+                   Sessions will not survive a restart and cookies will not verify in other \
+                   processes. Set HERD_SECRET (e.g. `openssl rand -base64 64`) in production.";
+        tracing::warn!("{msg}");
+        eprintln!("herd: WARNING: {msg}");
+    });
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn env_millis(name: &str) -> Result<Option<Duration>> {
+    env(name)
+        .map(|v| {
+            v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| {
+                Error::Config(format!("{name} must be a number of milliseconds, got `{v}`"))
+            })
+        })
+        .transpose()
+}
+
+/// The URL with any password replaced by `***`, for logs and errors.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn short_or_garbage_secrets_are_clear_errors() {
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let err = key_from_base64("HERD_SECRET", &short).err().map(|e| e.to_string());
+        assert!(err.as_deref().unwrap_or("").contains("32 bytes but needs at least 64"));
+        let err = key_from_base64("HERD_SECRET", "not base64 at all!").err();
+        assert!(err.map(|e| e.to_string()).unwrap_or_default().contains("not base64"));
+        let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+        assert!(key_from_base64("HERD_SECRET", &good).is_ok());
+    }
+
+    #[test]
+    fn malformed_url_is_a_startup_error() {
+        let err = Config::builder().redis_url("http://nope").build().err();
+        assert!(matches!(err, Some(Error::Config(m)) if m.contains("REDIS_URL")));
+        let err = Config::builder().prefix("a{b}").build().err();
+        assert!(matches!(err, Some(Error::Config(_))));
+    }
+}

@@ -1,0 +1,191 @@
+//! Every Redis key name herd uses is built here, and nowhere else.
+//!
+//! | what | key | type |
+//! |---|---|---|
+//! | a session | `{prefix}:s:{<id>}` | hash: one field per session key, plus meta fields starting with `$` |
+//! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → the session's absolute deadline (ms) |
+//! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
+//!
+//! The part in braces is the Redis Cluster *hash tag*: every key of one session, or of one group of
+//! globals, hashes to the same slot, so the scripts and MULTI/EXEC blocks that touch them stay legal
+//! on a cluster. Nothing that comes from a client reaches a key unchecked: session ids are validated
+//! ([`SessionId::parse`]) after the cookie signature has been verified, owners are hex-encoded, and
+//! group and variable names are restricted to a safe alphabet ([`validate_name`]).
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// A session id: 32 lowercase hex digits of a random (v4) UUID, 122 random bits from the OS generator.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SessionId(String);
+
+impl SessionId {
+    /// A fresh id from the operating system's random generator.
+    pub(crate) fn generate() -> SessionId {
+        SessionId(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Accepts exactly the format [`generate`](Self::generate) makes; anything else is refused before any
+    /// key is built from it.
+    pub(crate) fn parse(s: &str) -> Option<SessionId> {
+        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| SessionId(s.to_owned()))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SessionId {
+    // Ids are credentials (with the signing key); keep them out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({}…)", &self.0[..4])
+    }
+}
+
+/// Builds key names under one prefix.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The hash holding one session.
+    pub(crate) fn session(&self, id: &SessionId) -> String {
+        format!("{}:s:{{{}}}", self.prefix, id.as_str())
+    }
+
+    /// The sorted set indexing the sessions of one owner.
+    pub(crate) fn owner_index(&self, owner: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 5 + owner.len() * 2);
+        key.push_str(&self.prefix);
+        key.push_str(":o:{");
+        for b in owner.as_bytes() {
+            key.push_str(&format!("{b:02x}"));
+        }
+        key.push('}');
+        key
+    }
+
+    /// A global variable in a group; the group is the hash tag.
+    #[allow(dead_code)] // used by the globals module
+    pub(crate) fn global(&self, group: &str, name: &str) -> String {
+        format!("{}:g:{{{group}}}:{name}", self.prefix)
+    }
+
+    /// The prefix (for pub/sub channel names and tests).
+    #[allow(dead_code)]
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+/// Checks a key prefix: 1–64 characters of `[A-Za-z0-9_.:-]`.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(safe_byte) {
+        return Err(Error::Config(format!(
+            "key prefix `{prefix}` must be 1 to 64 characters of letters, digits and `_.:-`"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a group or variable name: 1–128 characters of `[A-Za-z0-9_.:-]` (no braces, spaces, `*`).
+#[allow(dead_code)] // used by the globals module
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(safe_byte) {
+        return Err(Error::invalid_name(
+            name,
+            "names are 1 to 128 characters of letters, digits and `_.:-`",
+        ));
+    }
+    Ok(())
+}
+
+fn safe_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
+}
+
+/// Checks a session key (a field name in the session hash): 1–256 bytes, not starting with the
+/// reserved `$`.
+pub(crate) fn validate_session_field(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 256 {
+        return Err(Error::invalid_name(
+            name,
+            "session keys are 1 to 256 bytes long",
+        ));
+    }
+    if name.starts_with('$') {
+        return Err(Error::invalid_name(
+            name,
+            "session keys starting with `$` are reserved for herd",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an owner (user id): 1–256 bytes.
+pub(crate) fn validate_owner(owner: &str) -> Result<()> {
+    if owner.is_empty() || owner.len() > 256 {
+        return Err(Error::invalid_name(owner, "owners are 1 to 256 bytes long"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse_and_are_distinct() {
+        let a = SessionId::generate();
+        let b = SessionId::generate();
+        assert_ne!(a, b);
+        assert_eq!(SessionId::parse(a.as_str()), Some(a));
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for bad in [
+            "",
+            "*",
+            "{abc}",
+            "0123456789abcdef0123456789abcde",   // 31
+            "0123456789abcdef0123456789abcdef0", // 33
+            "0123456789ABCDEF0123456789ABCDEF",  // upper case
+            "0123456789abcdef0123456789abcd\r\n",
+            "0123456789abcdef 123456789abcdef",
+            "0123456789abcdef0123456789abcdeé",
+        ] {
+            assert!(SessionId::parse(bad).is_none(), "{bad:?} accepted");
+        }
+        assert!(SessionId::parse(&"a".repeat(5000)).is_none());
+    }
+
+    #[test]
+    fn keys_share_a_hash_tag() {
+        let keys = Keys::new("app");
+        let id = SessionId::parse("0123456789abcdef0123456789abcdef").expect("valid");
+        assert_eq!(keys.session(&id), "app:s:{0123456789abcdef0123456789abcdef}");
+        assert_eq!(keys.owner_index("a}{"), "app:o:{617d7b}");
+        assert_eq!(keys.global("bank", "acct-1"), "app:g:{bank}:acct-1");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("acct-1").is_ok());
+        for bad in ["", "a b", "a{b", "a}b", "a*", "x\n"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_session_field("$c").is_err());
+        assert!(validate_session_field("counter").is_ok());
+    }
+}

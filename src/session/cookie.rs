@@ -1,0 +1,159 @@
+//! The session cookie: finding it in a request, verifying its signature, and writing `Set-Cookie`.
+//!
+//! The cookie's value is `base64(HMAC-SHA256(id)) ‖ id` ([`cookie::SignedJar`]). A cookie that does
+//! not verify with the current key or one of the old keys, or whose id is not in the exact format herd
+//! makes, is treated as absent: the visitor is anonymous, no Redis key is built from it and no error
+//! is shown.
+
+use std::time::Duration;
+
+use cookie::{Cookie, CookieJar, Key, SameSite};
+use http::{header, HeaderMap, HeaderValue};
+
+use crate::keys::SessionId;
+
+/// Cookie attributes of one layer.
+#[derive(Clone, Debug)]
+pub(crate) struct CookieConfig {
+    /// The name as sent (with the `__Host-` prefix when enabled).
+    pub(crate) name: String,
+    pub(crate) secure: bool,
+    pub(crate) same_site: SameSite,
+    pub(crate) path: String,
+    pub(crate) domain: Option<String>,
+    pub(crate) persistent: bool,
+}
+
+impl Default for CookieConfig {
+    fn default() -> Self {
+        CookieConfig {
+            name: "herd_session".into(),
+            secure: true,
+            same_site: SameSite::Lax,
+            path: "/".into(),
+            domain: None,
+            persistent: false,
+        }
+    }
+}
+
+/// Longest cookie value looked at; anything longer is not ours and is ignored unread.
+const MAX_COOKIE_VALUE: usize = 256;
+
+/// The raw value of the cookie named `name`, if the request carries one (first match wins). Header
+/// values that are not visible ASCII are skipped.
+pub(crate) fn find(headers: &HeaderMap, name: &str) -> Option<String> {
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in text.split(';') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            if k.trim() == name {
+                let v = v.trim().trim_matches('"');
+                if v.len() <= MAX_COOKIE_VALUE {
+                    return Some(v.to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Verifies a raw cookie value with each key in turn; returns the id if one signature verifies and
+/// the id is well-formed.
+pub(crate) fn verify(name: &str, raw: &str, keys: &[&Key]) -> Option<SessionId> {
+    let cookie = Cookie::new(name.to_owned(), raw.to_owned());
+    let jar = CookieJar::new();
+    keys.iter().find_map(|key| {
+        jar.signed(key)
+            .verify(cookie.clone())
+            .and_then(|c| SessionId::parse(c.value()))
+    })
+}
+
+/// `Set-Cookie` carrying `id`, signed with `key`. `max_age` only for persistent cookies.
+pub(crate) fn set_cookie(
+    config: &CookieConfig,
+    key: &Key,
+    id: &SessionId,
+    max_age: Option<Duration>,
+) -> HeaderValue {
+    let mut jar = CookieJar::new();
+    let mut cookie = base(config, id.as_str().to_owned());
+    if let (true, Some(age)) = (config.persistent, max_age) {
+        cookie.set_max_age(cookie::time::Duration::try_from(age).ok());
+    }
+    jar.signed_mut(key).add(cookie);
+    let signed = jar
+        .delta()
+        .next()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    HeaderValue::from_str(&signed).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `Set-Cookie` that makes the browser drop the cookie.
+pub(crate) fn removal(config: &CookieConfig) -> HeaderValue {
+    let mut cookie = base(config, String::new());
+    cookie.make_removal();
+    HeaderValue::from_str(&cookie.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn base(config: &CookieConfig, value: String) -> Cookie<'static> {
+    let mut cookie = Cookie::new(config.name.clone(), value);
+    cookie.set_http_only(true);
+    cookie.set_secure(config.secure);
+    cookie.set_same_site(config.same_site);
+    cookie.set_path(config.path.clone());
+    if let Some(domain) = &config.domain {
+        cookie.set_domain(domain.clone());
+    }
+    cookie
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_value_of(v: &HeaderValue) -> String {
+        v.to_str().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn round_trip_and_attributes() {
+        let key = Key::generate();
+        let config = CookieConfig::default();
+        let id = SessionId::generate();
+        let set = header_value_of(&set_cookie(&config, &key, &id, None));
+        assert!(set.contains("HttpOnly"), "{set}");
+        assert!(set.contains("Secure"), "{set}");
+        assert!(set.contains("SameSite=Lax"), "{set}");
+        assert!(set.contains("Path=/"), "{set}");
+        assert!(!set.contains("Max-Age"), "{set}");
+        let value = set
+            .split(';')
+            .next()
+            .and_then(|p| p.split_once('='))
+            .map(|(_, v)| v.to_owned())
+            .unwrap_or_default();
+        assert_eq!(verify(&config.name, &value, &[&key]), Some(id.clone()));
+        // An old key still verifies when listed; an unknown key never does.
+        assert_eq!(
+            verify(&config.name, &value, &[&Key::generate(), &key]),
+            Some(id)
+        );
+        assert_eq!(verify(&config.name, &value, &[&Key::generate()]), None);
+    }
+
+    #[test]
+    fn find_skips_other_cookies_and_oversize_values() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1; herd_session=xyz; b=2"));
+        assert_eq!(find(&headers, "herd_session").as_deref(), Some("xyz"));
+        let mut headers = HeaderMap::new();
+        let big = format!("herd_session={}", "x".repeat(10_000));
+        headers.append(header::COOKIE, HeaderValue::from_str(&big).expect("ascii"));
+        assert_eq!(find(&headers, "herd_session"), None);
+    }
+}

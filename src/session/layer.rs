@@ -1,0 +1,342 @@
+//! [`SessionLayer`], its service, and the [`Session`] extractor.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use cookie::SameSite;
+use http::{header, Request, StatusCode};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::cookie as codec;
+use super::store::Expiry;
+use super::{CookieAction, Session, SessionStore, Settings};
+use crate::client::RedisClient;
+
+/// A tower [`Layer`] that gives every request a lazy [`Session`] stored in Redis. See the
+/// [module docs](crate::session).
+///
+/// Defaults are the secure ones: cookie `herd_session`, `HttpOnly`, `Secure`, `SameSite=Lax`,
+/// `Path=/`, no `Max-Age` (a browser-session cookie), idle timeout 24 h, absolute timeout 7 days,
+/// values up to 64 KiB, sessions up to 1 MiB.
+///
+/// ```no_run
+/// # async fn run(redis: herd::RedisClient) {
+/// use std::time::Duration;
+/// let layer = herd::SessionLayer::new(redis)
+///     .with_cookie_name("sid")
+///     .with_host_prefix(true)
+///     .with_idle_timeout(Duration::from_secs(30 * 60))
+///     .with_absolute_timeout(Duration::from_secs(12 * 3600));
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SessionLayer {
+    settings: Arc<Settings>,
+    host_prefix: bool,
+    base_name: String,
+}
+
+impl SessionLayer {
+    /// A layer storing sessions through `client` (under the client's key prefix), signing cookies
+    /// with the client's [`Config`](crate::Config) key.
+    pub fn new(client: RedisClient) -> SessionLayer {
+        let cookie = codec::CookieConfig::default();
+        SessionLayer {
+            base_name: cookie.name.clone(),
+            host_prefix: false,
+            settings: Arc::new(Settings {
+                client,
+                cookie,
+                expiry: Expiry {
+                    idle: Duration::from_secs(24 * 3600),
+                    absolute: Duration::from_secs(7 * 24 * 3600),
+                },
+                max_value_bytes: 64 * 1024,
+                max_session_bytes: 1024 * 1024,
+            }),
+        }
+    }
+
+    fn settings_mut(&mut self) -> &mut Settings {
+        Arc::make_mut(&mut self.settings)
+    }
+
+    fn update_name(&mut self) {
+        let name = if self.host_prefix {
+            format!("__Host-{}", self.base_name)
+        } else {
+            self.base_name.clone()
+        };
+        self.settings_mut().cookie.name = name;
+    }
+
+    /// The cookie's name. Default `herd_session`.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_cookie_name("sid");
+    /// # }
+    /// ```
+    pub fn with_cookie_name(mut self, name: impl Into<String>) -> Self {
+        self.base_name = name.into();
+        self.update_name();
+        self
+    }
+
+    /// Prefix the cookie name with `__Host-`, which makes browsers refuse it unless it is `Secure`,
+    /// has `Path=/` and no `Domain` (protection against cookie injection from sibling domains).
+    /// Forces `Secure` on and the domain off. Default off.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_host_prefix(true);
+    /// # }
+    /// ```
+    pub fn with_host_prefix(mut self, on: bool) -> Self {
+        self.host_prefix = on;
+        if on {
+            let s = self.settings_mut();
+            s.cookie.secure = true;
+            s.cookie.domain = None;
+            s.cookie.path = "/".into();
+        }
+        self.update_name();
+        self
+    }
+
+    /// The `Secure` attribute. Default on; turn off only for plain-http development (browsers do not
+    /// send `Secure` cookies over http). Ignored with [`with_host_prefix(true)`](Self::with_host_prefix).
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let dev = herd::SessionLayer::new(redis).with_secure(false);
+    /// # }
+    /// ```
+    pub fn with_secure(mut self, secure: bool) -> Self {
+        if !self.host_prefix {
+            self.settings_mut().cookie.secure = secure;
+        }
+        self
+    }
+
+    /// The `SameSite` attribute. Default `Lax`.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_same_site(cookie::SameSite::Strict);
+    /// # }
+    /// ```
+    pub fn with_same_site(mut self, same_site: SameSite) -> Self {
+        self.settings_mut().cookie.same_site = same_site;
+        self
+    }
+
+    /// The cookie's `Domain`. Default none (host-only). Ignored with the `__Host-` prefix.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_domain("example.com");
+    /// # }
+    /// ```
+    pub fn with_domain(mut self, domain: impl Into<String>) -> Self {
+        if !self.host_prefix {
+            self.settings_mut().cookie.domain = Some(domain.into());
+        }
+        self
+    }
+
+    /// The cookie's `Path`. Default `/`. Ignored with the `__Host-` prefix.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_path("/app");
+    /// # }
+    /// ```
+    pub fn with_path(mut self, path: impl Into<String>) -> Self {
+        if !self.host_prefix {
+            self.settings_mut().cookie.path = path.into();
+        }
+        self
+    }
+
+    /// Give the cookie a `Max-Age` equal to the absolute timeout, so it survives browser restarts.
+    /// Default off (the cookie ends with the browser session). The server-side timeouts apply either way.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_persistent_cookie(true);
+    /// # }
+    /// ```
+    pub fn with_persistent_cookie(mut self, on: bool) -> Self {
+        self.settings_mut().cookie.persistent = on;
+        self
+    }
+
+    /// How long a session lives without requests that touch it. Default 24 hours.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_idle_timeout(std::time::Duration::from_secs(1800));
+    /// # }
+    /// ```
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings_mut().expiry.idle = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a session lives at most from its creation (or its last id cycle), however active.
+    /// Default 7 days.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_absolute_timeout(std::time::Duration::from_secs(86400));
+    /// # }
+    /// ```
+    pub fn with_absolute_timeout(mut self, timeout: Duration) -> Self {
+        self.settings_mut().expiry.absolute = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Largest value (key + JSON) accepted by [`Session::insert`]. Default 64 KiB.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_max_value_size(4096);
+    /// # }
+    /// ```
+    pub fn with_max_value_size(mut self, bytes: usize) -> Self {
+        self.settings_mut().max_value_bytes = bytes;
+        self
+    }
+
+    /// Largest session (all keys + values). Default 1 MiB.
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient) {
+    /// let layer = herd::SessionLayer::new(redis).with_max_session_size(64 * 1024);
+    /// # }
+    /// ```
+    pub fn with_max_session_size(mut self, bytes: usize) -> Self {
+        self.settings_mut().max_session_bytes = bytes;
+        self
+    }
+
+    /// A [`SessionStore`] over the same Redis, for work outside requests ("log out everywhere").
+    pub fn store(&self) -> SessionStore {
+        SessionStore::new(self.settings.client.clone())
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionService {
+            inner,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// The service made by [`SessionLayer`].
+#[derive(Clone, Debug)]
+pub struct SessionService<S> {
+    inner: S,
+    settings: Arc<Settings>,
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for SessionService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let raw = codec::find(req.headers(), &self.settings.cookie.name);
+        let session = Session::new(self.settings.clone(), raw);
+        req.extensions_mut().insert(session.clone());
+        // The clone that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let mut res = inner.call(req).await?;
+            match session.commit().await {
+                Ok(action) => apply_cookie(&settings, &mut res, action),
+                Err(e) => {
+                    let gone = e.is_session_gone();
+                    res = e.into_response();
+                    if gone {
+                        apply_cookie(&settings, &mut res, CookieAction::Remove);
+                    }
+                }
+            }
+            Ok(res)
+        })
+    }
+}
+
+fn apply_cookie(settings: &Settings, res: &mut Response, action: CookieAction) {
+    let value = match action {
+        CookieAction::None => return,
+        CookieAction::Set(id, max_age) => codec::set_cookie(
+            &settings.cookie,
+            &settings.client.config().key,
+            &id,
+            Some(max_age),
+        ),
+        CookieAction::Remove => codec::removal(&settings.cookie),
+    };
+    res.headers_mut().append(header::SET_COOKIE, value);
+}
+
+/// The rejection of the [`Session`] extractor when no [`SessionLayer`] runs in front of the handler.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionMissing;
+
+impl std::fmt::Display for SessionMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "herd::Session was extracted but no herd::SessionLayer runs in front of this handler: \
+             add `.layer(herd::SessionLayer::new(redis))` to the Router (after the routes that use it)",
+        )
+    }
+}
+
+impl std::error::Error for SessionMissing {}
+
+impl IntoResponse for SessionMissing {
+    fn into_response(self) -> Response {
+        tracing::error!("{self}");
+        (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Session {
+    type Rejection = SessionMissing;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Session>()
+            .cloned()
+            .ok_or(SessionMissing)
+    }
+}

@@ -1,0 +1,653 @@
+//! Sessions for axum, stored in Redis, shared by every worker process.
+//!
+//! Add a [`SessionLayer`] to the router and take a [`Session`] in handlers:
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use herd::{Config, RedisClient, Session, SessionLayer};
+//!
+//! async fn counter(session: Session) -> herd::Result<String> {
+//!     let n = session.incr("counter", 1).await?; // one round trip, atomic in Redis
+//!     Ok(format!("you have been here {n} times"))
+//! }
+//!
+//! # async fn run() -> herd::Result<()> {
+//! let redis = RedisClient::connect(Config::from_env()?).await?;
+//! let app: Router = Router::new()
+//!     .route("/", get(counter))
+//!     .layer(SessionLayer::new(redis).with_secure(false)); // plain-http dev only
+//! # Ok(()) }
+//! ```
+//!
+//! # How it works
+//! * **Lazy.** The layer puts a handle in the request and does nothing else: a request whose handler
+//!   never touches the session costs no Redis round trip and, even with a cookie, no signature check.
+//! * **One read.** The first read loads the whole session (`HGETALL` + `PTTL`, one round trip).
+//! * **Buffered writes.** [`insert`](Session::insert), [`remove`](Session::remove),
+//!   [`clear`](Session::clear), [`cycle_id`](Session::cycle_id), [`destroy`](Session::destroy),
+//!   [`set_owner`](Session::set_owner) only record a change. After the handler, the changes are applied
+//!   in one atomic round trip (a Lua script), *before the response leaves*: the visitor's next request,
+//!   on any worker, reads its own writes. Only changed fields are written, so two concurrent requests of
+//!   one visitor that change different keys both keep their change.
+//! * **Never resurrect.** A save into a session that was destroyed (logout in another tab) or expired
+//!   while the request ran writes nothing. If the handler had read the session, the response becomes
+//!   `409` ([`Error::SessionGone`]); if it only wrote blindly, the changes go into a fresh session with a
+//!   fresh id.
+//! * **Atomic counters.** [`incr`](Session::incr) runs `HINCRBY` in Redis at once (with any buffered
+//!   changes, still one round trip) and returns the new value.
+//!
+//! | handler does | Redis round trips |
+//! |---|---|
+//! | nothing with the session (with or without a cookie) | 0 |
+//! | reads only | 1 |
+//! | writes without reading | 1 |
+//! | reads, then writes | 2 |
+//! | `incr` | 1 |
+//! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 |
+//!
+//! # Cookies
+//! Signed with the configured key ([`Config`](crate::Config)), `HttpOnly`, `SameSite=Lax`, `Path=/`,
+//! `Secure` (turn off only for plain-http development with
+//! [`with_secure(false)`](SessionLayer::with_secure)), optionally with the `__Host-` prefix. Old keys
+//! still verify (key rotation). `Set-Cookie` is sent only when a session is created, gets a new id, or
+//! is destroyed. A cookie that fails verification, is malformed, or names a session Redis does not have
+//! is ignored: the visitor gets a fresh session, with a fresh id, when the handler first writes.
+//!
+//! # Expiry
+//! * **Idle timeout** ([`with_idle_timeout`](SessionLayer::with_idle_timeout), default 24 h; per
+//!   session with [`Session::set_idle_timeout`]): the key's TTL. Reads push it back at most once per
+//!   tenth of the timeout, so read-only traffic does not write on every request.
+//! * **Absolute timeout** ([`with_absolute_timeout`](SessionLayer::with_absolute_timeout), default
+//!   7 days): counted from creation (or the last [`cycle_id`](Session::cycle_id)); activity never
+//!   extends it.
+//!
+//! # Owners: log out everywhere
+//! [`Session::set_owner`] ties a session to a user id; [`SessionStore::destroy_owner`] destroys every
+//! session of that user, in two round trips, without scanning keys. The index is a sorted set whose
+//! entries and TTL end with the sessions' absolute deadlines.
+
+mod cookie;
+mod layer;
+pub(crate) mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use self::layer::{SessionLayer, SessionMissing, SessionService};
+use self::store::{Delta, Expiry, Loaded, Save, SaveMode, SaveOutcome};
+use crate::client::RedisClient;
+use crate::error::{Error, Result};
+use crate::keys::{self, SessionId};
+
+/// Settings of one [`SessionLayer`], shared by every request it handles.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) client: RedisClient,
+    pub(crate) cookie: cookie::CookieConfig,
+    pub(crate) expiry: Expiry,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) max_session_bytes: usize,
+}
+
+/// Operations on sessions outside of a request, e.g. "log out everywhere" from an admin task.
+#[derive(Clone, Debug)]
+pub struct SessionStore {
+    client: RedisClient,
+}
+
+impl SessionStore {
+    /// A store over `client`, with the client's key prefix.
+    pub fn new(client: RedisClient) -> SessionStore {
+        SessionStore { client }
+    }
+
+    /// Destroys every session tied to `owner` with [`Session::set_owner`] ("log out everywhere").
+    /// Returns how many sessions were deleted. Two round trips, whatever the number of sessions.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty or over-long owner; [`Error::Unavailable`] /
+    /// [`Error::OutcomeUnknown`] when Redis does not answer.
+    pub async fn destroy_owner(&self, owner: &str) -> Result<usize> {
+        store::destroy_owner(&self.client, owner).await
+    }
+}
+
+/// A visitor's session, taken as an axum extractor in handlers behind a [`SessionLayer`].
+///
+/// Cheap to clone (all clones are one session). See the [module docs](self) for how reads and writes
+/// reach Redis.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    /// The raw cookie value, verified on first use.
+    raw_cookie: Option<String>,
+    /// Set by every method; an untouched session costs nothing after the handler either.
+    touched: AtomicBool,
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The cookie has been verified (or found absent) and `id` set from it.
+    resolved: bool,
+    /// The id whose data is (or is believed to be) in Redis. `None`: a new session.
+    id: Option<SessionId>,
+    load: LoadState,
+    changes: HashMap<String, Change>,
+    clear: bool,
+    owner: Option<String>,
+    idle_override_ms: Option<u64>,
+    cycle: bool,
+    /// Ids to delete at save time (destroyed in this request).
+    destroy: Vec<SessionId>,
+    /// What the response must tell the browser.
+    cookie: CookieAction,
+}
+
+#[derive(Default)]
+enum LoadState {
+    #[default]
+    NotLoaded,
+    /// Read in this request and absent (or expired).
+    Missing,
+    Present(Loaded),
+}
+
+enum Change {
+    Set(Vec<u8>),
+    Remove,
+}
+
+/// What the response must say about the cookie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum CookieAction {
+    #[default]
+    None,
+    Set(SessionId, Duration),
+    Remove,
+}
+
+impl Session {
+    pub(crate) fn new(settings: Arc<Settings>, raw_cookie: Option<String>) -> Session {
+        Session {
+            inner: Arc::new(Inner {
+                settings,
+                raw_cookie,
+                touched: AtomicBool::new(false),
+                state: tokio::sync::Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    fn client(&self) -> &RedisClient {
+        &self.inner.settings.client
+    }
+
+    /// Locks the state, verifying the cookie on first use.
+    async fn state(&self) -> tokio::sync::MutexGuard<'_, State> {
+        self.inner.touched.store(true, Ordering::Relaxed);
+        let mut state = self.inner.state.lock().await;
+        if !state.resolved {
+            state.resolved = true;
+            state.id = self.inner.raw_cookie.as_deref().and_then(|raw| {
+                let config = self.client().config();
+                let mut keys = Vec::with_capacity(1 + config.old_keys.len());
+                keys.push(&config.key);
+                keys.extend(config.old_keys.iter());
+                cookie::verify(&self.settings().cookie.name, raw, &keys)
+            });
+            if state.id.is_none() {
+                state.load = LoadState::Missing;
+            }
+        }
+        state
+    }
+
+    /// Loads the session if this request has not yet; afterwards `state.load` is Missing or Present.
+    async fn ensure_loaded(&self, state: &mut State) -> Result<()> {
+        if let (LoadState::NotLoaded, Some(id)) = (&state.load, &state.id) {
+            match store::load(self.client(), id, self.settings().expiry).await? {
+                Some(loaded) => state.load = LoadState::Present(loaded),
+                None => {
+                    // Unknown, expired or destroyed id: never adopted; a write gets a fresh id.
+                    state.id = None;
+                    state.load = LoadState::Missing;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The value stored under `key`, decoded from JSON; `None` if absent. The first read of a request
+    /// costs one round trip; later reads are served from memory, and see this request's own changes.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] naming the key if the stored value is not a `T`; [`Error::Unavailable`] when
+    /// Redis does not answer in time.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let mut state = self.state().await;
+        let raw = match state.changes.get(key) {
+            Some(Change::Set(v)) => Some(v.clone()),
+            Some(Change::Remove) => None,
+            None if state.clear => None,
+            None => {
+                self.ensure_loaded(&mut state).await?;
+                match &state.load {
+                    LoadState::Present(loaded) => loaded.fields.get(key).cloned(),
+                    _ => None,
+                }
+            }
+        };
+        raw.map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    /// Stores `value` (as JSON) under `key`, written to Redis after the handler. Costs no round trip now.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty key, a key over 256 bytes or one starting with `$`;
+    /// [`Error::TooLarge`] if the value, or the session with it, is over the layer's limits (nothing is
+    /// recorded then); [`Error::Encode`] if `value` does not serialize.
+    pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<()> {
+        keys::validate_session_field(key)?;
+        let bytes = serde_json::to_vec(&value).map_err(|source| Error::Encode {
+            key: key.to_owned(),
+            source,
+        })?;
+        let limit = self.settings().max_value_bytes;
+        if key.len() + bytes.len() > limit {
+            return Err(Error::TooLarge {
+                key: key.to_owned(),
+                size: key.len() + bytes.len(),
+                limit,
+            });
+        }
+        let mut state = self.state().await;
+        if let LoadState::Present(_) | LoadState::Missing = state.load {
+            let size = projected_size(&state, Some((key, bytes.len())));
+            let limit = self.settings().max_session_bytes;
+            if size > limit {
+                return Err(Error::TooLarge {
+                    key: "<session>".into(),
+                    size,
+                    limit,
+                });
+            }
+        }
+        state.changes.insert(key.to_owned(), Change::Set(bytes));
+        Ok(())
+    }
+
+    /// Removes `key`, written to Redis after the handler. Costs no round trip now.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for a key herd would never store.
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        keys::validate_session_field(key)?;
+        let mut state = self.state().await;
+        state.changes.insert(key.to_owned(), Change::Remove);
+        Ok(())
+    }
+
+    /// Removes every key (the session and its id stay). Written after the handler.
+    pub async fn clear(&self) {
+        let mut state = self.state().await;
+        state.changes.clear();
+        state.clear = true;
+    }
+
+    /// Adds `by` to the integer under `key` (absent counts as 0) atomically in Redis and returns the
+    /// new value. Runs now, in one round trip that also carries any changes buffered so far; creates the
+    /// session if there is none.
+    ///
+    /// # Errors
+    /// [`Error::NotAnInteger`] if `key` holds something else (nothing is written);
+    /// [`Error::Unavailable`] / [`Error::OutcomeUnknown`] when Redis does not answer;
+    /// [`Error::SessionGone`] if the session was read in this request and ended meanwhile.
+    pub async fn incr(&self, key: &str, by: i64) -> Result<i64> {
+        keys::validate_session_field(key)?;
+        let mut state = self.state().await;
+        let n = self.flush(&mut state, Some((key.to_owned(), by))).await?;
+        Ok(n.unwrap_or_default())
+    }
+
+    /// Gives the session a new id, keeping its data (call it on login, against session fixation). The
+    /// old id stops working. Applied after the handler, together with any other change, in one round
+    /// trip. Also restarts the absolute timeout.
+    pub async fn cycle_id(&self) {
+        let mut state = self.state().await;
+        if state.id.is_some() {
+            state.cycle = true;
+        }
+    }
+
+    /// Deletes the session from Redis and tells the browser to drop the cookie (logout). Applied after
+    /// the handler, in one round trip. Changes made afterwards in the same request start a new session.
+    pub async fn destroy(&self) {
+        let mut state = self.state().await;
+        if let Some(id) = state.id.take() {
+            state.destroy.push(id);
+        }
+        state.load = LoadState::Missing;
+        state.changes.clear();
+        state.clear = false;
+        state.cycle = false;
+        state.owner = None;
+        state.idle_override_ms = None;
+    }
+
+    /// Ties the session to an owner (typically the user id) so that
+    /// [`SessionStore::destroy_owner`] can end all of that owner's sessions. Applied after the handler.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty owner or one over 256 bytes.
+    pub async fn set_owner(&self, owner: &str) -> Result<()> {
+        keys::validate_owner(owner)?;
+        let mut state = self.state().await;
+        state.owner = Some(owner.to_owned());
+        Ok(())
+    }
+
+    /// The session's owner, if one was set (reads the session: one round trip if not loaded yet).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when Redis does not answer in time.
+    pub async fn owner(&self) -> Result<Option<String>> {
+        let mut state = self.state().await;
+        if let Some(owner) = &state.owner {
+            return Ok(Some(owner.clone()));
+        }
+        self.ensure_loaded(&mut state).await?;
+        Ok(match &state.load {
+            LoadState::Present(loaded) => loaded.owner.clone(),
+            _ => None,
+        })
+    }
+
+    /// Sets this session's idle timeout (e.g. longer for "remember me"); it still never outlives the
+    /// absolute timeout. Applied after the handler.
+    pub async fn set_idle_timeout(&self, timeout: Duration) {
+        let mut state = self.state().await;
+        state.idle_override_ms = Some(timeout.as_millis().clamp(1, u64::MAX as u128) as u64);
+    }
+
+    /// True if the visitor has no stored session (no valid cookie, or its session has ended). Reads the
+    /// session if needed (one round trip).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when Redis does not answer in time.
+    pub async fn is_empty(&self) -> Result<bool> {
+        let mut state = self.state().await;
+        self.ensure_loaded(&mut state).await?;
+        Ok(matches!(state.load, LoadState::Missing) && state.changes.is_empty())
+    }
+
+    /// A handle for operations beyond this session ("log out everywhere").
+    pub fn store(&self) -> SessionStore {
+        SessionStore::new(self.client().clone())
+    }
+
+    /// Applies the buffered changes (called by the layer after the handler). Returns what the response
+    /// must say about the cookie.
+    pub(crate) async fn commit(&self) -> Result<CookieAction> {
+        if !self.inner.touched.load(Ordering::Relaxed) {
+            return Ok(CookieAction::None);
+        }
+        let mut state = self.inner.state.lock().await;
+        self.flush(&mut state, None).await?;
+        Ok(std::mem::take(&mut state.cookie))
+    }
+
+    /// Writes everything buffered (plus an increment) in one round trip where possible.
+    async fn flush(&self, state: &mut State, incr: Option<(String, i64)>) -> Result<Option<i64>> {
+        for id in std::mem::take(&mut state.destroy) {
+            store::destroy(self.client(), &id).await?;
+            // A session created later in this request replaces this with `Set`.
+            state.cookie = CookieAction::Remove;
+        }
+        let delta = Delta {
+            clear: state.clear,
+            set: Vec::new(),
+            remove: Vec::new(),
+            owner: state.owner.clone(),
+            idle_override_ms: state.idle_override_ms,
+            incr,
+        };
+        let mut delta = delta;
+        for (field, change) in &state.changes {
+            match change {
+                Change::Set(v) => delta.set.push((field.clone(), v.clone())),
+                Change::Remove => delta.remove.push(field.clone()),
+            }
+        }
+        if delta.is_empty() && !state.cycle {
+            if let (LoadState::Present(loaded), Some(id)) = (&mut state.load, &state.id) {
+                if let Some(ttl) = loaded.needs_refresh.take() {
+                    // Off the request's path: a late TTL refresh loses nothing.
+                    let client = self.client().clone();
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store::refresh(&client, &id, ttl).await {
+                            tracing::debug!(error = %e, "herd: session TTL refresh failed");
+                        }
+                    });
+                }
+            }
+            return Ok(None);
+        }
+        if state.id.is_none() && !has_content(&delta) {
+            // Clearing or removing keys of a session that does not exist: nothing to store.
+            state.changes.clear();
+            state.clear = false;
+            return Ok(None);
+        }
+
+        let settings = self.settings();
+        let (max_bytes, read_before) = match &state.load {
+            LoadState::Present(_) | LoadState::Missing => (0, matches!(state.load, LoadState::Present(_))),
+            LoadState::NotLoaded => (settings.max_session_bytes, false),
+        };
+        if max_bytes == 0 {
+            let size = projected_size(state, None);
+            if size > settings.max_session_bytes {
+                return Err(Error::TooLarge {
+                    key: "<session>".into(),
+                    size,
+                    limit: settings.max_session_bytes,
+                });
+            }
+        }
+        let known_owner = state.owner.clone().or_else(|| match &state.load {
+            LoadState::Present(l) => l.owner.clone(),
+            _ => None,
+        });
+
+        let mut mode = match (&state.id, state.cycle) {
+            (None, _) => SaveMode::New,
+            (Some(_), true) => SaveMode::Cycle,
+            (Some(_), false) => SaveMode::Existing,
+        };
+        let mut attempts = 0;
+        let (final_id, outcome) = loop {
+            attempts += 1;
+            let fresh = SessionId::generate();
+            let (id, new_id) = match (mode, &state.id) {
+                (SaveMode::New, _) | (_, None) => (fresh.clone(), None),
+                (SaveMode::Cycle, Some(id)) => (id.clone(), Some(fresh.clone())),
+                (SaveMode::Existing, Some(id)) => (id.clone(), None),
+            };
+            let index_owner = match mode {
+                SaveMode::New | SaveMode::Cycle => known_owner.as_deref(),
+                SaveMode::Existing => state.owner.as_deref(),
+            };
+            let outcome = store::save(
+                self.client(),
+                Save {
+                    mode,
+                    id: &id,
+                    new_id: new_id.as_ref(),
+                    delta: &delta,
+                    expiry: settings.expiry,
+                    max_bytes,
+                    index_owner,
+                },
+            )
+            .await?;
+            match outcome {
+                SaveOutcome::Gone if !read_before && attempts < 3 => {
+                    // A blind write into a session that ended: the changes start a fresh session
+                    // (never under the old id).
+                    state.id = None;
+                    state.load = LoadState::Missing;
+                    if !has_content(&delta) {
+                        state.changes.clear();
+                        state.clear = false;
+                        state.cycle = false;
+                        return Ok(None);
+                    }
+                    mode = SaveMode::New;
+                }
+                SaveOutcome::IdTaken if attempts < 3 => {}
+                outcome => break (new_id.unwrap_or(id), outcome),
+            }
+        };
+        let n = match outcome {
+            SaveOutcome::Applied { incr, owner } => {
+                if let (SaveMode::Cycle, None, Some(owner)) = (mode, &known_owner, &owner) {
+                    // A blind cycle of an owned session: index the new id too (rare: a second round trip).
+                    let now = store::now_ms();
+                    let mut pipe = redis::pipe();
+                    store::add_owner_index(
+                        &mut pipe,
+                        self.client(),
+                        owner,
+                        &final_id,
+                        now,
+                        now + settings.expiry.absolute.as_millis() as u64,
+                    );
+                    self.client()
+                        .run(true, |mut c| async move { pipe.query_async::<()>(&mut c).await })
+                        .await?;
+                }
+                incr
+            }
+            SaveOutcome::Gone => return Err(Error::SessionGone),
+            SaveOutcome::IdTaken => {
+                return Err(Error::Unavailable {
+                    reason: "could not allocate a session id".into(),
+                    source: None,
+                })
+            }
+            SaveOutcome::TooLarge { size } => {
+                return Err(Error::TooLarge {
+                    key: "<session>".into(),
+                    size,
+                    limit: settings.max_session_bytes,
+                })
+            }
+            SaveOutcome::NotAnInteger => {
+                return Err(Error::NotAnInteger {
+                    key: delta.incr.map(|(k, _)| k).unwrap_or_default(),
+                })
+            }
+        };
+
+        // Bring the in-memory view up to date with what is now stored.
+        if matches!(mode, SaveMode::New | SaveMode::Cycle) {
+            state.cookie = CookieAction::Set(final_id.clone(), settings.expiry.absolute);
+        }
+        let mut view = match std::mem::take(&mut state.load) {
+            LoadState::Present(l) => Some(l),
+            LoadState::Missing => Some(Loaded::default()),
+            LoadState::NotLoaded => None,
+        };
+        if let Some(view) = &mut view {
+            if delta.clear {
+                view.fields.clear();
+            }
+            for (k, v) in delta.set {
+                view.fields.insert(k, v);
+            }
+            for k in delta.remove {
+                view.fields.remove(&k);
+            }
+            if let Some((k, _)) = &delta.incr {
+                view.fields.insert(k.clone(), n.to_string().into_bytes());
+            }
+            if let Some(owner) = delta.owner {
+                view.owner = Some(owner);
+            }
+            view.needs_refresh = None;
+        }
+        state.load = match view {
+            Some(v) => LoadState::Present(v),
+            None => LoadState::NotLoaded,
+        };
+        state.id = Some(final_id);
+        state.changes.clear();
+        state.clear = false;
+        state.cycle = false;
+        state.owner = None;
+        state.idle_override_ms = None;
+        Ok(Some(n))
+    }
+}
+
+/// Whether a delta would put anything into a session that does not exist yet.
+fn has_content(delta: &Delta) -> bool {
+    !delta.set.is_empty()
+        || delta.incr.is_some()
+        || delta.owner.is_some()
+        || delta.idle_override_ms.is_some()
+}
+
+/// The session's size (user field names + values) once the buffered changes (and `extra`) apply.
+/// Only meaningful when the session has been loaded (or is new).
+fn projected_size(state: &State, extra: Option<(&str, usize)>) -> usize {
+    let mut sizes: HashMap<&str, usize> = HashMap::new();
+    if !state.clear {
+        if let LoadState::Present(loaded) = &state.load {
+            for (k, v) in &loaded.fields {
+                sizes.insert(k, v.len());
+            }
+        }
+    }
+    for (k, change) in &state.changes {
+        match change {
+            Change::Set(v) => {
+                sizes.insert(k, v.len());
+            }
+            Change::Remove => {
+                sizes.remove(k.as_str());
+            }
+        }
+    }
+    if let Some((k, len)) = extra {
+        sizes.insert(k, len);
+    }
+    sizes.iter().map(|(k, v)| k.len() + v).sum()
+}

@@ -1,0 +1,102 @@
+-- herd: apply one request's changes to a session hash, all or nothing.
+--
+-- KEYS[1]  the session's key; KEYS[2] its new key when the id is cycled (same script, one round trip).
+-- ARGV[1]  mode: 'new' (KEYS[1] must not exist) | 'existing' (must exist) | 'cycle' (must exist, moves)
+-- ARGV[2]  now, unix ms          ARGV[3] idle timeout, ms      ARGV[4] absolute timeout, ms
+-- ARGV[5]  size limit in bytes for the whole session (0: checked by the caller)
+-- ARGV[6]  '1' to clear every user field first
+-- ARGV[7]  owner to set ('' = unchanged)     ARGV[8] per-session idle timeout, ms ('' = unchanged)
+-- ARGV[9]  field to increment ('' = none)    ARGV[10] increment
+-- ARGV[11] n, the number of fields to set; then n field/value pairs; then the fields to delete.
+--
+-- Returns {status, n, owner}: status 1 = applied (n = the incremented value), 0 = the session is gone
+-- (destroyed or expired: never resurrected), 2 = the id is taken, 3 = too large (n = size),
+-- 4 = the incremented field is not an integer. Every check runs before the first write, so a refused
+-- save writes nothing.
+local key = KEYS[1]
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+local idle = tonumber(ARGV[3])
+local absolute = tonumber(ARGV[4])
+local max_bytes = tonumber(ARGV[5])
+local clear = ARGV[6] == '1'
+local owner = ARGV[7]
+local idle_override = ARGV[8]
+local incr_field = ARGV[9]
+local incr_by = ARGV[10]
+local nset = tonumber(ARGV[11])
+local first_set = 12
+local first_del = first_set + 2 * nset
+
+local created = now
+local current_owner = false
+if mode == 'new' then
+  if redis.call('EXISTS', key) == 1 then return {2, 0, false} end
+else
+  local meta = redis.call('HMGET', key, '$c', '$i', '$o')
+  if not meta[1] then return {0, 0, false} end
+  if meta[2] then idle = tonumber(meta[2]) end
+  current_owner = meta[3]
+  if mode == 'cycle' then
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false} end
+  else
+    created = tonumber(meta[1])
+  end
+end
+if idle_override ~= '' then idle = tonumber(idle_override) end
+local ttl = math.min(idle, created + absolute - now)
+if ttl <= 0 then return {0, 0, false} end
+
+local sets = {}
+for i = first_set, first_del - 1, 2 do sets[ARGV[i]] = ARGV[i + 1] end
+local dels = {}
+for i = first_del, #ARGV do dels[ARGV[i]] = true end
+
+if incr_field ~= '' then
+  local current = sets[incr_field]
+  if current == nil and not dels[incr_field] and not clear and mode ~= 'new' then
+    current = redis.call('HGET', key, incr_field)
+  end
+  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false} end
+end
+
+if max_bytes > 0 then
+  local total = 0
+  if mode ~= 'new' and not clear then
+    local all = redis.call('HGETALL', key)
+    for i = 1, #all, 2 do
+      local f = all[i]
+      if string.sub(f, 1, 1) ~= '$' and sets[f] == nil and not dels[f] then
+        total = total + #f + #all[i + 1]
+      end
+    end
+  end
+  for f, v in pairs(sets) do total = total + #f + #v end
+  if total > max_bytes then return {3, total, false} end
+end
+
+-- Checks done: write.
+if mode == 'cycle' then
+  redis.call('RENAME', key, KEYS[2])
+  key = KEYS[2]
+  redis.call('HSET', key, '$c', now)
+elseif mode == 'new' then
+  redis.call('HSET', key, '$c', now)
+end
+if clear then
+  local fields = redis.call('HKEYS', key)
+  for _, f in ipairs(fields) do
+    if string.sub(f, 1, 1) ~= '$' then redis.call('HDEL', key, f) end
+  end
+end
+if nset > 0 then redis.call('HSET', key, unpack(ARGV, first_set, first_del - 1)) end
+if first_del <= #ARGV then redis.call('HDEL', key, unpack(ARGV, first_del, #ARGV)) end
+if owner ~= '' then
+  redis.call('HSET', key, '$o', owner)
+  current_owner = owner
+end
+if idle_override ~= '' then redis.call('HSET', key, '$i', idle_override) end
+local n = 0
+if incr_field ~= '' then n = redis.call('HINCRBY', key, incr_field, incr_by) end
+redis.call('PEXPIRE', key, ttl)
+return {1, n, current_owner}

@@ -1,0 +1,367 @@
+//! What a session does in Redis: one place for every command and script the session layer sends.
+//!
+//! A session is a hash `{prefix}:s:{id}` (see [`crate::keys`]): one field per session key holding the
+//! value's JSON, plus meta fields `$c` (created at, unix ms — start of the absolute timeout), `$o` (the
+//! owner) and `$i` (a per-session idle timeout, ms). The key's TTL is the idle timeout, capped so it
+//! never runs past the absolute deadline.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::{Cmd, Pipeline, Script, Value};
+
+use crate::client::RedisClient;
+use crate::error::{Error, Result};
+use crate::keys::SessionId;
+
+/// Applies one request's changes to a session, all or nothing.
+///
+/// A script rather than MULTI/EXEC because the write is conditional: a session destroyed or expired
+/// meanwhile must not be resurrected, an id must not be taken twice, and nothing may be written when
+/// a check (size, integer) fails. All checks run before the first write.
+static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
+
+/// Expiry settings in force for one layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Expiry {
+    pub(crate) idle: Duration,
+    pub(crate) absolute: Duration,
+}
+
+/// A session as read from Redis.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    pub(crate) fields: HashMap<String, Vec<u8>>,
+    pub(crate) created_ms: u64,
+    pub(crate) owner: Option<String>,
+    pub(crate) idle_override_ms: Option<u64>,
+    /// The key's TTL is old enough that it should be pushed back (idle timeout refresh).
+    pub(crate) needs_refresh: Option<u64>,
+}
+
+/// How a save treats the session's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SaveMode {
+    /// A fresh id: the key must not exist yet.
+    New,
+    /// The key must still exist (never resurrect).
+    Existing,
+    /// The key must exist and moves to a fresh id (RENAME).
+    Cycle,
+}
+
+/// The changes of one request, in the shape the save script takes.
+#[derive(Debug, Default)]
+pub(crate) struct Delta {
+    pub(crate) clear: bool,
+    pub(crate) set: Vec<(String, Vec<u8>)>,
+    pub(crate) remove: Vec<String>,
+    pub(crate) owner: Option<String>,
+    pub(crate) idle_override_ms: Option<u64>,
+    pub(crate) incr: Option<(String, i64)>,
+}
+
+impl Delta {
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.clear
+            && self.set.is_empty()
+            && self.remove.is_empty()
+            && self.owner.is_none()
+            && self.idle_override_ms.is_none()
+            && self.incr.is_none()
+    }
+}
+
+/// What the save script answered.
+#[derive(Debug)]
+pub(crate) enum SaveOutcome {
+    /// Applied; the value of the incremented field if there was one; the session's owner.
+    Applied { incr: i64, owner: Option<String> },
+    /// The session does not exist any more (destroyed or expired).
+    Gone,
+    /// The new id is taken (practically impossible with 122 random bits); pick another.
+    IdTaken,
+    /// Over the session size limit; nothing written.
+    TooLarge { size: usize },
+    /// The incremented field holds something that is not an integer; nothing written.
+    NotAnInteger,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// Reads a session: its fields and its TTL in one round trip (`HGETALL` + `PTTL`, pipelined).
+/// `Ok(None)` when it does not exist or has passed its absolute deadline.
+pub(crate) async fn load(
+    client: &RedisClient,
+    id: &SessionId,
+    expiry: Expiry,
+) -> Result<Option<Loaded>> {
+    let key = client.keys().session(id);
+    let (raw, pttl): (HashMap<String, Vec<u8>>, i64) = client
+        .run(false, |mut c| async move {
+            redis::pipe()
+                .cmd("HGETALL")
+                .arg(&key)
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+        })
+        .await?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let mut loaded = Loaded::default();
+    for (field, value) in raw {
+        if let Some(meta) = field.strip_prefix('$') {
+            let text = String::from_utf8_lossy(&value);
+            match meta {
+                "c" => loaded.created_ms = text.parse().unwrap_or(0),
+                "o" => loaded.owner = Some(text.into_owned()),
+                "i" => loaded.idle_override_ms = text.parse().ok(),
+                _ => {}
+            }
+        } else {
+            loaded.fields.insert(field, value);
+        }
+    }
+    let now = now_ms();
+    let deadline = loaded.created_ms.saturating_add(ms(expiry.absolute));
+    if loaded.created_ms == 0 || now >= deadline {
+        // Past the absolute deadline (its TTL is capped there, so Redis is about to drop it), or not
+        // a session herd wrote: treat as absent.
+        return Ok(None);
+    }
+    let idle = loaded.idle_override_ms.unwrap_or(ms(expiry.idle));
+    let target = idle.min(deadline - now);
+    // Push the TTL back once a tenth of the idle timeout has passed since it was last set: sessions
+    // then expire between 90% and 100% of the idle timeout after the last request, and a busy
+    // visitor costs at most one PEXPIRE per tenth of the idle timeout, not one per request.
+    if pttl >= 0 && (pttl as u64) + idle / 10 < target {
+        loaded.needs_refresh = Some(target);
+    }
+    Ok(Some(loaded))
+}
+
+/// Pushes a session's TTL back without touching its data (`PEXPIRE ... XX`-like: only if it exists).
+pub(crate) async fn refresh(client: &RedisClient, id: &SessionId, ttl_ms: u64) -> Result<()> {
+    let key = client.keys().session(id);
+    client
+        .run(true, |mut c| async move {
+            redis::cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl_ms)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await?;
+    Ok(())
+}
+
+/// Parameters of one save.
+pub(crate) struct Save<'a> {
+    pub(crate) mode: SaveMode,
+    pub(crate) id: &'a SessionId,
+    /// With [`SaveMode::Cycle`]: the fresh id.
+    pub(crate) new_id: Option<&'a SessionId>,
+    pub(crate) delta: &'a Delta,
+    pub(crate) expiry: Expiry,
+    /// Check the session's total size in Redis (0: the caller has checked it).
+    pub(crate) max_bytes: usize,
+    /// The owner, when known, to index the session under (after create or cycle).
+    pub(crate) index_owner: Option<&'a str>,
+}
+
+/// Applies a save in one round trip: the save script, plus the owner index update when the session
+/// (re)gets an id under an owner.
+pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
+    let key = client.keys().session(save.id);
+    let now = now_ms();
+    let mut cmd = evalsha(&SAVE);
+    let target_id = save.new_id.unwrap_or(save.id);
+    cmd.arg(if save.new_id.is_some() { 2 } else { 1 }).arg(&key);
+    if let Some(new_id) = save.new_id {
+        cmd.arg(client.keys().session(new_id));
+    }
+    let delta = save.delta;
+    cmd.arg(match save.mode {
+        SaveMode::New => "new",
+        SaveMode::Existing => "existing",
+        SaveMode::Cycle => "cycle",
+    })
+    .arg(now)
+    .arg(ms(save.expiry.idle))
+    .arg(ms(save.expiry.absolute))
+    .arg(save.max_bytes)
+    .arg(if delta.clear { "1" } else { "0" })
+    .arg(delta.owner.as_deref().unwrap_or(""));
+    match delta.idle_override_ms {
+        Some(v) => cmd.arg(v),
+        None => cmd.arg(""),
+    };
+    match &delta.incr {
+        Some((field, by)) => cmd.arg(field).arg(*by),
+        None => cmd.arg("").arg(0),
+    };
+    cmd.arg(delta.set.len());
+    for (field, value) in &delta.set {
+        cmd.arg(field).arg(value.as_slice());
+    }
+    for field in &delta.remove {
+        cmd.arg(field);
+    }
+
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd);
+    if let Some(owner) = save.index_owner {
+        let deadline = now + ms(save.expiry.absolute);
+        add_owner_index(&mut pipe, client, owner, target_id, now, deadline);
+    }
+    let mut replies: Vec<Value> = run_with_scripts(client, true, &pipe, &SAVE).await?;
+    if replies.is_empty() {
+        return Err(Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "empty reply to the session save",
+        ))));
+    }
+    let reply: (i64, i64, Option<String>) =
+        redis::from_redis_value(replies.swap_remove(0)).map_err(|e| Error::Redis(e.into()))?;
+    Ok(match reply {
+        (1, incr, owner) => SaveOutcome::Applied { incr, owner },
+        (0, _, _) => SaveOutcome::Gone,
+        (2, _, _) => SaveOutcome::IdTaken,
+        (3, size, _) => SaveOutcome::TooLarge {
+            size: size.max(0) as usize,
+        },
+        _ => SaveOutcome::NotAnInteger,
+    })
+}
+
+/// Adds the commands that index `id` under `owner` (to be pipelined after a save): the member with its
+/// absolute deadline as score, stale members pruned, and the index's TTL pushed to the latest deadline
+/// so it never outlives the sessions it lists.
+pub(crate) fn add_owner_index(
+    pipe: &mut Pipeline,
+    client: &RedisClient,
+    owner: &str,
+    id: &SessionId,
+    now: u64,
+    deadline: u64,
+) {
+    let index = client.keys().owner_index(owner);
+    pipe.cmd("ZADD")
+        .arg(&index)
+        .arg(deadline)
+        .arg(id.as_str())
+        .ignore()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(&index)
+        .arg("-inf")
+        .arg(now)
+        .ignore()
+        .cmd("PEXPIREAT")
+        .arg(&index)
+        .arg(deadline)
+        .arg("NX")
+        .ignore()
+        .cmd("PEXPIREAT")
+        .arg(&index)
+        .arg(deadline)
+        .arg("GT")
+        .ignore();
+}
+
+/// Deletes a session (logout): one round trip.
+pub(crate) async fn destroy(client: &RedisClient, id: &SessionId) -> Result<()> {
+    let key = client.keys().session(id);
+    client
+        .run(true, |mut c| async move {
+            redis::cmd("DEL").arg(&key).query_async::<i64>(&mut c).await
+        })
+        .await?;
+    Ok(())
+}
+
+/// Destroys every session of `owner` ("log out everywhere"): reads the owner's index, deletes each
+/// listed session and removes exactly those members (a session created meanwhile stays indexed).
+/// Two round trips whatever the number of sessions. Returns how many sessions existed and were
+/// deleted.
+pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<usize> {
+    crate::keys::validate_owner(owner)?;
+    let index = client.keys().owner_index(owner);
+    let ids: Vec<String> = {
+        let index = index.clone();
+        client
+            .run(false, |mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&index)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?
+    };
+    let ids: Vec<SessionId> = ids.iter().filter_map(|s| SessionId::parse(s)).collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        // One DEL per key: keys of different sessions live in different cluster slots.
+        pipe.cmd("DEL").arg(client.keys().session(id));
+    }
+    pipe.cmd("ZREM")
+        .arg(&index)
+        .arg(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
+        .ignore();
+    let deleted: Vec<i64> = client
+        .run(true, |mut c| async move { pipe.query_async(&mut c).await })
+        .await?;
+    Ok(deleted.iter().filter(|&&n| n > 0).count())
+}
+
+/// An `EVALSHA` of `script` to which the caller appends numkeys, keys and args.
+fn evalsha(script: &Script) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash());
+    cmd
+}
+
+/// Runs a pipeline that contains `EVALSHA`s of `script`; if Redis does not know the script yet
+/// (first use, or after a restart), loads it and runs the pipeline again. Safe to repeat: a
+/// `NOSCRIPT` reply means the script did not run, and the other commands pipelined with it are
+/// idempotent index updates.
+async fn run_with_scripts<T: redis::FromRedisValue>(
+    client: &RedisClient,
+    wrote: bool,
+    pipe: &Pipeline,
+    script: &Script,
+) -> Result<T> {
+    let first = client
+        .run(wrote, |mut c| async move { pipe.query_async::<T>(&mut c).await })
+        .await;
+    match first {
+        Err(Error::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            client
+                .run(false, |mut c| async move {
+                    script.prepare_invoke().load_async(&mut c).await
+                })
+                .await?;
+            client
+                .run(wrote, |mut c| async move { pipe.query_async::<T>(&mut c).await })
+                .await
+        }
+        other => other,
+    }
+}
