@@ -167,7 +167,9 @@ impl ConfigBuilder {
         b.pool_wait_timeout = env_millis("HERD_POOL_WAIT_MS")?;
         if let Some(size) = env("HERD_POOL_SIZE") {
             b.pool_size = Some(size.parse().map_err(|_| {
-                Error::Config(format!("HERD_POOL_SIZE must be a whole number, got `{size}`"))
+                Error::Config(format!(
+                    "HERD_POOL_SIZE must be a whole number, got `{size}`"
+                ))
             })?);
         }
         Ok(b)
@@ -340,9 +342,14 @@ fn env(name: &str) -> Option<String> {
 fn env_millis(name: &str) -> Result<Option<Duration>> {
     env(name)
         .map(|v| {
-            v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| {
-                Error::Config(format!("{name} must be a number of milliseconds, got `{v}`"))
-            })
+            v.trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| {
+                    Error::Config(format!(
+                        "{name} must be a number of milliseconds, got `{v}`"
+                    ))
+                })
         })
         .transpose()
 }
@@ -383,10 +390,18 @@ mod tests {
     #[test]
     fn short_or_garbage_secrets_are_clear_errors() {
         let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        let err = key_from_base64("HERD_SECRET", &short).err().map(|e| e.to_string());
-        assert!(err.as_deref().unwrap_or("").contains("32 bytes but needs at least 64"));
+        let err = key_from_base64("HERD_SECRET", &short)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err
+            .as_deref()
+            .unwrap_or("")
+            .contains("32 bytes but needs at least 64"));
         let err = key_from_base64("HERD_SECRET", "not base64 at all!").err();
-        assert!(err.map(|e| e.to_string()).unwrap_or_default().contains("not base64"));
+        assert!(err
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("not base64"));
         let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
         assert!(key_from_base64("HERD_SECRET", &good).is_ok());
     }

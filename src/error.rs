@@ -198,12 +198,10 @@ impl Error {
                 reason: "Redis cannot accept this command right now".into(),
                 source: Some(err),
             },
-            _ if err.code() == Some("OOM") || err.code() == Some("MISCONF") => {
-                Error::Unavailable {
-                    reason: "Redis refuses writes (out of memory or persistence failure)".into(),
-                    source: Some(err),
-                }
-            }
+            _ if err.code() == Some("OOM") || err.code() == Some("MISCONF") => Error::Unavailable {
+                reason: "Redis refuses writes (out of memory or persistence failure)".into(),
+                source: Some(err),
+            },
             _ => Error::Redis(err),
         }
     }

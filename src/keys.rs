@@ -174,7 +174,10 @@ mod tests {
     fn keys_share_a_hash_tag() {
         let keys = Keys::new("app");
         let id = SessionId::parse("0123456789abcdef0123456789abcdef").expect("valid");
-        assert_eq!(keys.session(&id), "app:s:{0123456789abcdef0123456789abcdef}");
+        assert_eq!(
+            keys.session(&id),
+            "app:s:{0123456789abcdef0123456789abcdef}"
+        );
         assert_eq!(keys.owner_index("a}{"), "app:o:{617d7b}");
         assert_eq!(keys.global("bank", "acct-1"), "app:g:{bank}:acct-1");
     }

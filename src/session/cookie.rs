@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn find_skips_other_cookies_and_oversize_values() {
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("a=1; herd_session=xyz; b=2"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; herd_session=xyz; b=2"),
+        );
         assert_eq!(find(&headers, "herd_session").as_deref(), Some("xyz"));
         let mut headers = HeaderMap::new();
         let big = format!("herd_session={}", "x".repeat(10_000));

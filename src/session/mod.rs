@@ -468,7 +468,9 @@ impl Session {
 
         let settings = self.settings();
         let (max_bytes, read_before) = match &state.load {
-            LoadState::Present(_) | LoadState::Missing => (0, matches!(state.load, LoadState::Present(_))),
+            LoadState::Present(_) | LoadState::Missing => {
+                (0, matches!(state.load, LoadState::Present(_)))
+            }
             LoadState::NotLoaded => (settings.max_session_bytes, false),
         };
         if max_bytes == 0 {
@@ -550,7 +552,10 @@ impl Session {
                         now + settings.expiry.absolute.as_millis() as u64,
                     );
                     self.client()
-                        .run(true, |mut c| async move { pipe.query_async::<()>(&mut c).await })
+                        .run(
+                            true,
+                            |mut c| async move { pipe.query_async::<()>(&mut c).await },
+                        )
                         .await?;
                 }
                 incr

@@ -349,17 +349,25 @@ async fn run_with_scripts<T: redis::FromRedisValue>(
     script: &Script,
 ) -> Result<T> {
     let first = client
-        .run(wrote, |mut c| async move { pipe.query_async::<T>(&mut c).await })
+        .run(
+            wrote,
+            |mut c| async move { pipe.query_async::<T>(&mut c).await },
+        )
         .await;
     match first {
-        Err(Error::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+        Err(Error::Redis(e))
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
             client
                 .run(false, |mut c| async move {
                     script.prepare_invoke().load_async(&mut c).await
                 })
                 .await?;
             client
-                .run(wrote, |mut c| async move { pipe.query_async::<T>(&mut c).await })
+                .run(
+                    wrote,
+                    |mut c| async move { pipe.query_async::<T>(&mut c).await },
+                )
                 .await
         }
         other => other,

@@ -69,14 +69,23 @@ impl RedisServer {
         let port = self.port.to_string();
         let log = self.log_path();
         let mut cmd = Command::new(server_binary());
-        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &self.dir.path().to_string_lossy()])
-            .args(["--logfile", &log.to_string_lossy()])
-            .args(["--daemonize", "no", "--protected-mode", "no"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", &self.dir.path().to_string_lossy()])
+        .args(["--logfile", &log.to_string_lossy()])
+        .args(["--daemonize", "no", "--protected-mode", "no"])
+        .args(&self.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
@@ -102,7 +111,10 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.kill();
-        Err(format!("redis-server did not answer PING within 10 s: {}", self.log()))
+        Err(format!(
+            "redis-server did not answer PING within 10 s: {}",
+            self.log()
+        ))
     }
 
     fn ping(&self) -> bool {

@@ -1,0 +1,917 @@
+//! The session layer against a real Redis: cookies, concurrency, expiry, owners, faults, round trips.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herd::{RedisClient, Session, SessionLayer};
+use http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use support::RedisServer;
+use tower::ServiceExt;
+
+/// A test app: a router with a session layer and the client behind it.
+#[derive(Clone)]
+struct App {
+    router: Router,
+    client: RedisClient,
+}
+
+struct Reply {
+    status: StatusCode,
+    set_cookie: Vec<String>,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+impl Reply {
+    /// `name=value` of the session cookie set by this reply.
+    fn cookie(&self) -> Option<String> {
+        self.set_cookie
+            .iter()
+            .find(|c| !c.contains("Max-Age=0"))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SlowQuery {
+    ms: u64,
+}
+
+fn routes() -> Router {
+    Router::new()
+        .route("/untouched", get(|| async { "ok" }))
+        .route(
+            "/get/{key}",
+            get(|s: Session, Path(key): Path<String>| async move {
+                let v: Option<Value> = s.get(&key).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": v })))
+            }),
+        )
+        .route(
+            "/set/{key}/{value}",
+            post(
+                |s: Session, Path((key, value)): Path<(String, String)>| async move {
+                    s.insert(&key, value).await?;
+                    Ok::<_, herd::Error>(Json(json!({ "ok": true })))
+                },
+            ),
+        )
+        .route(
+            "/big/{key}/{size}",
+            post(
+                |s: Session, Path((key, size)): Path<(String, usize)>| async move {
+                    s.insert(&key, "x".repeat(size)).await?;
+                    Ok::<_, herd::Error>(Json(json!({ "ok": true })))
+                },
+            ),
+        )
+        .route(
+            "/incr/{key}",
+            get(|s: Session, Path(key): Path<String>| async move {
+                let n = s.incr(&key, 1).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": n })))
+            }),
+        )
+        .route(
+            "/read-then-write/{key}",
+            post(|s: Session, Path(key): Path<String>| async move {
+                let n: i64 = s.get(&key).await?.unwrap_or(0);
+                s.insert(&key, n + 1).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": n + 1 })))
+            }),
+        )
+        .route(
+            "/slow-read-write",
+            post(|s: Session, Query(q): Query<SlowQuery>| async move {
+                let _: Option<Value> = s.get("user").await?;
+                tokio::time::sleep(Duration::from_millis(q.ms)).await;
+                s.insert("late", "written after a pause").await?;
+                Ok::<_, herd::Error>(Json(json!({ "ok": true })))
+            }),
+        )
+        .route(
+            "/slow-blind-write",
+            post(|s: Session, Query(q): Query<SlowQuery>| async move {
+                tokio::time::sleep(Duration::from_millis(q.ms)).await;
+                s.insert("late", "written after a pause").await?;
+                Ok::<_, herd::Error>(Json(json!({ "ok": true })))
+            }),
+        )
+        .route(
+            "/login/{user}",
+            post(|s: Session, Path(user): Path<String>| async move {
+                s.cycle_id().await;
+                s.insert("user", &user).await?;
+                s.set_owner(&user).await?;
+                Ok::<_, herd::Error>(Json(json!({ "user": user })))
+            }),
+        )
+        .route(
+            "/cycle",
+            post(|s: Session| async move {
+                s.cycle_id().await;
+                Json(json!({ "ok": true }))
+            }),
+        )
+        .route(
+            "/logout",
+            post(|s: Session| async move {
+                s.destroy().await;
+                Json(json!({ "ok": true }))
+            }),
+        )
+}
+
+impl App {
+    fn new(server: &RedisServer, name: &str) -> App {
+        App::with(server, name, |l| l)
+    }
+
+    fn with(server: &RedisServer, name: &str, f: impl FnOnce(SessionLayer) -> SessionLayer) -> App {
+        let client = RedisClient::new(support::config(server, name)).expect("client");
+        App::from_client(client, f)
+    }
+
+    fn from_client(client: RedisClient, f: impl FnOnce(SessionLayer) -> SessionLayer) -> App {
+        let layer = f(SessionLayer::new(client.clone()).with_secure(false));
+        App {
+            router: routes().layer(layer),
+            client,
+        }
+    }
+
+    async fn send(&self, method: &str, path: &str, cookie: Option<&str>) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, c);
+        }
+        self.send_req(req.body(Body::empty()).expect("request"))
+            .await
+    }
+
+    async fn send_req(&self, req: Request<Body>) -> Reply {
+        let res = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = res.status();
+        let set_cookie = res
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .collect();
+        let retry_after = res
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply {
+            status,
+            set_cookie,
+            retry_after,
+            body,
+        }
+    }
+
+    fn session_keys(&self, server: &RedisServer) -> Vec<String> {
+        server.keys(&format!("{}:s:*", self.client.config().prefix()))
+    }
+}
+
+/// Creates a session with `key=value` and returns its cookie.
+async fn new_session(app: &App) -> String {
+    let r = app.send("POST", "/set/seed/1", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.cookie().expect("a new session sets a cookie")
+}
+
+#[tokio::test]
+async fn cookie_round_trip_and_attributes() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "roundtrip");
+    let r = app.send("POST", "/set/color/blue", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.set_cookie.len(), 1);
+    let set = &r.set_cookie[0];
+    assert!(set.starts_with("herd_session="), "{set}");
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/"));
+    assert!(
+        !set.contains("Secure"),
+        "with_secure(false) must drop Secure: {set}"
+    );
+    let cookie = r.cookie().expect("cookie");
+
+    let r = app.send("GET", "/get/color", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "blue" }));
+    assert!(
+        r.set_cookie.is_empty(),
+        "no Set-Cookie for an existing session"
+    );
+    let r = app.send("POST", "/set/size/xl", Some(&cookie)).await;
+    assert!(
+        r.set_cookie.is_empty(),
+        "no Set-Cookie for a write to an existing session"
+    );
+    let r = app.send("GET", "/get/size", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "xl" }));
+    // The raw cookie value never appears in a key; the key holds only the verified id.
+    let value = cookie.split_once('=').map(|(_, v)| v).unwrap_or_default();
+    let keys = app.session_keys(&server);
+    assert_eq!(keys.len(), 1);
+    assert!(!keys[0].contains(value));
+    assert!(value.ends_with(&keys[0][keys[0].len() - 33..keys[0].len() - 1]));
+}
+
+#[tokio::test]
+async fn secure_defaults_and_host_prefix() {
+    let server = RedisServer::start();
+    let client = RedisClient::new(support::config(&server, "secure")).expect("client");
+    let app = App {
+        router: routes().layer(SessionLayer::new(client.clone())),
+        client: client.clone(),
+    };
+    let r = app.send("POST", "/set/a/1", None).await;
+    let set = &r.set_cookie[0];
+    assert!(set.contains("Secure") && set.contains("HttpOnly") && set.contains("SameSite=Lax"));
+    let app = App {
+        router: routes().layer(
+            SessionLayer::new(client.clone())
+                .with_host_prefix(true)
+                .with_secure(false),
+        ),
+        client,
+    };
+    let r = app.send("POST", "/set/a/1", None).await;
+    let set = &r.set_cookie[0];
+    assert!(set.starts_with("__Host-herd_session="), "{set}");
+    assert!(set.contains("Secure") && set.contains("Path=/") && !set.contains("Domain"));
+}
+
+#[tokio::test]
+async fn tampered_cookies_are_anonymous_never_5xx_and_create_nothing() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "tamper");
+    let cookie = new_session(&app).await;
+    let value = cookie
+        .split_once('=')
+        .map(|(_, v)| v.to_owned())
+        .unwrap_or_default();
+    let keys_before = server.dbsize();
+
+    let mut flipped = value.clone().into_bytes();
+    flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+    let mut flipped_id = value.clone().into_bytes();
+    let last = flipped_id.len() - 1;
+    flipped_id[last] = if flipped_id[last] == b'0' { b'1' } else { b'0' };
+    let id = &value[44..];
+    let other_key = cookie::Key::generate();
+    let mut jar = cookie::CookieJar::new();
+    jar.signed_mut(&other_key)
+        .add(cookie::Cookie::new("herd_session", id.to_owned()));
+    let forged = jar
+        .get("herd_session")
+        .map(|c| c.value().to_owned())
+        .unwrap_or_default();
+    let variants: Vec<(&str, String)> = vec![
+        (
+            "flipped signature byte",
+            String::from_utf8(flipped).unwrap_or_default(),
+        ),
+        (
+            "flipped id byte",
+            String::from_utf8(flipped_id).unwrap_or_default(),
+        ),
+        ("truncated", value[..value.len() - 5].to_owned()),
+        ("signature only", value[..44].to_owned()),
+        (
+            "multibyte at the signature boundary",
+            format!("{}é{}", &value[..43], &value[45..]),
+        ),
+        ("10 KB", "A".repeat(10 * 1024)),
+        ("empty", String::new()),
+        ("unsigned id", id.to_owned()),
+        ("signed with another key", forged),
+        ("hostile id", format!("{}*{{x}}\\r\\n", &value[..44])),
+    ];
+    for (what, bad) in &variants {
+        let header = format!("herd_session={bad}");
+        let mut req = Request::builder().method("GET").uri("/get/seed");
+        req = req.header(header::COOKIE, header.as_bytes());
+        let r = app.send_req(req.body(Body::empty()).expect("req")).await;
+        assert_eq!(r.status, StatusCode::OK, "{what}: {:?}", r.body);
+        assert_eq!(
+            r.body,
+            json!({ "value": null }),
+            "{what}: the forged cookie was honoured"
+        );
+        assert!(
+            r.set_cookie.is_empty(),
+            "{what}: a read must not set a cookie"
+        );
+    }
+    assert_eq!(
+        server.dbsize(),
+        keys_before,
+        "a read with a bad cookie created a key"
+    );
+
+    // A write with a bad cookie gets a fresh session with a fresh id, never the claimed one.
+    for (what, bad) in &variants {
+        let r = app
+            .send("GET", "/incr/n", Some(&format!("herd_session={bad}")))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{what}");
+        assert_eq!(r.body, json!({ "value": 1 }), "{what}");
+        let fresh = r.cookie().expect("fresh cookie");
+        assert_ne!(fresh, format!("herd_session={bad}"));
+    }
+    // Non-UTF-8 bytes in the Cookie header: ignored.
+    let req = Request::builder()
+        .uri("/get/seed")
+        .header(
+            header::COOKIE,
+            http::HeaderValue::from_bytes(b"herd_session=\xff\xfe").expect("bytes"),
+        )
+        .body(Body::empty())
+        .expect("req");
+    let r = app.send_req(req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The genuine cookie still works.
+    let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+}
+
+#[tokio::test]
+async fn concurrent_incr_on_one_session_is_exact() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "incr");
+    let cookie = new_session(&app).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let app = app.clone();
+            let cookie = cookie.clone();
+            tokio::spawn(async move {
+                let r = app.send("GET", "/incr/hits", Some(&cookie)).await;
+                assert_eq!(r.status, StatusCode::OK);
+                r.body["value"].as_i64().expect("number")
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        assert!(
+            seen.insert(t.await.expect("task")),
+            "a value was handed out twice"
+        );
+    }
+    assert_eq!(seen.len(), 200);
+    assert_eq!(seen.iter().max(), Some(&200));
+    let r = app.send("GET", "/get/hits", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": 200 }));
+}
+
+#[tokio::test]
+async fn concurrent_writes_of_different_keys_all_survive() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "fields");
+    let cookie = new_session(&app).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let router = app.router.clone();
+        let cookie = cookie.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(format!("/set/field{i}/v{i}"))
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .expect("req");
+            router.oneshot(req).await.expect("infallible").status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), StatusCode::OK);
+    }
+    for i in 0..100 {
+        let r = app
+            .send("GET", &format!("/get/field{i}"), Some(&cookie))
+            .await;
+        assert_eq!(r.body, json!({ "value": format!("v{i}") }), "field{i} lost");
+    }
+}
+
+#[tokio::test]
+async fn logout_racing_a_slow_writer_never_resurrects() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "race");
+    let cookie = {
+        let r = app.send("POST", "/login/alice", None).await;
+        r.cookie().expect("cookie")
+    };
+    assert_eq!(app.session_keys(&server).len(), 1);
+
+    // The slow request read the session, then logout lands, then it tries to save.
+    let slow = {
+        let router = app.router.clone();
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/slow-read-write?ms=400")
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .expect("req");
+            router.oneshot(req).await.expect("infallible")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = app.send("POST", "/logout", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.set_cookie.iter().any(|c| c.contains("Max-Age=0")),
+        "logout clears the cookie"
+    );
+    let slow = slow.await.expect("task");
+    assert_eq!(
+        slow.status(),
+        StatusCode::CONFLICT,
+        "the late save must be refused, not reported as done"
+    );
+    assert!(
+        app.session_keys(&server).is_empty(),
+        "the destroyed session came back"
+    );
+    let r = app.send("GET", "/get/user", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+
+    // A slow *blind* writer: its change goes to a fresh session, the old id stays dead.
+    let r = app.send("POST", "/login/bob", None).await;
+    let cookie = r.cookie().expect("cookie");
+    let old_key = app.session_keys(&server).pop().expect("bob's session");
+    let slow = {
+        let router = app.router.clone();
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/slow-blind-write?ms=300")
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .expect("req");
+            router.oneshot(req).await.expect("infallible")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.send("POST", "/logout", Some(&cookie)).await;
+    let slow = slow.await.expect("task");
+    assert_eq!(slow.status(), StatusCode::OK);
+    assert!(
+        slow.headers().get(header::SET_COOKIE).is_some(),
+        "the fresh session gets a cookie"
+    );
+    let keys = app.session_keys(&server);
+    assert_eq!(keys.len(), 1);
+    assert_ne!(keys[0], old_key, "the destroyed id was resurrected");
+    let r = app.send("GET", "/get/user", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+}
+
+#[tokio::test]
+async fn cycle_id_moves_data_and_kills_the_old_id() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "cycle");
+    let old = new_session(&app).await;
+    app.send("POST", "/set/cart/3-items", Some(&old)).await;
+    let r = app.send("POST", "/login/carol", Some(&old)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let new = r.cookie().expect("login sets a new cookie");
+    assert_ne!(new, old);
+    assert_eq!(
+        app.session_keys(&server).len(),
+        1,
+        "the old key must be gone"
+    );
+    let r = app.send("GET", "/get/cart", Some(&new)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": "3-items" }),
+        "data kept across the cycle"
+    );
+    let r = app.send("GET", "/get/user", Some(&new)).await;
+    assert_eq!(r.body, json!({ "value": "carol" }));
+    let r = app.send("GET", "/get/cart", Some(&old)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": null }),
+        "the old cookie must be anonymous"
+    );
+    // A bare cycle (no other change) also works and moves the data.
+    let r = app.send("POST", "/cycle", Some(&new)).await;
+    let newer = r.cookie().expect("cycled cookie");
+    let r = app.send("GET", "/get/cart", Some(&newer)).await;
+    assert_eq!(r.body, json!({ "value": "3-items" }));
+    let r = app.send("GET", "/get/cart", Some(&new)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+}
+
+#[tokio::test]
+async fn idle_timeout_expires_and_reads_keep_a_session_alive() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "idle", |l| {
+        l.with_idle_timeout(Duration::from_millis(1500))
+    });
+    let idle = new_session(&app).await;
+    let active = new_session(&app).await;
+    // Keep `active` busy with read-only requests for longer than the idle timeout.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(3000) {
+        let r = app.send("GET", "/get/seed", Some(&active)).await;
+        assert_eq!(r.body, json!({ "value": "1" }), "an active session expired");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let r = app.send("GET", "/get/seed", Some(&idle)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": null }),
+        "the idle session did not expire"
+    );
+    let ttl: i64 = server.cmd(&["PTTL", &app.session_keys(&server)[0]]);
+    assert!(ttl > 0 && ttl <= 1500, "TTL {ttl}");
+}
+
+#[tokio::test]
+async fn absolute_timeout_is_not_extended_by_activity() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "absolute", |l| {
+        l.with_idle_timeout(Duration::from_secs(60))
+            .with_absolute_timeout(Duration::from_millis(1500))
+    });
+    let cookie = new_session(&app).await;
+    let start = Instant::now();
+    let mut expired_at = None;
+    while start.elapsed() < Duration::from_secs(4) {
+        let r = app.send("POST", "/read-then-write/n", Some(&cookie)).await;
+        if r.status != StatusCode::OK || r.set_cookie.iter().any(|c| !c.contains("Max-Age=0")) {
+            // The session ended: the write either was refused or went to a fresh session.
+            expired_at = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let expired_at = expired_at.expect("activity kept the session alive past its absolute timeout");
+    assert!(
+        expired_at >= Duration::from_millis(1200),
+        "ended early: {expired_at:?}"
+    );
+    let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+}
+
+#[tokio::test]
+async fn log_out_everywhere() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "owner");
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        alice.push(
+            app.send("POST", "/login/alice", None)
+                .await
+                .cookie()
+                .expect("cookie"),
+        );
+    }
+    let bob = app
+        .send("POST", "/login/bob", None)
+        .await
+        .cookie()
+        .expect("cookie");
+    let store = herd::SessionStore::new(app.client.clone());
+    let before = app.client.round_trips();
+    assert_eq!(store.destroy_owner("alice").await.expect("destroy"), 3);
+    assert_eq!(app.client.round_trips() - before, 2);
+    for c in &alice {
+        let r = app.send("GET", "/get/user", Some(c)).await;
+        assert_eq!(r.body, json!({ "value": null }));
+    }
+    let r = app.send("GET", "/get/user", Some(&bob)).await;
+    assert_eq!(r.body, json!({ "value": "bob" }));
+    // The index never outlives its sessions: it has a TTL no longer than the absolute timeout.
+    let index_keys = server.keys(&format!("{}:o:*", app.client.config().prefix()));
+    assert_eq!(
+        index_keys.len(),
+        1,
+        "only bob's index remains: {index_keys:?}"
+    );
+    let ttl: i64 = server.cmd(&["PTTL", &index_keys[0]]);
+    assert!(ttl > 0 && ttl <= 7 * 24 * 3600 * 1000, "index TTL {ttl}");
+    assert_eq!(store.destroy_owner("nobody").await.expect("destroy"), 0);
+}
+
+#[tokio::test]
+async fn anonymous_flood_creates_no_keys_and_no_cookies() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "flood");
+    let before = server.dbsize();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let router = app.router.clone();
+        tasks.push(tokio::spawn(async move {
+            let path = if i % 2 == 0 {
+                "/untouched"
+            } else {
+                "/get/anything"
+            };
+            let req = Request::builder()
+                .uri(path)
+                .body(Body::empty())
+                .expect("req");
+            let res = router.oneshot(req).await.expect("infallible");
+            (res.status(), res.headers().contains_key(header::SET_COOKIE))
+        }));
+    }
+    for t in tasks {
+        let (status, cookie) = t.await.expect("task");
+        assert_eq!(status, StatusCode::OK);
+        assert!(!cookie, "an anonymous read got a cookie");
+    }
+    assert_eq!(server.dbsize(), before);
+}
+
+#[tokio::test]
+async fn key_rotation_accepts_old_keys_and_signs_with_the_new_one() {
+    use base64::Engine as _;
+    let server = RedisServer::start();
+    let old_secret = support::test_secret();
+    let new_secret = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let prefix = support::unique_prefix("rotation");
+    let make = |secret: &str, old: Option<&str>| {
+        let mut b = herd::Config::builder()
+            .redis_url(server.url())
+            .prefix(prefix.clone())
+            .secret_base64(secret);
+        if let Some(old) = old {
+            b = b.old_secret_base64(old);
+        }
+        App::from_client(
+            RedisClient::new(b.build().expect("config")).expect("client"),
+            |l| l,
+        )
+    };
+    let before = make(&old_secret, None);
+    let cookie = new_session(&before).await;
+    let after = make(&new_secret, Some(&old_secret));
+    let r = after.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": "1" }),
+        "a cookie signed with the old key must still verify"
+    );
+    let fresh = after
+        .send("POST", "/set/x/1", None)
+        .await
+        .cookie()
+        .expect("cookie");
+    let r = before.send("GET", "/get/x", Some(&fresh)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": null }),
+        "new cookies must be signed with the new key"
+    );
+    let r = after.send("GET", "/get/x", Some(&fresh)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+}
+
+#[tokio::test]
+async fn redis_down_gives_fast_503_and_recovers_without_restart() {
+    let mut server = RedisServer::start();
+    let app = App::new(&server, "down");
+    let cookie = new_session(&app).await;
+    server.kill();
+    for path in ["/get/seed", "/incr/n"] {
+        let start = Instant::now();
+        let r = app.send("GET", path, Some(&cookie)).await;
+        let took = start.elapsed();
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {:?}",
+            r.body
+        );
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        assert!(
+            !r.body.to_string().contains("127.0.0.1"),
+            "internal details leaked"
+        );
+    }
+    // A blind write whose save fails after the handler: the success is replaced by the 503.
+    let r = app.send("POST", "/set/a/1", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    // Routes that do not need Redis still answer.
+    let r = app.send("GET", "/untouched", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    server.restart();
+    let start = Instant::now();
+    loop {
+        let r = app.send("GET", "/incr/n", None).await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no recovery: {:?}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn oversize_values_and_sessions_are_413_and_write_nothing() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "size", |l| {
+        l.with_max_value_size(1000).with_max_session_size(2500)
+    });
+    let r = app.send("POST", "/big/a/2000", None).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(server.dbsize(), 0);
+    let cookie = new_session(&app).await;
+    // Blind writes: the script checks the total.
+    assert_eq!(
+        app.send("POST", "/big/a/900", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.send("POST", "/big/b/900", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    let r = app.send("POST", "/big/c/900", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = app.send("GET", "/get/c", Some(&cookie)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": null }),
+        "a refused write was stored"
+    );
+    // Replacing a value within the limit is fine.
+    assert_eq!(
+        app.send("POST", "/big/a/800", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn undecodable_values_and_non_integers_are_clear_errors() {
+    let server = RedisServer::start();
+    let client = RedisClient::new(support::config(&server, "decode")).expect("client");
+    let app = App::from_client(client.clone(), |l| l);
+    let cookie = new_session(&app).await;
+    app.send("POST", "/set/word/hello", Some(&cookie)).await;
+    let r = app.send("GET", "/incr/word", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let r = app.send("GET", "/get/word", Some(&cookie)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": "hello" }),
+        "a refused incr changed the value"
+    );
+
+    // Corrupt a stored value behind herd's back, then read it through the API.
+    let key = app.session_keys(&server).pop().expect("key");
+    let _: () = server.cmd(&["HSET", &key, "broken", "{not json"]);
+    let router = Router::new()
+        .route(
+            "/typed",
+            get(|s: Session| async move {
+                match s.get::<Vec<u32>>("broken").await {
+                    Err(herd::Error::Decode { key, .. }) => format!("decode error on {key}"),
+                    other => format!("unexpected: {other:?}"),
+                }
+            }),
+        )
+        .layer(SessionLayer::new(client).with_secure(false));
+    let req = Request::builder()
+        .uri("/typed")
+        .header(header::COOKIE, &cookie)
+        .body(Body::empty())
+        .expect("req");
+    let res = router.oneshot(req).await.expect("infallible");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"decode error on broken");
+}
+
+#[tokio::test]
+async fn extractor_without_layer_says_what_is_missing() {
+    let router: Router = Router::new().route("/", get(|_s: Session| async { "unreachable" }));
+    let res = router
+        .oneshot(
+            Request::builder()
+                .uri("/")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("SessionLayer"), "{text}");
+}
+
+/// Round trips per request kind, counted by the client and cross-checked with Redis's commandstats.
+#[tokio::test]
+async fn round_trip_budget() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "budget", |l| {
+        l.with_idle_timeout(Duration::from_secs(3600))
+    });
+    let cookie = new_session(&app).await; // also loads the save script into Redis
+    app.send("GET", "/incr/warm", Some(&cookie)).await;
+
+    async fn measure(
+        app: &App,
+        server: &RedisServer,
+        method: &str,
+        path: &str,
+        cookie: Option<&str>,
+    ) -> (u64, u64, Reply) {
+        server.reset_stats();
+        let before = app.client.round_trips();
+        let r = app.send(method, path, cookie).await;
+        assert!(r.status.is_success(), "{path}: {:?}", r.body);
+        // Give a (wrongly) spawned background command the chance to show up in the stats.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let trips = app.client.round_trips() - before;
+        let calls = server.command_calls();
+        let commands: u64 = calls
+            .iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    name.as_str(),
+                    "info"
+                        | "config|resetstat"
+                        | "config"
+                        | "ping"
+                        | "client|setinfo"
+                        | "client"
+                        | "hello"
+                )
+            })
+            .map(|(_, n)| n)
+            .sum();
+        (trips, commands, r)
+    }
+
+    let cases: [(&str, &str, &str, bool, u64); 8] = [
+        ("untouched, no cookie", "GET", "/untouched", false, 0),
+        ("untouched, cookie", "GET", "/untouched", true, 0),
+        ("read-only", "GET", "/get/seed", true, 1),
+        ("blind write", "POST", "/set/k/v", true, 1),
+        ("read then write", "POST", "/read-then-write/n", true, 2),
+        ("incr", "GET", "/incr/hits", true, 1),
+        ("cycle id (login)", "POST", "/login/dave", true, 1),
+        ("anonymous read", "GET", "/get/seed", false, 0),
+    ];
+    let mut cookie = cookie;
+    println!("| case | round trips | Redis commands |");
+    for (name, method, path, with_cookie, budget) in cases {
+        let (trips, commands, r) = measure(
+            &app,
+            &server,
+            method,
+            path,
+            with_cookie.then_some(cookie.as_str()),
+        )
+        .await;
+        println!("| {name} | {trips} | {commands} |");
+        assert_eq!(
+            trips, budget,
+            "{name}: {trips} round trips, budget {budget}"
+        );
+        if budget == 0 {
+            assert_eq!(commands, 0, "{name}: Redis saw commands");
+        } else {
+            assert!(commands >= 1, "{name}: Redis saw no command");
+        }
+        if let Some(c) = r.cookie() {
+            cookie = c;
+        }
+    }
+    let (trips, commands, _) = measure(&app, &server, "POST", "/logout", Some(&cookie)).await;
+    println!("| destroy (logout) | {trips} | {commands} |");
+    assert_eq!(trips, 1, "destroy");
+    assert_eq!(commands, 1, "destroy is one DEL");
+    let calls = server.command_calls();
+    assert_eq!(calls.get("del"), Some(&1));
+}
