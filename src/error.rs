@@ -198,7 +198,8 @@ impl Error {
                 reason: "Redis cannot accept this command right now".into(),
                 source: Some(err),
             },
-            _ if err.code() == Some("OOM") || err.code() == Some("MISCONF") => Error::Unavailable {
+            // Inside a pipeline, redis-rs keeps no code for errors it does not know; the text does.
+            _ if refuses_writes(&err) => Error::Unavailable {
                 reason: "Redis refuses writes (out of memory or persistence failure)".into(),
                 source: Some(err),
             },
@@ -218,6 +219,15 @@ impl Error {
             _ => "internal server error",
         }
     }
+}
+
+/// `OOM` (over `maxmemory`) or `MISCONF` (persistence failing): Redis refuses writes for now.
+fn refuses_writes(err: &redis::RedisError) -> bool {
+    if matches!(err.code(), Some("OOM" | "MISCONF")) {
+        return true;
+    }
+    let text = err.to_string();
+    text.contains("OOM command not allowed") || text.contains("MISCONF")
 }
 
 /// Seconds sent in `Retry-After` with a 503.

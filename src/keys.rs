@@ -191,4 +191,15 @@ mod tests {
         assert!(validate_session_field("$c").is_err());
         assert!(validate_session_field("counter").is_ok());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Only exactly 32 lowercase hex digits are ids; nothing else ever becomes a key.
+        #[test]
+        fn only_the_generated_format_parses(s in "\\PC{0,80}") {
+            let expected = s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            proptest::prop_assert_eq!(SessionId::parse(&s).is_some(), expected);
+        }
+    }
 }

@@ -159,4 +159,35 @@ mod tests {
         headers.append(header::COOKIE, HeaderValue::from_str(&big).expect("ascii"));
         assert_eq!(find(&headers, "herd_session"), None);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any cookie value, of any length or alphabet: no panic, and never verified.
+        #[test]
+        fn arbitrary_cookie_values_never_verify(raw in ".{0,300}") {
+            let key = Key::from(&[9u8; 64]);
+            proptest::prop_assert!(verify("herd_session", &raw, &[&key]).is_none());
+        }
+
+        /// A genuine signature over a hostile id: verified, but the id is still refused.
+        #[test]
+        fn signed_hostile_ids_are_refused(id in "[^0-9a-f]{1,64}|[0-9a-f]{0,31}|[0-9a-f]{33,64}") {
+            let key = Key::from(&[9u8; 64]);
+            let mut jar = CookieJar::new();
+            jar.signed_mut(&key).add(Cookie::new("herd_session", id));
+            let value = jar.get("herd_session").map(|c| c.value().to_owned()).unwrap_or_default();
+            proptest::prop_assert!(verify("herd_session", &value, &[&key]).is_none());
+        }
+
+        /// Cookie headers made of arbitrary bytes: no panic.
+        #[test]
+        fn arbitrary_cookie_headers_do_not_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                headers.append(header::COOKIE, v);
+            }
+            let _ = find(&headers, "herd_session");
+        }
+    }
 }

@@ -266,6 +266,47 @@ impl Session {
         .transpose()
     }
 
+    /// Every key of the session with its JSON value (including this request's own changes); empty for
+    /// a visitor without a session. Reads the session if needed (one round trip).
+    ///
+    /// # Errors
+    /// [`Error::Decode`] naming the key if a stored value is not JSON; [`Error::Unavailable`] when
+    /// Redis does not answer in time.
+    pub async fn entries(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+        let mut state = self.state().await;
+        if !state.clear {
+            self.ensure_loaded(&mut state).await?;
+        }
+        let mut raw: std::collections::BTreeMap<&str, &[u8]> = match (&state.load, state.clear) {
+            (LoadState::Present(loaded), false) => loaded
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect(),
+            _ => Default::default(),
+        };
+        for (k, change) in &state.changes {
+            match change {
+                Change::Set(v) => {
+                    raw.insert(k, v);
+                }
+                Change::Remove => {
+                    raw.remove(k.as_str());
+                }
+            }
+        }
+        raw.into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice(v)
+                    .map(|v| (k.to_owned(), v))
+                    .map_err(|source| Error::Decode {
+                        key: k.to_owned(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
     /// Stores `value` (as JSON) under `key`, written to Redis after the handler. Costs no round trip now.
     ///
     /// # Errors

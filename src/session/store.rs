@@ -221,21 +221,28 @@ pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOut
         cmd.arg(field);
     }
 
-    let mut pipe = redis::pipe();
-    pipe.add_command(cmd);
-    if let Some(owner) = save.index_owner {
-        let deadline = now + ms(save.expiry.absolute);
-        add_owner_index(&mut pipe, client, owner, target_id, now, deadline);
-    }
-    let mut replies: Vec<Value> = run_with_scripts(client, true, &pipe, &SAVE).await?;
-    if replies.is_empty() {
-        return Err(Error::Redis(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "empty reply to the session save",
-        ))));
-    }
+    let reply = match save.index_owner {
+        // One command on its own: cheaper than a pipeline, and Redis errors keep their codes.
+        None => run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?,
+        Some(owner) => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd);
+            let deadline = now + ms(save.expiry.absolute);
+            add_owner_index(&mut pipe, client, owner, target_id, now, deadline);
+            let mut replies: Vec<Value> =
+                redis::from_redis_value(run_with_script(client, &Query::Pipe(&pipe), &SAVE).await?)
+                    .map_err(|e| Error::Redis(e.into()))?;
+            if replies.is_empty() {
+                return Err(Error::Redis(redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "empty reply to the session save",
+                ))));
+            }
+            replies.swap_remove(0)
+        }
+    };
     let reply: (i64, i64, Option<String>) =
-        redis::from_redis_value(replies.swap_remove(0)).map_err(|e| Error::Redis(e.into()))?;
+        redis::from_redis_value(reply).map_err(|e| Error::Redis(e.into()))?;
     Ok(match reply {
         (1, incr, owner) => SaveOutcome::Applied { incr, owner },
         (0, _, _) => SaveOutcome::Gone,
@@ -338,23 +345,32 @@ fn evalsha(script: &Script) -> Cmd {
     cmd
 }
 
-/// Runs a pipeline that contains `EVALSHA`s of `script`; if Redis does not know the script yet
-/// (first use, or after a restart), loads it and runs the pipeline again. Safe to repeat: a
+/// A command or a pipeline.
+enum Query<'a> {
+    Cmd(&'a Cmd),
+    Pipe(&'a Pipeline),
+}
+
+/// Runs a command or pipeline that contains an `EVALSHA` of `script`; if Redis does not know the
+/// script yet (first use, or after a restart), loads it and runs it again. Safe to repeat: a
 /// `NOSCRIPT` reply means the script did not run, and the other commands pipelined with it are
 /// idempotent index updates.
-async fn run_with_scripts<T: redis::FromRedisValue>(
+async fn run_with_script(
     client: &RedisClient,
-    wrote: bool,
-    pipe: &Pipeline,
+    query: &Query<'_>,
     script: &Script,
-) -> Result<T> {
-    let first = client
-        .run(
-            wrote,
-            |mut c| async move { pipe.query_async::<T>(&mut c).await },
-        )
-        .await;
-    match first {
+) -> Result<Value> {
+    async fn once(client: &RedisClient, query: &Query<'_>) -> Result<Value> {
+        client
+            .run(true, |mut c| async move {
+                match query {
+                    Query::Cmd(cmd) => cmd.query_async::<Value>(&mut c).await,
+                    Query::Pipe(pipe) => pipe.query_async::<Value>(&mut c).await,
+                }
+            })
+            .await
+    }
+    match once(client, query).await {
         Err(Error::Redis(e))
             if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
         {
@@ -363,12 +379,7 @@ async fn run_with_scripts<T: redis::FromRedisValue>(
                     script.prepare_invoke().load_async(&mut c).await
                 })
                 .await?;
-            client
-                .run(
-                    wrote,
-                    |mut c| async move { pipe.query_async::<T>(&mut c).await },
-                )
-                .await
+            once(client, query).await
         }
         other => other,
     }

@@ -281,3 +281,123 @@ pub fn test_secret() -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode([42u8; 64])
 }
+
+impl RedisServer {
+    /// Closes every client connection of the server (`CLIENT KILL TYPE normal`), as a network cut
+    /// would. Returns how many were closed.
+    pub fn kill_clients(&self) -> i64 {
+        self.cmd(&["CLIENT", "KILL", "TYPE", "normal"])
+    }
+
+    /// Makes the server a replica of a dead address: it stays up and answers reads, writes fail
+    /// with `READONLY`. Undo with [`make_writable`](Self::make_writable).
+    pub fn make_read_only(&self) {
+        let _: () = self.cmd(&["REPLICAOF", "127.0.0.1", "1"]);
+    }
+
+    /// Undoes [`make_read_only`](Self::make_read_only).
+    pub fn make_writable(&self) {
+        let _: () = self.cmd(&["REPLICAOF", "NO", "ONE"]);
+    }
+}
+
+/// A TCP proxy between the app and Redis that can add latency to every reply, to simulate a slow
+/// network or an overloaded server. Runs on its own threads; stops when dropped.
+pub struct LatencyProxy {
+    port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LatencyProxy {
+    /// Starts a proxy on a free loopback port forwarding to `127.0.0.1:target_port`.
+    pub fn start(target_port: u16) -> LatencyProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (delay_ms.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target_port))
+                        else {
+                            continue;
+                        };
+                        let (c2, s2) = (
+                            client.try_clone().expect("clone"),
+                            server.try_clone().expect("clone"),
+                        );
+                        let stop = s.clone();
+                        std::thread::spawn(move || pump(client, server, None, &stop));
+                        let (delay, stop) = (d.clone(), s.clone());
+                        std::thread::spawn(move || pump(s2, c2, Some(delay), &stop));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        LatencyProxy {
+            port,
+            delay_ms,
+            stop,
+        }
+    }
+
+    /// `redis://127.0.0.1:PROXY_PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Delay added before each chunk of bytes from Redis reaches the app.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay_ms: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(d) = &delay_ms {
+                    let ms = d.load(Ordering::Relaxed);
+                    if ms > 0 {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}

@@ -1,0 +1,454 @@
+//! The session layer under faults: Redis killed, frozen, slow, cutting connections, read-only, out of
+//! memory; requests cancelled midway; hostile cookies. Each outcome is asserted.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Path;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herd::{RedisClient, Session, SessionLayer};
+use http::{header, Request, StatusCode};
+use serde_json::json;
+use support::{LatencyProxy, RedisServer};
+use tokio::sync::Mutex;
+use tower::ServiceExt;
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// What "within the configured timeout" may add for scheduling on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(400);
+
+fn app(url: &str, name: &str) -> (Router, RedisClient) {
+    let config = herd::Config::builder()
+        .redis_url(url)
+        .secret_base64(support::test_secret())
+        .prefix(support::unique_prefix(name))
+        .command_timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .build()
+        .expect("config");
+    let client = RedisClient::new(config).expect("client");
+    let router = Router::new()
+        .route("/untouched", get(|| async { "ok" }))
+        .route(
+            "/incr",
+            get(|s: Session| async move {
+                Ok::<_, herd::Error>(Json(json!({ "n": s.incr("n", 1).await? })))
+            }),
+        )
+        .route(
+            "/read",
+            get(|s: Session| async move {
+                let v: Option<serde_json::Value> = s.get("a").await?;
+                Ok::<_, herd::Error>(Json(json!({ "a": v })))
+            }),
+        )
+        .route(
+            "/pair/{i}",
+            post(|s: Session, Path(i): Path<u64>| async move {
+                s.insert("a", i).await?;
+                s.insert("b", i).await?;
+                s.insert("pad", "x".repeat(2000)).await?;
+                Ok::<_, herd::Error>("ok")
+            }),
+        )
+        .layer(SessionLayer::new(client.clone()).with_secure(false));
+    (router, client)
+}
+
+async fn send(router: &Router, path: &str, cookie: Option<&str>) -> (StatusCode, Option<String>) {
+    let method = if path.starts_with("/pair") {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    let res = router
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("req"))
+        .await
+        .expect("infallible");
+    let cookie = res
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned);
+    (res.status(), cookie)
+}
+
+async fn new_session(router: &Router) -> String {
+    let (status, cookie) = send(router, "/incr", None).await;
+    assert_eq!(status, StatusCode::OK);
+    cookie.expect("cookie")
+}
+
+/// One observed request.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    took: Duration,
+    status: StatusCode,
+    needs_redis: bool,
+}
+
+/// Runs `workers` tasks sending requests until `stop_after`, alternating a Redis route and an
+/// untouched route, and returns every sample.
+async fn load(router: Router, cookie: String, workers: usize, stop_after: Duration) -> Vec<Sample> {
+    let start = Instant::now();
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (router, cookie, samples) = (router.clone(), cookie.clone(), samples.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while start.elapsed() < stop_after {
+                let needs_redis = (i + w as u64) % 2 == 0;
+                let path = if needs_redis { "/incr" } else { "/untouched" };
+                let t = Instant::now();
+                let at = start.elapsed();
+                let (status, _) = send(&router, path, Some(&cookie)).await;
+                samples.lock().await.push(Sample {
+                    at,
+                    took: t.elapsed(),
+                    status,
+                    needs_redis,
+                });
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    let samples = samples.lock().await.clone();
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_then_restarted() {
+    let mut server = RedisServer::start();
+    let (router, _client) = app(&server.url(), "kill");
+    let cookie = new_session(&router).await;
+    let t0 = Instant::now();
+    let loader = tokio::spawn(load(router.clone(), cookie, 8, Duration::from_secs(9)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let down_from = t0.elapsed();
+    tokio::task::block_in_place(|| server.kill());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| server.restart());
+    let up_from = t0.elapsed();
+    let samples = loader.await.expect("load");
+    check_outage(&samples, down_from, up_from);
+}
+
+/// Every request is answered within the timeout; untouched routes always succeed; requests that
+/// start 2 s after the outage ended all succeed.
+fn check_outage(samples: &[Sample], down_from: Duration, up_from: Duration) {
+    assert!(samples.len() > 100, "too little load: {}", samples.len());
+    let mut failed_during = 0;
+    for s in samples {
+        assert!(
+            s.took <= TIMEOUT * 2 + SLACK,
+            "a request waited {:?} (timeout {TIMEOUT:?}): {s:?}",
+            s.took
+        );
+        if !s.needs_redis {
+            assert_eq!(
+                s.status,
+                StatusCode::OK,
+                "a route without Redis failed: {s:?}"
+            );
+        }
+        if s.status != StatusCode::OK {
+            assert_eq!(s.status, StatusCode::SERVICE_UNAVAILABLE, "{s:?}");
+            failed_during += 1;
+        }
+        if s.at > up_from + Duration::from_secs(2) {
+            assert_eq!(
+                s.status,
+                StatusCode::OK,
+                "not recovered 2 s after the outage: {s:?}"
+            );
+        }
+        if s.at + SLACK < down_from {
+            assert_eq!(s.status, StatusCode::OK, "failed before the outage: {s:?}");
+        }
+    }
+    assert!(failed_during > 0, "the outage was not observed");
+    let first_ok_after = samples
+        .iter()
+        .filter(|s| s.needs_redis && s.at >= up_from && s.status == StatusCode::OK)
+        .map(|s| s.at - up_from)
+        .min();
+    println!(
+        "samples: {}, 503s: {failed_during}, first success after recovery: {first_ok_after:?}",
+        samples.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_then_thawed() {
+    let server = RedisServer::start();
+    let (router, _client) = app(&server.url(), "freeze");
+    let cookie = new_session(&router).await;
+    let t0 = Instant::now();
+    let loader = tokio::spawn(load(router.clone(), cookie, 8, Duration::from_secs(9)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let down_from = t0.elapsed();
+    server.freeze();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    server.thaw();
+    let up_from = t0.elapsed();
+    let samples = loader.await.expect("load");
+    check_outage(&samples, down_from, up_from);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_above_the_timeout_never_applies_a_write_twice() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port());
+    let (router, client) = app(&proxy.url(), "latency");
+    let cookie = new_session(&router).await; // n = 1
+    proxy.set_delay(TIMEOUT + Duration::from_millis(300));
+    let mut ok = 0;
+    let attempts = 20;
+    for _ in 0..attempts {
+        let t = Instant::now();
+        let (status, _) = send(&router, "/incr", Some(&cookie)).await;
+        assert!(t.elapsed() <= TIMEOUT + SLACK, "waited {:?}", t.elapsed());
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    proxy.set_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await; // let delayed replies drain
+    let key = server
+        .keys(&format!("{}:s:*", client.config().prefix()))
+        .pop()
+        .expect("session key");
+    let n: i64 = server.cmd(&["HGET", &key, "n"]);
+    println!(
+        "attempts {attempts}, answered 200: {ok}, stored count {}",
+        n - 1
+    );
+    assert!(n - 1 >= ok, "a write that answered 200 is missing");
+    assert!(n - 1 <= attempts, "a write was applied twice");
+    // Service is back.
+    let (status, _) = send(&router, "/incr", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_mid_load_errors_stay_bounded() {
+    let server = RedisServer::start();
+    let (router, client) = app(&server.url(), "cut");
+    let cookie = new_session(&router).await;
+    let loader = tokio::spawn(load(
+        router.clone(),
+        cookie.clone(),
+        8,
+        Duration::from_secs(4),
+    ));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let killed = tokio::task::block_in_place(|| server.kill_clients());
+        assert!(killed >= 1, "nothing to cut");
+    }
+    let samples = loader.await.expect("load");
+    let failed = samples
+        .iter()
+        .filter(|s| s.status != StatusCode::OK)
+        .count();
+    let ok_incr = samples
+        .iter()
+        .filter(|s| s.needs_redis && s.status == StatusCode::OK)
+        .count() as i64;
+    println!("samples {}, failed {failed}", samples.len());
+    // At most the requests in flight on the cut connection fail (8 workers × 3 cuts).
+    assert!(failed <= 8 * 3, "{failed} failures for 3 cuts");
+    let (status, _) = send(&router, "/incr", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "the connection did not heal");
+    let key = server
+        .keys(&format!("{}:s:*", client.config().prefix()))
+        .pop()
+        .expect("session key");
+    let n: i64 = server.cmd(&["HGET", &key, "n"]);
+    assert!(
+        n >= ok_incr + 2,
+        "an acknowledged increment is missing: {n} < {ok_incr} + 2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cancelled_midway_leave_nothing_half_written() {
+    use rand::Rng as _;
+    let server = RedisServer::start();
+    let (router, client) = app(&server.url(), "cancel");
+    let cookie = new_session(&router).await;
+    let mut tasks = Vec::new();
+    for i in 0..1000u64 {
+        let (router, cookie) = (router.clone(), cookie.clone());
+        let cut = Duration::from_micros(rand::rng().random_range(0..3000));
+        tasks.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(cut, send(&router, &format!("/pair/{i}"), Some(&cookie)))
+                .await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = server
+        .keys(&format!("{}:s:*", client.config().prefix()))
+        .pop()
+        .expect("session key");
+    let (a, b): (Option<String>, Option<String>) = {
+        let mut conn = server.conn();
+        redis::cmd("HMGET")
+            .arg(&key)
+            .arg("a")
+            .arg("b")
+            .query(&mut conn)
+            .expect("hmget")
+    };
+    assert_eq!(a, b, "a half-applied save: a={a:?} b={b:?}");
+    // Every connection is usable afterwards.
+    for _ in 0..50 {
+        let (status, _) = send(&router, "/incr", Some(&cookie)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn read_only_and_out_of_memory_refuse_writes_cleanly() {
+    let server = RedisServer::start();
+    let (router, client) = app(&server.url(), "readonly");
+    let cookie = new_session(&router).await;
+    send(&router, "/pair/1", Some(&cookie)).await;
+    let key = server
+        .keys(&format!("{}:s:*", client.config().prefix()))
+        .pop()
+        .expect("session key");
+    let before: std::collections::HashMap<String, String> = server.cmd(&["HGETALL", &key]);
+
+    server.make_read_only();
+    let (status, _) = send(&router, "/pair/2", Some(&cookie)).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "READONLY must be a 503"
+    );
+    let (status, _) = send(&router, "/incr", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) = send(&router, "/read", Some(&cookie)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "reads keep working on a read-only server"
+    );
+    server.make_writable();
+    let after: std::collections::HashMap<String, String> = server.cmd(&["HGETALL", &key]);
+    assert_eq!(before, after, "a refused write changed data");
+
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+    let (status, _) = send(&router, "/pair/3", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "OOM must be a 503");
+    let (status, _) = send(&router, "/read", Some(&cookie)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "reads keep working when Redis is out of memory"
+    );
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    let after: std::collections::HashMap<String, String> = server.cmd(&["HGETALL", &key]);
+    assert_eq!(before, after, "a refused write changed data");
+    let (status, _) = send(&router, "/pair/4", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn hostile_cookies_never_reach_redis() {
+    let server = RedisServer::start();
+    let (router, _client) = app(&server.url(), "hostile");
+    let key = cookie::Key::from(&[42u8; 64]); // the test secret: correctly signed, hostile ids
+    let ids = [
+        "*".to_owned(),
+        "{tag}".to_owned(),
+        "a}b{c".to_owned(),
+        "abc\r\nFLUSHALL".to_owned(),
+        "with space".to_owned(),
+        "x".repeat(5000),
+        "0123456789abcdef0123456789abcde*".to_owned(),
+    ];
+    server.reset_stats();
+    for id in &ids {
+        let mut jar = cookie::CookieJar::new();
+        jar.signed_mut(&key)
+            .add(cookie::Cookie::new("herd_session", id.clone()));
+        let value = jar
+            .get("herd_session")
+            .map(|c| c.value().to_owned())
+            .unwrap_or_default();
+        let header = format!("herd_session={value}");
+        let Ok(hv) = http::HeaderValue::from_str(&header) else {
+            continue; // CR/LF cannot even be sent in a header
+        };
+        let req = Request::builder()
+            .uri("/read")
+            .header(header::COOKIE, hv)
+            .body(Body::empty())
+            .expect("req");
+        let res = router.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let calls = server.command_calls();
+    let data_commands: u64 = calls
+        .iter()
+        .filter(|(c, _)| {
+            !matches!(
+                c.as_str(),
+                "info" | "config|resetstat" | "ping" | "client|setinfo" | "hello"
+            )
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(data_commands, 0, "hostile ids reached Redis: {calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_cookieless_requests_create_nothing() {
+    let server = RedisServer::start();
+    let (router, _client) = app(&server.url(), "flood");
+    let before = server.dbsize();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..12_500 {
+                let path = if (i + t) % 2 == 0 {
+                    "/read"
+                } else {
+                    "/untouched"
+                };
+                let (status, cookie) = send(&router, path, None).await;
+                assert_eq!(status, StatusCode::OK);
+                assert!(cookie.is_none());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(server.dbsize(), before);
+}
