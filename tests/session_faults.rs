@@ -109,7 +109,7 @@ async fn load(router: Router, cookie: String, workers: usize, stop_after: Durati
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while start.elapsed() < stop_after {
-                let needs_redis = (i + w as u64) % 2 == 0;
+                let needs_redis = (i + w as u64).is_multiple_of(2);
                 let path = if needs_redis { "/incr" } else { "/untouched" };
                 let t = Instant::now();
                 let at = start.elapsed();
@@ -241,7 +241,7 @@ async fn latency_above_the_timeout_never_applies_a_write_twice() {
         "attempts {attempts}, answered 200: {ok}, stored count {}",
         n - 1
     );
-    assert!(n - 1 >= ok, "a write that answered 200 is missing");
+    assert!(n > ok, "a write that answered 200 is missing");
     assert!(n - 1 <= attempts, "a write was applied twice");
     // Service is back.
     let (status, _) = send(&router, "/incr", Some(&cookie)).await;

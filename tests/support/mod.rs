@@ -336,7 +336,7 @@ impl LatencyProxy {
                         let stop = s.clone();
                         std::thread::spawn(move || pump(client, server, None, &stop));
                         let (delay, stop) = (d.clone(), s.clone());
-                        std::thread::spawn(move || pump(s2, c2, Some(delay), &stop));
+                        std::thread::spawn(move || pump(s2, c2, Some(&delay), &stop));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -370,7 +370,7 @@ impl Drop for LatencyProxy {
 fn pump(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
-    delay_ms: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    delay_ms: Option<&std::sync::atomic::AtomicU64>,
     stop: &std::sync::atomic::AtomicBool,
 ) {
     use std::io::{Read, Write};
@@ -380,7 +380,7 @@ fn pump(
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if let Some(d) = &delay_ms {
+                if let Some(d) = delay_ms {
                     let ms = d.load(Ordering::Relaxed);
                     if ms > 0 {
                         std::thread::sleep(Duration::from_millis(ms));
