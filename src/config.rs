@@ -330,8 +330,11 @@ fn warn_ephemeral_key() {
         let msg = "HERD_SECRET is not set: using a random cookie key for this process only. \
                    Sessions will not survive a restart and cookies will not verify in other \
                    processes. Set HERD_SECRET (e.g. `openssl rand -base64 64`) in production.";
-        tracing::warn!("{msg}");
-        eprintln!("herd: WARNING: {msg}");
+        if tracing::dispatcher::has_been_set() {
+            tracing::warn!("{msg}");
+        } else {
+            eprintln!("herd: WARNING: {msg}");
+        }
     });
 }
 

@@ -537,10 +537,10 @@ impl Session {
         let mut attempts = 0;
         let (final_id, outcome) = loop {
             attempts += 1;
-            let fresh = SessionId::generate();
+            // Fresh ids only where needed: each costs a call to the OS random generator.
             let (id, new_id) = match (mode, &state.id) {
-                (SaveMode::New, _) | (_, None) => (fresh.clone(), None),
-                (SaveMode::Cycle, Some(id)) => (id.clone(), Some(fresh.clone())),
+                (SaveMode::New, _) | (_, None) => (SessionId::generate(), None),
+                (SaveMode::Cycle, Some(id)) => (id.clone(), Some(SessionId::generate())),
                 (SaveMode::Existing, Some(id)) => (id.clone(), None),
             };
             let index_owner = match mode {
