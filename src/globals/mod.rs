@@ -73,11 +73,11 @@
 //! `MULTI`, the writes, `EXEC`, in one round trip. Other workers see all of it or none of it. Every
 //! element of the `EXEC` reply is checked: Redis does **not** roll back a transaction when one of its
 //! commands fails while running (for example `INCRBY` on a variable that holds JSON text), so such a
-//! failure is reported as [`Error::GroupCommandFailed`](crate::Error::GroupCommandFailed) with the
+//! failure is reported as [`Error::GroupCommandFailed`] with the
 //! position of the failing write — the other writes *were* applied. When Redis refuses the whole
 //! transaction before running it (`EXECABORT`: a write on a read-only replica, an ACL rule, out of
-//! memory), nothing was applied and the error is [`Error::Unavailable`](crate::Error::Unavailable) (for
-//! the availability cases) or [`Error::GroupAborted`](crate::Error::GroupAborted) with the position of
+//! memory), nothing was applied and the error is [`Error::Unavailable`] (for
+//! the availability cases) or [`Error::GroupAborted`] with the position of
 //! the refused command.
 //!
 //! # Read-modify-write
@@ -85,12 +85,12 @@
 //! your own error type), and commits only if none of them changed meanwhile (`WATCH` … `MULTI`/`EXEC`
 //! on a dedicated pooled connection). On a conflict it retries after a jittered exponential backoff,
 //! at most [`with_max_attempts`](Globals::with_max_attempts) times (default 10), then returns
-//! [`Error::Conflict`](crate::Error::Conflict). See [`Group::update`] for the details, including why a
+//! [`Error::Conflict`]. See [`Group::update`] for the details, including why a
 //! cancelled update never leaves a dirty connection in the pool.
 //!
 //! # Lost replies
 //! A write whose reply did not arrive within the command timeout may or may not have been applied. It
-//! is reported as [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) and never retried by herd:
+//! is reported as [`Error::OutcomeUnknown`] and never retried by herd:
 //! retrying `incr` or a transfer blindly could apply it twice.
 //!
 //! # Broadcast
@@ -165,7 +165,7 @@ impl Globals {
     }
 
     /// How many times [`Group::update`] tries before giving up with
-    /// [`Error::Conflict`](crate::Error::Conflict). Default 10; at least 1.
+    /// [`Error::Conflict`]. Default 10; at least 1.
     pub fn with_max_attempts(mut self, attempts: u32) -> Self {
         Arc::make_mut(&mut self.settings).max_attempts = attempts.max(1);
         self
@@ -181,7 +181,7 @@ impl Globals {
     }
 
     /// The largest value (its JSON, in bytes) a write accepts; larger ones fail with
-    /// [`Error::TooLarge`](crate::Error::TooLarge) before anything is sent. Default 1 MiB.
+    /// [`Error::TooLarge`] before anything is sent. Default 1 MiB.
     pub fn with_max_value_size(mut self, bytes: usize) -> Self {
         Arc::make_mut(&mut self.settings).max_value_size = bytes;
         self
@@ -190,7 +190,7 @@ impl Globals {
     /// The group named `name`: the hash tag its variables share (see the [module docs](self)).
     ///
     /// # Errors
-    /// [`Error::InvalidName`](crate::Error::InvalidName) unless the name is 1–128 characters of
+    /// [`Error::InvalidName`] unless the name is 1–128 characters of
     /// letters, digits and `_.:-`.
     pub fn group(&self, name: &str) -> Result<Group> {
         validate_name(name)?;
@@ -203,7 +203,7 @@ impl Globals {
     /// A typed broadcast channel named `name` (see [`Channel`]).
     ///
     /// # Errors
-    /// [`Error::InvalidName`](crate::Error::InvalidName) unless the name is 1–128 characters of
+    /// [`Error::InvalidName`] unless the name is 1–128 characters of
     /// letters, digits and `_.:-`.
     pub fn channel<T>(&self, name: &str) -> Result<Channel<T>> {
         validate_name(name)?;
