@@ -389,6 +389,13 @@ async fn update_commits_or_refuses_with_the_callers_error() {
         vec![Some(70), None]
     );
 
+    // A variable named twice is refused: two competing new values would be ambiguous.
+    let err = transfer(&bank, "alice", "alice", 1).await.unwrap_err();
+    assert!(
+        matches!(err.failed(), Some(Error::InvalidName { .. })),
+        "{err:?}"
+    );
+
     // With `Infallible`, `?` turns an UpdateError into a herd::Error.
     async fn double(bank: &herd::globals::Group) -> herd::Result<i64> {
         let n = bank
@@ -496,6 +503,14 @@ async fn assert_pool_is_clean(globals: &Globals, server: &RedisServer, spoil: &[
     }
 }
 
+fn total_connections(server: &RedisServer) -> i64 {
+    let info: String = server.cmd(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_hygiene_concurrent_and_cancelled_updates() {
     let server = RedisServer::start();
@@ -522,6 +537,7 @@ async fn watch_hygiene_concurrent_and_cancelled_updates() {
     );
     assert_eq!(g.get::<i64>("hot").await.unwrap(), Some(50));
 
+    let connections_before = total_connections(&server);
     // Cancelled updates: dropped after random short delays (in the pool wait, with WATCH+MGET in
     // flight, with EXEC in flight, in the backoff), and aborted tasks.
     let done = Arc::new(AtomicU32::new(0));
@@ -554,7 +570,46 @@ async fn watch_hygiene_concurrent_and_cancelled_updates() {
         value >= 50 + completed && value <= 250,
         "value {value}, completed {completed}"
     );
-    eprintln!("cancelled-updates: {completed} of 200 completed, counter {value}");
+    // Updates dropped with a request in flight closed their connection; the pool opened new ones.
+    // (`- 1`: the connection this INFO itself uses.)
+    let replaced = total_connections(&server) - connections_before - 1;
+    eprintln!(
+        "cancelled-updates: {completed} of 200 completed, counter {value}, \
+         {replaced} pooled connections closed and replaced"
+    );
+    assert!(replaced > 0, "no update was cancelled mid-request");
+
+    // Updates the closure refuses go back to the pool still holding their WATCH (the pool's
+    // recycle step clears it before reuse).
+    let refused: Vec<_> = (0..20)
+        .map(|_| {
+            let g = g.clone();
+            tokio::spawn(async move {
+                g.update(&["hot"], |_: &mut [Option<i64>]| Err::<(), _>("no"))
+                    .await
+                    .unwrap_err()
+            })
+        })
+        .collect();
+    for r in refused {
+        assert!(matches!(r.await.unwrap(), UpdateError::Aborted("no")));
+    }
+
+    // Connections left mid-request were closed, not leaked: at most the pool, the shared
+    // connection and this test's own connection remain.
+    let mut clients = usize::MAX;
+    for _ in 0..50 {
+        let list: String = server.cmd(&["CLIENT", "LIST"]);
+        clients = list.lines().count();
+        if clients <= 16 + 1 + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        clients <= 18,
+        "{clients} connections: dropped connections leak"
+    );
 
     assert_pool_is_clean(&globals, &server, &[key(&globals, "hygiene", "hot")]).await;
     // And the pool still serves plain updates.

@@ -152,7 +152,8 @@ impl Group {
     ///   [`Error::Unavailable`] (no pooled connection in time, Redis down or read-only — nothing
     ///   written), [`Error::OutcomeUnknown`] when the `EXEC` reply did not come in time (**never
     ///   retried**: the commit may have happened), [`Error::Decode`] / [`Error::Encode`] /
-    ///   [`Error::TooLarge`] / [`Error::InvalidName`] / [`Error::GroupTooLarge`].
+    ///   [`Error::TooLarge`] / [`Error::GroupTooLarge`], and [`Error::InvalidName`] for a bad
+    ///   name or a name given twice.
     pub async fn update<T, R, E, F>(
         &self,
         names: &[&str],
@@ -163,6 +164,13 @@ impl Group {
         F: FnMut(&mut [Option<T>]) -> std::result::Result<R, E>,
     {
         let keys = self.keys(names)?;
+        // The same variable twice would get two competing new values (a transfer from an account
+        // to itself would create money): refuse it.
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                return Err(Error::invalid_name(name, "named twice in one update").into());
+            }
+        }
         let client = self.client();
         let settings = self.settings();
         let mut conn = Dedicated::checkout(client).await?;
