@@ -389,6 +389,12 @@ async fn update_commits_or_refuses_with_the_callers_error() {
         vec![Some(70), None]
     );
 
+    // No variables: the closure runs once, nothing is sent.
+    let r = bank
+        .update(&[], |v: &mut [Option<i64>]| Ok::<_, ()>(v.len()))
+        .await;
+    assert_eq!(r.unwrap(), 0);
+
     // A variable named twice is refused: two competing new values would be ambiguous.
     let err = transfer(&bank, "alice", "alice", 1).await.unwrap_err();
     assert!(

@@ -171,6 +171,9 @@ impl Group {
                 return Err(Error::invalid_name(name, "named twice in one update").into());
             }
         }
+        if names.is_empty() {
+            return f(&mut []).map_err(UpdateError::Aborted);
+        }
         let client = self.client();
         let settings = self.settings();
         let mut conn = Dedicated::checkout(client).await?;
