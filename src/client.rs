@@ -156,7 +156,6 @@ impl RedisClient {
     }
 
     /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
-    #[allow(dead_code)] // used by the globals module
     pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
         self.inner.pool.get().await.map_err(|e| {
             let source = match e {

@@ -66,6 +66,27 @@ pub enum Error {
         source: redis::RedisError,
     },
 
+    /// Redis refused an atomic group before running any of it (`EXECABORT`): the command at `index`
+    /// was rejected while it was queued (for example by an ACL rule or as a syntax error). Nothing
+    /// was applied.
+    #[error("the atomic group was refused before it ran (command {index}): {source}; nothing was applied")]
+    GroupAborted {
+        /// Zero-based position of the command Redis rejected.
+        index: usize,
+        /// The error Redis returned for it.
+        #[source]
+        source: redis::RedisError,
+    },
+
+    /// An atomic group, `get_many` or `update` names more variables than the limit allows.
+    #[error("{len} variables in one atomic operation, over the limit of {limit}")]
+    GroupTooLarge {
+        /// How many the operation named.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+
     /// The session was destroyed (logout elsewhere) or expired while this request ran, after the request
     /// had read it. Its changes were not written, so a destroyed session is never resurrected.
     #[error("the session ended while this request was in flight; its changes were not saved")]

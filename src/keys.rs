@@ -76,13 +76,11 @@ impl Keys {
     }
 
     /// A global variable in a group; the group is the hash tag.
-    #[allow(dead_code)] // used by the globals module
     pub(crate) fn global(&self, group: &str, name: &str) -> String {
         format!("{}:g:{{{group}}}:{name}", self.prefix)
     }
 
     /// The prefix (for pub/sub channel names and tests).
-    #[allow(dead_code)]
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -99,7 +97,6 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
 }
 
 /// Checks a group or variable name: 1–128 characters of `[A-Za-z0-9_.:-]` (no braces, spaces, `*`).
-#[allow(dead_code)] // used by the globals module
 pub(crate) fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 128 || !name.bytes().all(safe_byte) {
         return Err(Error::invalid_name(

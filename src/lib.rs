@@ -4,12 +4,14 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod globals;
 pub(crate) mod keys;
 pub mod session;
 
 pub use crate::client::RedisClient;
 pub use crate::config::{Config, ConfigBuilder};
 pub use crate::error::{Error, Result};
+pub use crate::globals::Globals;
 pub use crate::session::{Session, SessionLayer, SessionStore};
 
 /// Re-exported so users name the same versions herd uses.
