@@ -1,1 +1,3 @@
 //! herd
+#[cfg(feature = "launcher")]
+pub mod launcher;
