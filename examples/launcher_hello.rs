@@ -34,7 +34,7 @@ fn main() -> Result<(), herd::launcher::Error> {
         .workers(workers)
         .bind(bind)
         .drain_timeout(Duration::from_secs(10))
-        .run(|mut worker| async move {
+        .run(|worker| async move {
             let me = format!(
                 "pid={} index={} generation={}",
                 std::process::id(),
@@ -52,11 +52,8 @@ fn main() -> Result<(), herd::launcher::Error> {
                     }),
                 )
                 .layer(worker.requests());
-            let listener = worker.listener()?;
-            println!("serving on {}", listener.local_addr()?);
-            worker.ready();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(worker.shutdown())
-                .await
+            println!("serving");
+            // Reports READY, stops accepting on SIGTERM, then drains in-flight requests.
+            worker.serve(app).await
         })
 }

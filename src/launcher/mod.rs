@@ -25,13 +25,12 @@
 //!     Launcher::new()
 //!         .workers(4)
 //!         .bind("127.0.0.1:3000")
-//!         .run(|mut worker| async move {
+//!         .run(|worker| async move {
 //!             let app = Router::new().route("/", get(|| async { "hello" }));
-//!             let listener = worker.listener()?;
-//!             worker.ready(); // the master now counts this worker as serving
-//!             axum::serve(listener, app)
-//!                 .with_graceful_shutdown(worker.shutdown())
-//!                 .await
+//!             // Reports READY to the master, stops accepting on SIGTERM, drains in-flight
+//!             // requests. For other servers: worker.listener(), worker.ready(),
+//!             // worker.shutdown().
+//!             worker.serve(app).await
 //!         })
 //! }
 //! ```

@@ -19,6 +19,10 @@ use super::{
     ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
 };
 
+/// Between "stop accepting" and "close idle connections": a connection accepted just before the
+/// stop gets this long to have its request read, so it is served instead of reset.
+const ACCEPT_GRACE: Duration = Duration::from_millis(500);
+
 /// fd of the listening socket (systemd's `SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
 /// fd of the channel to the master.
@@ -169,6 +173,43 @@ impl Worker {
         tokio::net::TcpListener::from_std(listener)
     }
 
+    /// Serve an axum app until shutdown, the recommended way: reports [`ready`](Self::ready),
+    /// then on `SIGTERM` (or master death) **first stops accepting**, waits 500 ms so that a
+    /// connection accepted at that very moment gets its request read, and only then starts
+    /// axum's graceful shutdown (idle connections close, in-flight requests finish). Plain
+    /// `axum::serve(listener, app).with_graceful_shutdown(worker.shutdown())` does both at once
+    /// and can reset a connection accepted right before the signal, which fails a request
+    /// during reloads.
+    ///
+    /// ```no_run
+    /// use axum::{routing::get, Router};
+    /// fn main() -> Result<(), herd::launcher::Error> {
+    ///     herd::launcher::Launcher::new().run(|worker| async move {
+    ///         let app = Router::new().route("/", get(|| async { "hi" }));
+    ///         worker.serve(app).await
+    ///     })
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// If the listener was already taken with [`listener`](Self::listener), or serving fails.
+    pub async fn serve(mut self, app: axum::Router) -> std::io::Result<()> {
+        let listener = StopAccepting {
+            inner: self.listener()?,
+            stop: self.shutdown.clone(),
+        };
+        self.ready();
+        let stop = self.shutdown();
+        let grace = ACCEPT_GRACE.min(self.drain_timeout);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                stop.await;
+                tokio::time::sleep(grace).await;
+            })
+            .await
+    }
+
     /// Report that this worker serves. Call it once the app is ready to accept (right before
     /// `axum::serve` is fine: connections wait in the shared backlog). Idempotent.
     ///
@@ -193,7 +234,9 @@ impl Worker {
     }
 
     /// A future that resolves when the worker must stop: `SIGTERM`/`SIGINT`, or the master died
-    /// (its channel closed). Pass it to `axum::serve(..).with_graceful_shutdown(..)`.
+    /// (its channel closed). With a hand-made accept loop, stop accepting when it resolves and
+    /// give just-accepted connections a moment before closing idle ones, as
+    /// [`serve`](Self::serve) does.
     ///
     /// When the master died the process also exits on its own after the drain timeout, so no
     /// worker outlives its master for long.
@@ -228,6 +271,33 @@ impl Channel {
         if self.master.is_some() && !self.recycle_sent.swap(true, Ordering::SeqCst) {
             self.send("RECYCLE\n");
         }
+    }
+}
+
+/// A listener that stops accepting as soon as shutdown begins (see [`Worker::serve`]).
+struct StopAccepting {
+    inner: tokio::net::TcpListener,
+    stop: watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for StopAccepting {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let stop = &mut self.stop;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::select! {
+            biased;
+            () = stopped => std::future::pending().await,
+            conn = axum::serve::Listener::accept(&mut self.inner) => conn,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
     }
 }
 
