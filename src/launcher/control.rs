@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{Error, Result};
 
 /// A request to the master.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// The state of every worker.
@@ -132,8 +132,8 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {}",
-            "index", "pid", "gen", "uptime", "restarts", "memory", "state"
+            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} state",
+            "index", "pid", "gen", "uptime", "restarts", "memory"
         )?;
         for w in &self.workers {
             writeln!(

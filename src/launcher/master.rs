@@ -425,19 +425,19 @@ impl Master {
             }
             Err(e) => {
                 tracing::error!("herd: cannot spawn worker {slot}: {e}");
-                self.crashed(slot, Duration::ZERO, format!("spawn failed: {e}"));
+                self.crashed(slot, Duration::ZERO, &format!("spawn failed: {e}"));
             }
         }
     }
 
     /// The serving worker of `slot` died (or could not start): restart with backoff, or mark the
     /// slot errored after too many quick crashes.
-    fn crashed(&mut self, slot: usize, uptime: Duration, why: String) {
+    fn crashed(&mut self, slot: usize, uptime: Duration, why: &str) {
         let Some(s) = self.slots.get_mut(&slot) else {
             return;
         };
         s.current = None;
-        s.last_exit = Some(why.clone());
+        s.last_exit = Some(why.to_owned());
         if uptime >= self.config.min_uptime {
             s.failures = 0;
         }
@@ -597,7 +597,7 @@ impl Master {
                     .and_then(|r| r.candidate)
                     .is_some_and(|(_, c, _)| c == id);
                 if is_candidate {
-                    self.abort_rollout(format!(
+                    self.abort_rollout(&format!(
                         "new worker {} (pid {}) exited before it was ready: {why}",
                         p.slot, p.pid
                     ));
@@ -605,7 +605,7 @@ impl Master {
             }
             Role::Current => {
                 if self.slots.get(&p.slot).and_then(|s| s.current) == Some(id) {
-                    self.crashed(p.slot, uptime, why);
+                    self.crashed(p.slot, uptime, &why);
                 }
             }
         }
@@ -631,7 +631,7 @@ impl Master {
         // Ready deadline of a rolling replacement.
         if let Some((slot, _, deadline)) = self.rollout.as_ref().and_then(|r| r.candidate) {
             if deadline <= now {
-                self.abort_rollout(format!(
+                self.abort_rollout(&format!(
                     "new worker {slot} not ready after {:?}",
                     self.config.ready_timeout
                 ));
@@ -886,7 +886,7 @@ impl Master {
                     return;
                 }
                 Err(e) => {
-                    self.abort_rollout(format!("cannot spawn new worker {slot}: {e}"));
+                    self.abort_rollout(&format!("cannot spawn new worker {slot}: {e}"));
                     return;
                 }
             }
@@ -907,7 +907,7 @@ impl Master {
         self.after_rollout();
     }
 
-    fn abort_rollout(&mut self, why: String) {
+    fn abort_rollout(&mut self, why: &str) {
         let Some(rollout) = self.rollout.take() else {
             return;
         };
