@@ -532,3 +532,114 @@ fn systemd_unit_is_what_systemd_expects() {
         .collect();
     assert!(about_unit.is_empty(), "{stderr}");
 }
+
+#[test]
+fn the_same_program_runs_under_systemd_socket_activation() {
+    let _serial = serial();
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-socket-activate not installed: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let port = free_port();
+    let child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}")])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+        .arg(hello_bin())
+        .env_remove("HERD_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    // The program starts at the first connection and serves it from the inherited socket.
+    let body = wait_until("the socket-activated app", Duration::from_secs(20), || {
+        get(port, "/").ok()
+    });
+    assert_eq!(
+        field(&body, "pid"),
+        Some(u64::from(child.0.id())),
+        "one process, no master"
+    );
+    assert!(body.contains("index=- generation=0"), "{body}");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("sd_notify datagram");
+    assert_eq!(&buf[..n], b"READY=1");
+    kill(child.0.id(), "TERM");
+    let status = wait_until("exit", Duration::from_secs(20), || {
+        child.0.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
+}
+
+/// Figures for the report: `cargo test --all-features --test launcher -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, not a check"]
+fn measure_restart_and_reload_times() {
+    let _serial = serial();
+    let mut m = Master::hello(4);
+    m.wait_online(4, START);
+    let load = Load::start(m.port, 4);
+    let mut restarts = Vec::new();
+    let mut serving = Vec::new();
+    for round in 0..10 {
+        let s = m.wait_online(4, START);
+        let victim = s.workers[round % 4].pid.unwrap();
+        let index = s.workers[round % 4].index;
+        let killed = Instant::now();
+        kill(victim, "KILL");
+        // Probe on fresh connections until the new pid of that slot answers.
+        let new_pid = wait_until("replacement", Duration::from_secs(10), || {
+            let s = m.status()?;
+            let w = s.workers.iter().find(|w| w.index == index)?;
+            (w.pid != Some(victim) && w.state == "online").then_some(w.pid?)
+        });
+        restarts.push(killed.elapsed());
+        wait_until("replacement serving", Duration::from_secs(10), || {
+            let body = get(m.port, "/").ok()?;
+            (field(&body, "pid") == Some(u64::from(new_pid))).then_some(())
+        });
+        serving.push(killed.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut reloads = Vec::new();
+    for _ in 0..5 {
+        m.wait_online(4, START);
+        let started = Instant::now();
+        let r = request(&m.socket, &Request::Reload, Duration::from_secs(60)).unwrap();
+        assert!(r.ok);
+        reloads.push((started.elapsed(), r.message));
+    }
+    let (ok, failed) = load.finish();
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    eprintln!("MEASURE kill -> replacement READY: {restarts:?}");
+    eprintln!("MEASURE kill -> replacement seen serving: {serving:?}");
+    eprintln!(
+        "MEASURE medians: ready {:?}, serving {:?}",
+        median(&mut restarts),
+        median(&mut serving)
+    );
+    eprintln!("MEASURE reload of 4 workers (request to answer): {reloads:?}");
+    eprintln!("MEASURE background load: ok={ok} failed={failed}");
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}
