@@ -319,6 +319,7 @@ fn crash_loop_marks_the_slot_errored_with_backoff() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("errored"), "{table}");
     assert!(m.output().contains("slot marked errored"), "{}", m.output());
+    assert!(zombies_of(m.pid()).is_empty(), "every child is reaped");
     m.assert_running();
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
@@ -441,18 +442,66 @@ fn worker_env_contract_and_output_prefix() {
 #[test]
 fn workers_exit_when_the_master_is_killed() {
     let _serial = serial();
-    let mut m = Master::hello(2);
-    let pids: Vec<u32> = m
-        .wait_online(2, START)
-        .workers
-        .iter()
-        .filter_map(|w| w.pid)
-        .collect();
-    kill(m.pid(), "KILL");
-    m.wait_exit(START);
-    wait_until("orphans to exit", Duration::from_secs(10), || {
-        pids.iter().all(|p| !alive(*p)).then_some(())
-    });
+    // An app built with the launcher (watches fd 4) and a program that knows nothing of herd
+    // (relies on the parent-death signal).
+    let library = Master::hello(2);
+    let foreign = Master::herd_run(
+        &["--workers", "2", "--ready-after", "0.1"],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    for mut m in [library, foreign] {
+        let pids: Vec<u32> = m
+            .wait_online(2, START)
+            .workers
+            .iter()
+            .filter_map(|w| w.pid)
+            .collect();
+        kill(m.pid(), "KILL");
+        m.wait_exit(START);
+        wait_until("orphans to exit", Duration::from_secs(10), || {
+            pids.iter().all(|p| !alive(*p)).then_some(())
+        });
+    }
+}
+
+#[test]
+fn master_reports_ready_reloading_stopping_to_systemd() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let hello = hello_bin();
+    let mut m = Master::herd_run_env(
+        &["--workers", "2"],
+        &[hello.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    // READY comes once every worker of the first generation is up.
+    let s = m.status().unwrap();
+    assert!(s.workers.iter().all(|w| w.state == "online"), "{s:?}");
+    m.wait_online(2, START);
+    kill(m.pid(), "HUP");
+    assert_eq!(next(), "RELOADING=1");
+    assert!(next().starts_with("READY=1"));
+    kill(m.pid(), "TERM");
+    assert_eq!(next(), "STOPPING=1");
+    assert!(m.wait_exit(START).success());
+    // Workers did not get the master's NOTIFY_SOCKET: nothing else arrived.
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(notify.recv(&mut buf).is_err(), "unexpected notification");
 }
 
 #[test]

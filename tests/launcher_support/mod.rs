@@ -54,10 +54,14 @@ pub fn hello_bin() -> PathBuf {
     .clone()
 }
 
+/// A port that is free now, chosen below the usual ephemeral range (32768+) so that the many
+/// client connections of the load threads cannot take it before the server binds it. Masters
+/// started by [`Master`] bind port 0 instead and report the real port in their status.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    let start = 20000 + (std::process::id() % 10000) as u16;
+    (0..10000)
+        .map(|i| 20000 + (start - 20000 + i) % 12000)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
         .expect("free port")
 }
 
@@ -148,6 +152,31 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
     out
 }
 
+/// Zombie children of `ppid` (exited, not reaped).
+pub fn zombies_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some((_, rest)) = stat.rsplit_once(')') {
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                if fields.first() == Some(&"Z")
+                    && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid)
+                {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
 pub fn pgid_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
@@ -164,6 +193,7 @@ pub fn kill(pid: u32, signal: &str) {
 pub struct Master {
     pub child: Child,
     pub socket: PathBuf,
+    /// The port the master bound (it is asked for port 0): known after [`wait_online`].
     pub port: u16,
     pub output: Arc<Mutex<Vec<String>>>,
     pub seen: Arc<Mutex<HashSet<u32>>>,
@@ -179,7 +209,7 @@ impl Master {
 
     /// [`herd_run`](Self::herd_run) with extra environment for the master.
     pub fn herd_run_env(herd_args: &[&str], program: &[&str], env: &[(&str, &str)]) -> Master {
-        let port = free_port();
+        let port = 0;
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("control.sock");
         let mut cmd = Command::new(herd_bin());
@@ -195,7 +225,7 @@ impl Master {
 
     /// Start the example as its own master (library mode), `workers` workers.
     pub fn hello(workers: usize) -> Master {
-        let port = free_port();
+        let port = 0;
         let dir = tempfile::tempdir().expect("tempdir");
         // Library mode derives the socket from the name; a private XDG_RUNTIME_DIR isolates it.
         let socket = dir.path().join("herd").join("launcher_hello.sock");
@@ -280,6 +310,11 @@ impl Master {
             (online == n && s.workers.len() == n && !s.reloading).then_some(s)
         });
         self.remember(&status);
+        self.port = status
+            .listen
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .expect("port in status");
         status
     }
 
