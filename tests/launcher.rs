@@ -40,7 +40,7 @@ fn workers_all_serve_from_their_own_process_groups() {
     let mut seen_pids = HashSet::new();
     let mut seen_indexes = HashSet::new();
     for _ in 0..300 {
-        let body = get(m.port, "/").expect("GET /");
+        let body = get(m.port(), "/").expect("GET /");
         seen_pids.insert(field(&body, "pid").unwrap() as u32);
         seen_indexes.insert(field(&body, "index").unwrap());
         assert_eq!(field(&body, "generation"), Some(1));
@@ -69,7 +69,7 @@ fn killed_worker_is_replaced_quickly_under_load() {
     let mut m = Master::hello(2);
     let status = m.wait_online(2, START);
     let victim = status.workers[0].pid.unwrap();
-    let load = Load::start(m.port, 4);
+    let load = Load::start(m.port(), 4);
     std::thread::sleep(Duration::from_millis(300));
 
     let killed = Instant::now();
@@ -119,7 +119,7 @@ fn sighup_reload_under_load_drops_nothing_and_replaces_every_worker() {
         .iter()
         .filter_map(|w| w.pid)
         .collect();
-    let load = Load::start(m.port, 4);
+    let load = Load::start(m.port(), 4);
     std::thread::sleep(Duration::from_millis(300));
 
     let hup = Instant::now();
@@ -144,7 +144,7 @@ fn sighup_reload_under_load_drops_nothing_and_replaces_every_worker() {
     assert_eq!(new.len(), 4);
     assert!(new.is_disjoint(&before), "old {before:?} new {new:?}");
     assert_all_gone(&before.into_iter().collect::<Vec<_>>());
-    let body = get(m.port, "/").unwrap();
+    let body = get(m.port(), "/").unwrap();
     assert_eq!(field(&body, "generation"), Some(2));
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
@@ -182,7 +182,7 @@ fn reload_to_a_program_that_fails_readiness_is_aborted() {
         .iter()
         .filter_map(|w| w.pid)
         .collect();
-    let load = Load::start(m.port, 2);
+    let load = Load::start(m.port(), 2);
 
     for mode in ["hang", "exit"] {
         std::fs::write(&flag, mode).unwrap();
@@ -243,17 +243,13 @@ fn reload_to_a_program_that_fails_readiness_is_aborted() {
 fn sigterm_lets_slow_requests_finish_then_exits_zero_leaving_nothing() {
     let _serial = serial();
     let mut m = Master::hello(2);
-    let pids = worker_pids(&m);
-    let pids = if pids.len() == 2 {
-        pids
-    } else {
-        m.wait_online(2, START)
-            .workers
-            .iter()
-            .filter_map(|w| w.pid)
-            .collect()
-    };
-    let port = m.port;
+    let pids: Vec<u32> = m
+        .wait_online(2, START)
+        .workers
+        .iter()
+        .filter_map(|w| w.pid)
+        .collect();
+    let port = m.port();
     let slow: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || get(port, "/slow?ms=2000")))
         .collect();
@@ -516,7 +512,7 @@ fn workers_are_recycled_by_memory_and_request_limits() {
         let first = m.wait_online(1, START).workers[0].pid.unwrap();
         let replaced = wait_until("a recycled worker", Duration::from_secs(20), || {
             if limit[0] == "--max-requests" {
-                let _ = get(m.port, "/");
+                let _ = get(m.port(), "/");
             }
             let s = m.status()?;
             m.remember(&s);
@@ -644,7 +640,7 @@ fn measure_restart_and_reload_times() {
     let _serial = serial();
     let mut m = Master::hello(4);
     m.wait_online(4, START);
-    let load = Load::start(m.port, 4);
+    let load = Load::start(m.port(), 4);
     let mut restarts = Vec::new();
     let mut serving = Vec::new();
     // Each slot is killed at most every 5.2 s: more often would (rightly) meet the crash backoff,
@@ -663,7 +659,7 @@ fn measure_restart_and_reload_times() {
         });
         restarts.push(killed.elapsed());
         wait_until("replacement serving", Duration::from_secs(10), || {
-            let body = get(m.port, "/").ok()?;
+            let body = get(m.port(), "/").ok()?;
             (field(&body, "pid") == Some(u64::from(new_pid))).then_some(())
         });
         serving.push(killed.elapsed());

@@ -193,8 +193,7 @@ pub fn kill(pid: u32, signal: &str) {
 pub struct Master {
     pub child: Child,
     pub socket: PathBuf,
-    /// The port the master bound (it is asked for port 0): known after [`wait_online`].
-    pub port: u16,
+    port: u16,
     pub output: Arc<Mutex<Vec<String>>>,
     pub seen: Arc<Mutex<HashSet<u32>>>,
     _dir: tempfile::TempDir,
@@ -286,6 +285,12 @@ impl Master {
             _dir: dir,
             exited: None,
         }
+    }
+
+    /// The port the master bound; panics before [`wait_online`](Self::wait_online).
+    pub fn port(&self) -> u16 {
+        assert_ne!(self.port, 0, "the port is known after wait_online");
+        self.port
     }
 
     pub fn pid(&self) -> u32 {
