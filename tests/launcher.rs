@@ -631,6 +631,38 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         child.0.try_wait().ok().flatten()
     });
     assert!(status.success(), "{status}");
+
+    // `herd run` socket-activated: the master keeps systemd's socket instead of binding.
+    let port = free_port();
+    let control = dir.path().join("c.sock");
+    let child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}")])
+        .arg(herd_bin())
+        .args(["run", "--workers", "2", "--bind", "127.0.0.1:1", "--socket"])
+        .arg(&control)
+        .arg("--")
+        .arg(hello_bin())
+        .env_remove("HERD_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let body = wait_until("the socket-activated herd", Duration::from_secs(20), || {
+        get(port, "/").ok()
+    });
+    assert!(body.contains("generation=1"), "{body}");
+    let s = request(&control, &Request::Status, Duration::from_secs(5))
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(s.listen, format!("127.0.0.1:{port}"));
+    assert_eq!(s.pid, child.0.id());
+    kill(child.0.id(), "TERM");
+    let status = wait_until("herd exit", Duration::from_secs(20), || {
+        child.0.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
 }
 
 /// Figures for the report: `cargo test --all-features --test launcher -- --ignored --nocapture`.

@@ -153,7 +153,8 @@ impl Target {
         if let Some(name) = &self.name {
             return Ok(launcher::socket_path(name));
         }
-        // No name: the only master of this user, if there is exactly one.
+        // No name: the only live master of this user, if there is exactly one (a socket left by
+        // a killed master does not answer).
         let dir = launcher::socket_path("x")
             .parent()
             .map(PathBuf::from)
@@ -163,6 +164,7 @@ impl Target {
                 entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                    .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
                     .collect()
             })
             .unwrap_or_default();

@@ -28,12 +28,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(50);
 
 pub(crate) fn run(config: Config, program: PathBuf, args: Vec<OsString>) -> Result<()> {
+    // `herd run` itself socket-activated by systemd: keep that socket (it outlives master
+    // restarts) instead of binding. Done before any thread exists: it edits the environment.
+    let inherited = super::worker::inherited_listener(true)?;
+    if inherited.is_some() {
+        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("cannot build the master's tokio runtime", e))?;
     runtime.block_on(async move {
-        let master = Master::new(config, program, args)?;
+        let master = Master::new(config, program, args, inherited)?;
         master.run().await
     })
 }
@@ -271,7 +279,12 @@ async fn read_channel(
 }
 
 impl Master {
-    fn new(config: Config, program: PathBuf, args: Vec<OsString>) -> Result<Self> {
+    fn new(
+        config: Config,
+        program: PathBuf,
+        args: Vec<OsString>,
+        inherited: Option<std::net::TcpListener>,
+    ) -> Result<Self> {
         let name = config.name.clone().unwrap_or_else(|| {
             program
                 .file_name()
@@ -281,7 +294,13 @@ impl Master {
             .socket
             .clone()
             .unwrap_or_else(|| super::socket_path(&name));
-        let listener = spawn::bind(&config.bind)?;
+        let listener = match inherited {
+            Some(listener) => {
+                tracing::info!("herd: using the listening socket passed as fd 3 (LISTEN_FDS)");
+                listener
+            }
+            None => spawn::bind(&config.bind)?,
+        };
         let listen = listener
             .local_addr()
             .map_or(config.bind.clone(), |a| a.to_string());

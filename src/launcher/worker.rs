@@ -67,12 +67,12 @@ fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 /// Adopt an inherited fd after checking that it is open; mark it close-on-exec so the app's own
 /// children do not inherit it.
-fn adopt_fd(fd: i32, what: &str) -> Result<OwnedFd> {
-    let flags = fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD)
+pub(crate) fn adopt_fd(fd: i32, what: &str) -> Result<OwnedFd> {
+    let flags = fcntl(borrow_inherited(fd), FcntlArg::F_GETFD)
         .map_err(|e| Error::io(format!("inherited {what} fd {fd} is not open"), e.into()))?;
     let mut flags = FdFlag::from_bits_truncate(flags);
     flags.insert(FdFlag::FD_CLOEXEC);
-    fcntl(unsafe_borrow(fd), FcntlArg::F_SETFD(flags))
+    fcntl(borrow_inherited(fd), FcntlArg::F_SETFD(flags))
         .map_err(|e| Error::io(format!("fcntl on inherited {what} fd {fd}"), e.into()))?;
     // SAFETY: the fd was handed to this process by its parent (socket activation convention /
     // herd protocol), is open (checked above) and nothing else in the process owns it: the
@@ -84,7 +84,7 @@ fn adopt_fd(fd: i32, what: &str) -> Result<OwnedFd> {
 }
 
 /// A borrowed view of an inherited fd number, for the `fcntl` checks that precede adoption.
-fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
+fn borrow_inherited(fd: i32) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: only used on fds 3 and 4 before adoption, for fcntl calls that fail cleanly with
     // EBADF when the fd is not open; the process never closes these fds meanwhile.
     #[allow(unsafe_code)]
@@ -93,32 +93,41 @@ fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
     }
 }
 
+/// The listening socket passed as fd 3 by `LISTEN_FDS` (systemd socket activation, a herd
+/// master), if it is meant for this process: `LISTEN_PID` equal to our pid, or missing unless
+/// `strict_pid`.
+pub(crate) fn inherited_listener(strict_pid: bool) -> Result<Option<std::net::TcpListener>> {
+    let fds: usize = match env_parse("LISTEN_FDS") {
+        Some(n) if n >= 1 => n,
+        _ => return Ok(None),
+    };
+    match env_parse::<u32>("LISTEN_PID") {
+        Some(pid) if pid == std::process::id() => {}
+        None if !strict_pid => {}
+        // Meant for another process (systemd semantics).
+        _ => return Ok(None),
+    }
+    if fds > 1 {
+        tracing::warn!("herd: LISTEN_FDS={fds}, only fd 3 is used");
+    }
+    let fd = adopt_fd(LISTEN_FD, "listening socket")?;
+    let stat = fstat(&fd).map_err(|e| Error::io("fstat on fd 3", e.into()))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(Error::io(
+            "fd 3 announced by LISTEN_FDS",
+            std::io::Error::other("is not a socket"),
+        ));
+    }
+    Ok(Some(std::net::TcpListener::from(fd)))
+}
+
 impl Worker {
     /// Is this process a worker? `LISTEN_FDS` set for this pid (a missing `LISTEN_PID` is
     /// accepted too). Consumes the socket-activation variables.
     pub(crate) fn from_env() -> Result<Option<Worker>> {
-        let fds: usize = match env_parse("LISTEN_FDS") {
-            Some(n) if n >= 1 => n,
-            _ => return Ok(None),
+        let Some(listener) = inherited_listener(false)? else {
+            return Ok(None);
         };
-        if let Some(pid) = env_parse::<u32>("LISTEN_PID") {
-            if pid != std::process::id() {
-                // Meant for another process (systemd semantics): we are not a worker.
-                return Ok(None);
-            }
-        }
-        if fds > 1 {
-            tracing::warn!("herd worker: LISTEN_FDS={fds}, only fd 3 is used");
-        }
-        let fd = adopt_fd(LISTEN_FD, "listening socket")?;
-        let stat = fstat(&fd).map_err(|e| Error::io("fstat on fd 3", e.into()))?;
-        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
-            return Err(Error::io(
-                "fd 3 announced by LISTEN_FDS",
-                std::io::Error::other("is not a socket"),
-            ));
-        }
-        let listener = std::net::TcpListener::from(fd);
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("set fd 3 non-blocking", e))?;
