@@ -32,6 +32,8 @@ fn workers_all_serve_from_their_own_process_groups() {
     let status = m.wait_online(3, START);
     let pids: HashSet<u32> = status.workers.iter().filter_map(|w| w.pid).collect();
     assert_eq!(pids.len(), 3);
+    // Workers are spawned from the master's only thread (what makes PR_SET_PDEATHSIG reliable).
+    assert_eq!(threads_of(m.pid()), Some(1));
     for &pid in &pids {
         assert_eq!(pgid_of(pid), Some(pid), "worker {pid} leads its own group");
         assert!(children_of(m.pid()).contains(&pid));

@@ -200,3 +200,50 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
     }
     serde_json::from_str(&answer).map_err(|e| Error::Control(format!("bad answer {answer:?}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_one_small_json_object() {
+        let cases = [
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (Request::Reload, r#"{"cmd":"reload"}"#),
+            (
+                Request::Scale { workers: 8 },
+                r#"{"cmd":"scale","workers":8}"#,
+            ),
+            (Request::Stop, r#"{"cmd":"stop"}"#),
+        ];
+        for (request, json) in cases {
+            assert_eq!(serde_json::to_string(&request).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn status_prints_a_table() {
+        let status = Status {
+            name: "shop".into(),
+            pid: 10,
+            listen: "127.0.0.1:3000".into(),
+            generation: 2,
+            reloading: false,
+            stopping: false,
+            workers: vec![WorkerStatus {
+                index: 0,
+                pid: None,
+                generation: 2,
+                uptime_secs: 0,
+                restarts: 6,
+                memory_bytes: None,
+                state: "errored".into(),
+                last_exit: Some("exit code 1".into()),
+            }],
+        };
+        let table = status.to_string();
+        assert!(table.starts_with("shop (master pid 10, 127.0.0.1:3000, generation 2)"));
+        assert!(table.contains("errored (exit code 1)"), "{table}");
+    }
+}
