@@ -158,14 +158,20 @@ impl RedisClient {
     /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
     pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
         self.inner.pool.get().await.map_err(|e| {
+            let reason = match &e {
+                deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                    format!(
+                        "no pooled Redis connection became free within {:?}",
+                        self.inner.config.pool_wait_timeout
+                    )
+                }
+                other => format!("no pooled Redis connection: {other}"),
+            };
             let source = match e {
                 deadpool_redis::PoolError::Backend(e) => Some(e),
                 _ => None,
             };
-            Error::Unavailable {
-                reason: "no Redis connection available in time".into(),
-                source,
-            }
+            Error::Unavailable { reason, source }
         })
     }
 

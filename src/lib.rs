@@ -6,6 +6,8 @@ pub mod config;
 pub mod error;
 pub mod globals;
 pub(crate) mod keys;
+#[cfg(feature = "launcher")]
+pub mod launcher;
 pub mod session;
 
 pub use crate::client::RedisClient;

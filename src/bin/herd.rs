@@ -1,2 +1,341 @@
-//! Placeholder until the launcher lands.
-fn main() {}
+//! `herd`: run any `LISTEN_FDS` program as a pre-fork cluster, and control it.
+//!
+//! A thin layer over [`herd::launcher`]: argument parsing here, everything else in the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use herd::launcher::{self, Launcher, Request, UnitOptions};
+
+/// Pre-fork supervisor for web apps: N workers share one socket.
+#[derive(Parser, Debug)]
+#[command(name = "herd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Supervise PROGRAM: bind the socket, start N workers that get it as fd 3 (LISTEN_FDS=1).
+    Run(RunArgs),
+    /// Show the workers of a running master (like `pm2 list`).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the raw JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling reload: replace every worker, one by one, without dropping a request.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set the number of workers.
+    Scale {
+        /// The new number of workers.
+        workers: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Graceful stop: workers finish their in-flight requests, then the master exits.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a systemd service unit that runs `herd run` with these arguments.
+    SystemdUnit {
+        /// `User=` of the unit.
+        #[arg(long)]
+        user: Option<String>,
+        /// `WorkingDirectory=` of the unit.
+        #[arg(long)]
+        working_directory: Option<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Number of workers (default: the CPU count).
+    #[arg(short, long, env = "HERD_WORKERS")]
+    workers: Option<usize>,
+    /// Address to listen on.
+    #[arg(short, long, env = "HERD_BIND", default_value = "127.0.0.1:3000")]
+    bind: String,
+    /// Name of this app (keys the control socket; default: the program's file name).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// Control socket path (default: $XDG_RUNTIME_DIR/herd/NAME.sock or /tmp/herd-UID/NAME.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Seconds a stopping worker may take to finish in-flight requests before SIGKILL.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
+    /// Seconds a new worker may take to report READY during a reload.
+    #[arg(long, default_value_t = 30.0)]
+    ready_timeout: f64,
+    /// Count workers as ready after this many seconds even if they never report READY
+    /// (for programs that do not speak the herd protocol).
+    #[arg(long)]
+    ready_after: Option<f64>,
+    /// Quick crashes in a row after which a slot is marked errored.
+    #[arg(long, default_value_t = 5)]
+    max_restarts: u32,
+    /// First restart backoff in seconds (doubles at each quick crash).
+    #[arg(long, default_value_t = 0.5)]
+    restart_backoff: f64,
+    /// Recycle a worker whose resident memory exceeds this many MiB.
+    #[arg(long)]
+    max_memory_mb: Option<u64>,
+    /// Recycle a worker after this many requests (counted by apps built with herd::launcher).
+    #[arg(long)]
+    max_requests: Option<u64>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    program: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+struct Target {
+    /// Name of the master (as given to `herd run --name`).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// Control socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+impl RunArgs {
+    fn launcher(&self) -> Launcher {
+        let mut l = Launcher::new()
+            .bind(self.bind.clone())
+            .drain_timeout(secs(self.drain_timeout))
+            .ready_timeout(secs(self.ready_timeout))
+            .max_restarts(self.max_restarts)
+            .restart_backoff(secs(self.restart_backoff));
+        if let Some(n) = self.workers {
+            l = l.workers(n);
+        }
+        if let Some(name) = &self.name {
+            l = l.name(name.clone());
+        }
+        if let Some(socket) = &self.socket {
+            l = l.control_socket(socket.clone());
+        }
+        if let Some(s) = self.ready_after {
+            l = l.assume_ready_after(secs(s));
+        }
+        if let Some(mb) = self.max_memory_mb {
+            l = l.max_memory(mb * 1024 * 1024);
+        }
+        if let Some(n) = self.max_requests {
+            l = l.max_requests(n);
+        }
+        l
+    }
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        if let Some(name) = &self.name {
+            return Ok(launcher::socket_path(name));
+        }
+        // No name: the only live master of this user, if there is exactly one (a socket left by
+        // a killed master does not answer).
+        let dir = launcher::socket_path("x")
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let sockets: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                    .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        match sockets.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(format!("no running master found in {}", dir.display())),
+            many => Err(format!(
+                "several masters are running, pick one with --name: {}",
+                many.iter()
+                    .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// Quote one `ExecStart=` word the way systemd parses it.
+fn systemd_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=,+@[]".contains(c))
+    {
+        return word.to_owned();
+    }
+    let escaped = word
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('$', "$$")
+        .replace('%', "%%");
+    format!("\"{escaped}\"")
+}
+
+fn print_error(error: &dyn std::error::Error) {
+    eprint!("herd: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        eprint!(": {cause}");
+        source = cause.source();
+    }
+    eprintln!();
+}
+
+fn control(target: &Target, request: &Request, timeout: Duration) -> ExitCode {
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match launcher::request(&socket, request, timeout) {
+        Ok(response) if response.ok => {
+            if let Some(status) = response.status {
+                print!("{status}");
+            } else {
+                println!("{}", response.message);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("herd: {}", response.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .init();
+            let mut program = args.program.clone();
+            let path = PathBuf::from(program.remove(0));
+            match args.launcher().supervise(path, program) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    print_error(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { target, json } => {
+            if json {
+                let socket = match target.socket() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("herd: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match launcher::request(&socket, &Request::Status, Duration::from_secs(10)) {
+                    Ok(r) => {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        print_error(&e);
+                        ExitCode::FAILURE
+                    }
+                }
+            } else {
+                control(&target, &Request::Status, Duration::from_secs(10))
+            }
+        }
+        // A reload is answered when it finished: allow for slow readiness of every worker.
+        Command::Reload { target } => control(&target, &Request::Reload, Duration::from_secs(3600)),
+        Command::Scale { workers, target } => control(
+            &target,
+            &Request::Scale { workers },
+            Duration::from_secs(10),
+        ),
+        Command::Stop { target } => control(&target, &Request::Stop, Duration::from_secs(10)),
+        Command::SystemdUnit {
+            user,
+            working_directory,
+            run,
+        } => {
+            let herd = std::env::current_exe()
+                .map_or_else(|_| "herd".to_owned(), |p| p.to_string_lossy().into_owned());
+            let name = run.name.clone().unwrap_or_else(|| {
+                PathBuf::from(&run.program[0])
+                    .file_name()
+                    .map_or("app".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let mut words = vec![herd, "run".into(), "--name".into(), name.clone()];
+            if let Some(n) = run.workers {
+                words.extend(["--workers".into(), n.to_string()]);
+            }
+            words.extend(["--bind".into(), run.bind.clone()]);
+            words.extend(["--drain-timeout".into(), run.drain_timeout.to_string()]);
+            words.extend(["--ready-timeout".into(), run.ready_timeout.to_string()]);
+            if let Some(s) = run.ready_after {
+                words.extend(["--ready-after".into(), s.to_string()]);
+            }
+            if let Some(mb) = run.max_memory_mb {
+                words.extend(["--max-memory-mb".into(), mb.to_string()]);
+            }
+            if let Some(n) = run.max_requests {
+                words.extend(["--max-requests".into(), n.to_string()]);
+            }
+            words.push("--".into());
+            words.extend(run.program.iter().map(|w| w.to_string_lossy().into_owned()));
+            let exec_start = words
+                .iter()
+                .map(|w| systemd_quote(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            print!(
+                "{}",
+                launcher::systemd_unit(&UnitOptions {
+                    name,
+                    exec_start,
+                    working_directory,
+                    user,
+                    drain_timeout: secs(run.drain_timeout),
+                })
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}

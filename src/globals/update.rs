@@ -233,7 +233,10 @@ impl Group {
             if attempt >= settings.max_attempts {
                 return Err(Error::Conflict { attempts: attempt }.into());
             }
+            // Give the connection back while waiting: other updates can use it meanwhile.
+            drop(conn);
             tokio::time::sleep(backoff(settings, attempt)).await;
+            conn = Dedicated::checkout(client).await?;
         }
     }
 }

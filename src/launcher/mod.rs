@@ -1,0 +1,334 @@
+//! A pre-fork supervisor: N worker processes share one listening socket.
+//!
+//! This is what PM2's cluster mode, Node's `cluster` module or Gunicorn's arbiter do, for Rust web
+//! apps. One program plays two roles:
+//!
+//! * the **master** binds the listening socket once (socket2, backlog 1024) and keeps it for its
+//!   whole life; it spawns workers, restarts crashed ones with exponential backoff, replaces them one
+//!   by one on `SIGHUP` (rolling reload), scales on `SIGTTIN`/`SIGTTOU`, drains them on
+//!   `SIGTERM`/`SIGINT` and answers a unix control socket (`herd status|reload|scale|stop`);
+//! * a **worker** receives the socket as fd 3 with `LISTEN_FDS=1` (the systemd socket-activation
+//!   convention), builds a tokio runtime and hands the app a ready [`tokio::net::TcpListener`] and a
+//!   shutdown signal through [`Worker`].
+//!
+//! [`Launcher::run`] decides which role the current process plays, so the same `main` works as a
+//! stand-alone server (it becomes the master), under the `herd run` command, or under systemd socket
+//! activation (it is a single worker).
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use herd::launcher::Launcher;
+//!
+//! fn main() -> Result<(), herd::launcher::Error> {
+//!     // No tokio runtime here: the master must not have threads when it spawns workers,
+//!     // and each worker builds its own runtime.
+//!     Launcher::new()
+//!         .workers(4)
+//!         .bind("127.0.0.1:3000")
+//!         .run(|worker| async move {
+//!             let app = Router::new().route("/", get(|| async { "hello" }));
+//!             // Reports READY to the master, stops accepting on SIGTERM, drains in-flight
+//!             // requests. For other servers: worker.listener(), worker.ready(),
+//!             // worker.shutdown().
+//!             worker.serve(app).await
+//!         })
+//! }
+//! ```
+//!
+//! # Protocol between master and worker
+//!
+//! | what | how |
+//! |---|---|
+//! | listening socket | fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the worker's pid (set through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, because the pid is only known after `fork` and setting the environment between `fork` and `exec` is not async-signal-safe) |
+//! | master channel | fd 4 (`HERD_MASTER_FD=4`), a unix stream socket: the worker writes `READY\n` (and `RECYCLE\n` to ask for a replacement); end-of-file means the master died, and the worker drains and exits |
+//! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
+//! | cookie key | `HERD_SECRET`: passed through from the master's environment, or 64 random bytes (base64) generated once per master life |
+//! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
+//!
+//! Each worker runs in its own process group; stdout and stderr lines are prefixed with
+//! `[worker N]` by the master. Workers also get `PR_SET_PDEATHSIG=SIGTERM` on Linux, so even a
+//! program that does not watch fd 4 is told when the master dies.
+//!
+//! # Signals understood by the master
+//!
+//! | signal | effect |
+//! |---|---|
+//! | `SIGTERM`, `SIGINT` | graceful stop: workers get `SIGTERM`, `SIGKILL` after the drain timeout (30 s); exit 0 when every worker stopped cleanly. A second one kills at once. |
+//! | `SIGHUP` | rolling reload: per slot, start a new worker from the program's path, wait for `READY`, then stop the old one gracefully. A new worker that fails to become ready aborts the reload; the old ones keep serving. |
+//! | `SIGTTIN` / `SIGTTOU` | one more / one fewer worker |
+
+mod control;
+mod master;
+mod spawn;
+mod systemd;
+mod worker;
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use control::{request, socket_path, Request, Response, Status, WorkerStatus};
+pub use systemd::{systemd_unit, UnitOptions};
+pub use worker::{RequestCounter, RequestCounterService, Worker};
+
+/// Environment variable carrying the shared cookie key to every worker.
+pub const ENV_SECRET: &str = "HERD_SECRET";
+/// Environment variable carrying the worker's 0-based slot index.
+pub const ENV_WORKER_INDEX: &str = "HERD_WORKER_INDEX";
+/// Environment variable carrying the worker's generation (bumped by each reload).
+pub const ENV_GENERATION: &str = "HERD_GENERATION";
+/// Environment variable naming the fd of the channel to the master (always `4`).
+pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
+/// Environment variable carrying the drain timeout in milliseconds.
+pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
+/// Environment variable carrying the request limit after which a worker asks to be recycled.
+pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+
+/// Errors of the launcher.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The listening socket could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address that was asked for.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another master with the same name is running (its control socket answers).
+    #[error("a master named {0:?} is already running (control socket answers)")]
+    AlreadyRunning(String),
+    /// The control socket returned an error or an unexpected answer.
+    #[error("control: {0}")]
+    Control(String),
+    /// The master stopped, but at least one worker had to be killed or failed.
+    #[error("{0} worker(s) did not stop cleanly")]
+    UncleanStop(usize),
+    /// The app run by a worker returned an error.
+    #[error("worker app failed: {0}")]
+    App(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias of the launcher.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the master, shared by [`Launcher::run`] and [`Launcher::supervise`].
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) workers: usize,
+    pub(crate) bind: String,
+    pub(crate) name: Option<String>,
+    pub(crate) socket: Option<PathBuf>,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) min_uptime: Duration,
+    pub(crate) max_restarts: u32,
+    pub(crate) restart_backoff: Duration,
+    pub(crate) max_memory: Option<u64>,
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) worker_threads: Option<usize>,
+    pub(crate) ready_after: Option<Duration>,
+}
+
+/// Builder of the pre-fork launcher. See the [module docs](self).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Launcher {
+    config: Config,
+}
+
+impl Default for Launcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Launcher {
+    /// A launcher with the defaults: one worker per CPU, `127.0.0.1:3000`, drain timeout 30 s,
+    /// ready timeout 30 s, crash loop = 5 quick crashes in a row (uptime under 5 s), backoff from
+    /// 500 ms doubling up to 30 s.
+    pub fn new() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Launcher {
+            config: Config {
+                workers: cpus,
+                bind: "127.0.0.1:3000".to_owned(),
+                name: None,
+                socket: None,
+                drain_timeout: Duration::from_secs(30),
+                ready_timeout: Duration::from_secs(30),
+                min_uptime: Duration::from_secs(5),
+                max_restarts: 5,
+                restart_backoff: Duration::from_millis(500),
+                max_memory: None,
+                max_requests: None,
+                worker_threads: None,
+                ready_after: None,
+            },
+        }
+    }
+
+    /// Number of worker processes (at least 1). Default: the CPU count.
+    ///
+    /// ```
+    /// let launcher = herd::launcher::Launcher::new().workers(4);
+    /// ```
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n.max(1);
+        self
+    }
+
+    /// Address the master binds, e.g. `"0.0.0.0:8080"` or `"[::1]:3000"`.
+    ///
+    /// ```
+    /// let launcher = herd::launcher::Launcher::new().bind("0.0.0.0:8080");
+    /// ```
+    pub fn bind(mut self, addr: impl Into<String>) -> Self {
+        self.config.bind = addr.into();
+        self
+    }
+
+    /// Name of this app: keys the control socket (`herd status --name NAME`). Default: the file
+    /// name of the program.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// Explicit path of the control socket (overrides the one derived from [`name`](Self::name)).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.socket = Some(path.into());
+        self
+    }
+
+    /// How long a stopping worker may take to finish its in-flight requests before `SIGKILL`.
+    /// Default 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let launcher = herd::launcher::Launcher::new().drain_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a new worker may take to report ready during a reload before the reload is
+    /// aborted. Default 30 s.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// A worker that ran at least this long before crashing resets its slot's backoff. Default 5 s.
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.config.min_uptime = uptime;
+        self
+    }
+
+    /// After this many quick crashes in a row a slot is marked errored and no longer restarted
+    /// (until the next reload). Default 5.
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.config.max_restarts = n;
+        self
+    }
+
+    /// First backoff delay; the first restart after a crash is immediate, then the delay starts
+    /// here and doubles (capped at 30 s). Default 500 ms.
+    pub fn restart_backoff(mut self, delay: Duration) -> Self {
+        self.config.restart_backoff = delay;
+        self
+    }
+
+    /// Recycle (rolling replacement) a worker whose resident memory exceeds `bytes`, read from
+    /// `/proc/PID/status` every second.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.config.max_memory = Some(bytes);
+        self
+    }
+
+    /// Recycle a worker after it served `n` requests. Counting happens in the worker: add
+    /// [`Worker::requests`] as a layer to the router.
+    pub fn max_requests(mut self, n: u64) -> Self {
+        self.config.max_requests = Some(n);
+        self
+    }
+
+    /// Count a worker that runs this long as ready even if it never reported `READY`: for
+    /// programs run by [`supervise`](Self::supervise) that do not speak the herd protocol.
+    /// Default: wait for `READY`.
+    pub fn assume_ready_after(mut self, delay: Duration) -> Self {
+        self.config.ready_after = Some(delay);
+        self
+    }
+
+    /// Threads of each worker's tokio runtime. Default: CPUs divided by workers, at least 1.
+    pub fn worker_threads(mut self, n: usize) -> Self {
+        self.config.worker_threads = Some(n.max(1));
+        self
+    }
+
+    /// Run the app: call this from a plain `fn main()`, before any async runtime exists.
+    ///
+    /// * In a worker (`LISTEN_FDS=1` for this process: started by a herd master, by `herd run` or by
+    ///   systemd socket activation) it builds a tokio runtime, calls `app` with the [`Worker`] and
+    ///   returns what the app returned.
+    /// * Otherwise this process becomes the master: it binds the socket, spawns the workers by
+    ///   re-executing the current program with the same arguments, supervises them and returns when
+    ///   it has been stopped.
+    ///
+    /// # Errors
+    ///
+    /// In a worker: the app's error, or a failure to build the runtime. In the master: a bind or
+    /// control socket failure, or [`Error::UncleanStop`] if a worker had to be killed at stop.
+    pub fn run<F, Fut, E>(self, app: F) -> Result<()>
+    where
+        F: FnOnce(Worker) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(worker) = Worker::from_env()? {
+            return worker::run_worker(worker, &self.config, app);
+        }
+        let program = std::env::current_exe()
+            .map_err(|e| Error::io("cannot find the path of the current program", e))?;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        master::run(self.config, program, args)
+    }
+
+    /// Be the master of an arbitrary program that accepts a `LISTEN_FDS` socket (what `herd run`
+    /// does). `program` is looked up in `PATH` at each spawn, so a rebuilt binary is picked up by a
+    /// reload.
+    ///
+    /// A program that does not write `READY` on fd 4 (see the [module docs](self)) is never counted
+    /// as ready, so reloads of it abort, unless [`assume_ready_after`](Self::assume_ready_after)
+    /// is set; programs built with [`Launcher::run`] do it through [`Worker::ready`].
+    ///
+    /// # Errors
+    ///
+    /// As the master side of [`run`](Self::run).
+    pub fn supervise(self, program: impl Into<PathBuf>, args: Vec<OsString>) -> Result<()> {
+        master::run(self.config, program.into(), args)
+    }
+}

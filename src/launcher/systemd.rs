@@ -1,0 +1,105 @@
+//! systemd integration: `sd_notify` and the unit file that `herd systemd-unit` prints.
+
+use std::fmt::Write as _;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// Send a state line to systemd (`READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=...`) when
+/// `NOTIFY_SOCKET` is set; silently nothing otherwise.
+pub(crate) fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        abstract_send(&socket, name, state)
+    } else {
+        socket.send_to(state.as_bytes(), &path).map(|_| ())
+    };
+    if let Err(e) = result {
+        tracing::debug!("sd_notify {state:?}: {e}");
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn abstract_send(socket: &UnixDatagram, name: &[u8], state: &str) -> std::io::Result<()> {
+    #[cfg(target_os = "android")]
+    use std::os::android::net::SocketAddrExt;
+    #[cfg(target_os = "linux")]
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    socket.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn abstract_send(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+    Err(std::io::Error::other("abstract sockets are Linux only"))
+}
+
+/// What goes into the unit printed by [`systemd_unit`].
+#[derive(Debug, Clone)]
+pub struct UnitOptions {
+    /// Service name, used in `Description=`.
+    pub name: String,
+    /// The full `ExecStart=` command line (already quoted), e.g. `/usr/local/bin/herd run --name
+    /// app -- /srv/app/bin/app`.
+    pub exec_start: String,
+    /// Working directory, if any.
+    pub working_directory: Option<String>,
+    /// User to run as, if any.
+    pub user: Option<String>,
+    /// The drain timeout of the master; the unit's stop timeout is set above it.
+    pub drain_timeout: Duration,
+}
+
+/// The text of a systemd service unit for a herd master.
+///
+/// `Type=notify` (the master reports `READY=1` once the first generation serves),
+/// `ExecReload` sends `SIGHUP` (rolling reload), `KillMode=mixed` (systemd sends `SIGTERM` to the
+/// master only, which drains its workers, and `SIGKILL` to the whole cgroup at the end) and a
+/// `TimeoutStopSec` ten seconds above the drain timeout.
+///
+/// ```
+/// use herd::launcher::{systemd_unit, UnitOptions};
+/// let unit = systemd_unit(&UnitOptions {
+///     name: "app".into(),
+///     exec_start: "/usr/local/bin/herd run --name app -- /srv/app/app".into(),
+///     working_directory: None,
+///     user: None,
+///     drain_timeout: std::time::Duration::from_secs(30),
+/// });
+/// assert!(unit.contains("Type=notify"));
+/// assert!(unit.contains("TimeoutStopSec=40"));
+/// ```
+pub fn systemd_unit(options: &UnitOptions) -> String {
+    let mut unit = String::new();
+    let stop = options.drain_timeout.as_secs() + 10;
+    let _ = writeln!(unit, "[Unit]");
+    let _ = writeln!(unit, "Description={} (herd pre-fork master)", options.name);
+    let _ = writeln!(unit, "After=network-online.target");
+    let _ = writeln!(unit, "Wants=network-online.target");
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Service]");
+    let _ = writeln!(unit, "Type=notify");
+    let _ = writeln!(unit, "NotifyAccess=main");
+    let _ = writeln!(unit, "ExecStart={}", options.exec_start);
+    let _ = writeln!(unit, "ExecReload=/bin/kill -HUP $MAINPID");
+    let _ = writeln!(unit, "KillMode=mixed");
+    let _ = writeln!(unit, "KillSignal=SIGTERM");
+    let _ = writeln!(unit, "TimeoutStopSec={stop}");
+    let _ = writeln!(unit, "Restart=on-failure");
+    let _ = writeln!(unit, "RestartSec=1");
+    if let Some(dir) = &options.working_directory {
+        let _ = writeln!(unit, "WorkingDirectory={dir}");
+    }
+    if let Some(user) = &options.user {
+        let _ = writeln!(unit, "User={user}");
+    }
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Install]");
+    let _ = writeln!(unit, "WantedBy=multi-user.target");
+    unit
+}

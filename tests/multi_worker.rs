@@ -1,0 +1,648 @@
+//! The flagship example, black-box: its exact HTTP contract with 4 workers against a harness Redis,
+//! exact counters under concurrency, the bank invariant, rolling reload under load, graceful stop.
+//!
+//! Uses the example binary that `cargo test` builds (`target/<profile>/examples/multi_worker`);
+//! when running this file alone, `cargo build --examples --all-features` first.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::RedisServer;
+
+/// The example binary next to this test's binary.
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("examples").join("multi_worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: it is built by `cargo test` (or `cargo build --examples`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running example (the master and its workers); killed with its process group on drop.
+struct Example {
+    child: Option<Child>,
+    port: u16,
+    base: String,
+}
+
+impl Example {
+    fn start(redis_url: &str, workers: usize) -> Example {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(example_binary())
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--port",
+                &port.to_string(),
+            ])
+            .env("REDIS_URL", redis_url)
+            .env("HERD_PREFIX", support::unique_prefix("flagship"))
+            .env_remove("HERD_SECRET")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the example");
+        let example = Example {
+            child: Some(child),
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        example.wait_for_workers(workers);
+        example
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits until `n` distinct workers have answered /whoami over fresh connections.
+    fn wait_for_workers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = HashSet::new();
+        while Instant::now() < deadline {
+            if let Ok(body) = blocking_get(&format!("{}/whoami", self.base)) {
+                if let Some(w) = body["worker"].as_u64() {
+                    seen.insert(w);
+                }
+            }
+            if seen.len() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("only workers {seen:?} of {n} answered within 30 s");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success());
+    }
+
+    /// Waits for the master to exit and returns its exit code.
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the master did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        // Workers die with their master (they watch its channel); make sure anyway.
+        for pid in processes_with_arg(&self.port.to_string()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Pids of processes of the example binary whose command line contains `arg`.
+fn processes_with_arg(arg: &str) -> Vec<u32> {
+    let bin = example_binary();
+    let bin = bin.to_string_lossy();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let parts: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        if parts
+            .iter()
+            .any(|p| p.contains(&*bin) || p.ends_with("/multi_worker"))
+            && parts.iter().any(|p| p == arg)
+        {
+            // Skip zombies: they are gone, only not yet reaped by their parent.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if !stat.contains(") Z ") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn blocking_get(url: &str) -> Result<Value, String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").ok_or("url")?;
+    let (host, path) = rest.split_once('/').ok_or("url")?;
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).map_err(|e| e.to_string())
+}
+
+/// A client that opens a fresh connection per request, so requests spread over the workers.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+struct Reply {
+    status: StatusCode,
+    cookie: Option<String>,
+    has_set_cookie: bool,
+    body: Value,
+}
+
+async fn call(
+    c: &reqwest::Client,
+    method: &str,
+    url: &str,
+    cookie: Option<&str>,
+    body: Option<&str>,
+) -> Reply {
+    let mut req = match method {
+        "POST" => c.post(url),
+        _ => c.get(url),
+    };
+    if let Some(cookie) = cookie {
+        req = req.header("cookie", cookie);
+    }
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let res = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = res.status();
+    let set = res
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let cookie = set
+        .as_deref()
+        .filter(|c| !c.contains("Max-Age=0"))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned);
+    let text = res.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Reply {
+        status,
+        cookie,
+        has_set_cookie: set.is_some(),
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_contract_holds_across_four_workers() {
+    let redis = RedisServer::start();
+    let ex = Example::start(&redis.url(), 4);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", ex.base);
+
+    // Routes that do not need a session never set a cookie.
+    let r = call(&c, "GET", &url("/healthz"), None, None).await;
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (StatusCode::OK, json!({ "ok": true }))
+    );
+    let r = call(&c, "GET", &url("/whoami"), None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.body["worker"].is_u64() && r.body["pid"].is_u64(),
+        "{}",
+        r.body
+    );
+    assert!(!r.has_set_cookie);
+    let r = call(&c, "GET", &url("/session"), None, None).await;
+    assert_eq!(r.body, json!({ "data": {} }));
+    assert!(
+        !r.has_set_cookie,
+        "an anonymous /session must not create a session"
+    );
+    let r = call(&c, "GET", &url("/me"), None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Session counter: exact under 500 concurrent requests on one cookie, over all workers.
+    let first = call(&c, "GET", &url("/counter"), None, None).await;
+    assert_eq!(first.body["counter"], json!(1));
+    let cookie = first.cookie.clone().expect("a new session sets a cookie");
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let (c, u, cookie) = (c.clone(), url("/counter"), cookie.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = call(&c, "GET", &u, Some(&cookie), None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            assert!(!r.has_set_cookie, "an existing session got Set-Cookie");
+            (
+                r.body["counter"].as_i64().expect("counter"),
+                r.body["worker"].as_u64().expect("worker"),
+            )
+        }));
+    }
+    let mut counts = HashSet::new();
+    let mut workers = HashSet::new();
+    for t in tasks {
+        let (n, w) = t.await.expect("task");
+        assert!(counts.insert(n), "counter value {n} handed out twice");
+        workers.insert(w);
+    }
+    assert_eq!(counts.iter().max(), Some(&501));
+    assert!(
+        workers.len() >= 2,
+        "requests did not spread over workers: {workers:?}"
+    );
+    let r = call(&c, "GET", &url("/session"), Some(&cookie), None).await;
+    assert_eq!(r.body, json!({ "data": { "counter": 501 } }));
+    assert!(!r.has_set_cookie);
+
+    // Global hits: exact under 1000 concurrent requests.
+    let base_hits = call(&c, "GET", &url("/hits"), None, None).await.body["hits"]
+        .as_i64()
+        .expect("hits");
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (c, u) = (c.clone(), url("/hits"));
+        tasks.push(tokio::spawn(async move {
+            let r = call(&c, "GET", &u, None, None).await;
+            assert_eq!(r.status, StatusCode::OK);
+            r.body["hits"].as_i64().expect("hits")
+        }));
+    }
+    let mut hits = HashSet::new();
+    for t in tasks {
+        assert!(hits.insert(t.await.expect("task")));
+    }
+    assert_eq!(hits.iter().max(), Some(&(base_hits + 1000)));
+
+    // Transfers: 2000 concurrent random transfers while snapshots are taken; always 10000.
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000), "{}", r.body);
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapshots = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (c, u, stop, snapshots) =
+            (c.clone(), url("/accounts"), stop.clone(), snapshots.clone());
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = call(&c, "GET", &u, None, None).await;
+                assert_eq!(r.status, StatusCode::OK);
+                assert_eq!(
+                    r.body["total"],
+                    json!(10000),
+                    "a snapshot broke the invariant: {}",
+                    r.body
+                );
+                let sum: i64 = r.body["accounts"]
+                    .as_object()
+                    .expect("accounts")
+                    .values()
+                    .map(|v| v.as_i64().expect("balance"))
+                    .sum();
+                assert_eq!(sum, 10000);
+                snapshots.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..2000u64 {
+        let (c, u) = (c.clone(), url("/transfer"));
+        tasks.push(tokio::spawn(async move {
+            let from = i % 10;
+            let to = (i * 7 + 3) % 10;
+            let to = if to == from { (to + 1) % 10 } else { to };
+            let amount = 1 + (i * 37) % 300;
+            let body = format!(r#"{{"from":"acct-{from}","to":"acct-{to}","amount":{amount}}}"#);
+            let r = call(&c, "POST", &u, None, Some(&body)).await;
+            if r.status == StatusCode::CONFLICT {
+                assert_eq!(r.body, json!({ "error": "insufficient funds" }));
+            }
+            r.status
+        }));
+    }
+    let mut ok = 0;
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        let status = t.await.expect("task");
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        if status == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    println!("transfer statuses: {statuses:?}");
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 409),
+        "transfers must answer 200 or 409: {statuses:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000));
+    for (name, balance) in r.body["accounts"].as_object().expect("accounts") {
+        assert!(
+            balance.as_i64().expect("balance") >= 0,
+            "{name} went below zero"
+        );
+    }
+    println!(
+        "transfers: {ok} applied, {} refused; snapshots taken meanwhile: {}",
+        2000 - ok,
+        snapshots.load(Ordering::Relaxed)
+    );
+
+    // Bad transfers are 400, short funds 409.
+    for bad in [
+        r#"{"from":"acct-1","to":"acct-99","amount":5}"#,
+        r#"{"from":"acct-1","to":"acct-1","amount":5}"#,
+        r#"{"from":"acct-1","to":"acct-2","amount":0}"#,
+        r#"{"from":"acct-1","to":"acct-2","amount":-3}"#,
+        r#"{"from":"acct-1","to":"acct-2","amount":1.5}"#,
+        r#"{"from":"acct-1","to":"acct-2","amount":"5"}"#,
+        r#"{"from":"acct-1","to":"acct-2","amount":1000001}"#,
+        r#"{"from":"acct-1","to":"acct-2""#,
+        r#"[]"#,
+        "",
+    ] {
+        let r = call(&c, "POST", &url("/transfer"), None, Some(bad)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+        assert!(r.body["error"].is_string(), "{bad}: {}", r.body);
+    }
+    let r = call(
+        &c,
+        "POST",
+        &url("/transfer"),
+        None,
+        Some(r#"{"from":"acct-1","to":"acct-2","amount":1000000}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000));
+
+    // Login cycles the cookie and the old one becomes anonymous; logout ends the session.
+    let anon = call(&c, "GET", &url("/counter"), None, None)
+        .await
+        .cookie
+        .expect("cookie");
+    let r = call(
+        &c,
+        "POST",
+        &url("/login"),
+        Some(&anon),
+        Some(r#"{"user":"alice"}"#),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (StatusCode::OK, json!({ "user": "alice" }))
+    );
+    let logged = r.cookie.expect("login sets a new cookie");
+    assert_ne!(logged, anon);
+    let r = call(&c, "GET", &url("/me"), Some(&logged), None).await;
+    assert_eq!(r.body, json!({ "user": "alice" }));
+    let r = call(&c, "GET", &url("/me"), Some(&anon), None).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the pre-login cookie must be anonymous"
+    );
+    let r = call(&c, "GET", &url("/session"), Some(&logged), None).await;
+    assert_eq!(r.body, json!({ "data": { "counter": 1, "user": "alice" } }));
+    for bad in [
+        r#"{"user":""}"#,
+        r#"{"user":42}"#,
+        r#"{"name":"x"}"#,
+        "nope",
+    ] {
+        let r = call(&c, "POST", &url("/login"), None, Some(bad)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let r = call(&c, "POST", &url("/logout"), Some(&logged), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.has_set_cookie, "logout clears the cookie");
+    let r = call(&c, "GET", &url("/me"), Some(&logged), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Garbage cookies never give 5xx.
+    let long = format!("herd_session={}", "A".repeat(4000));
+    for garbage in [
+        "herd_session=",
+        "herd_session=%%%",
+        "herd_session=abc; herd_session=def",
+        long.as_str(),
+        "=;=;=",
+    ] {
+        for path in ["/counter", "/session", "/me"] {
+            let r = call(&c, "GET", &url(path), Some(garbage), None).await;
+            assert!(
+                !r.status.is_server_error(),
+                "{path} with {garbage:.40}: {}",
+                r.status
+            );
+        }
+    }
+
+    // /slow sleeps, bounded.
+    let r = call(&c, "GET", &url("/slow?ms=50"), None, None).await;
+    assert_eq!(r.body, json!({ "slept": 50 }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_503_within_2s_and_other_routes_answer() {
+    let mut redis = RedisServer::start();
+    let ex = Example::start(&redis.url(), 2);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", ex.base);
+    let cookie = call(&c, "GET", &url("/counter"), None, None)
+        .await
+        .cookie
+        .expect("cookie");
+    tokio::task::block_in_place(|| redis.kill());
+    for path in ["/counter", "/hits", "/accounts", "/me"] {
+        let t = Instant::now();
+        let r = call(&c, "GET", &url(path), Some(&cookie), None).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {}",
+            r.body
+        );
+        assert!(r.body["error"].is_string());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{path} took {:?}",
+            t.elapsed()
+        );
+    }
+    for path in ["/healthz", "/whoami", "/slow?ms=1"] {
+        let r = call(&c, "GET", &url(path), None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+    }
+    tokio::task::block_in_place(|| redis.restart());
+    let t = Instant::now();
+    loop {
+        let r = call(&c, "GET", &url("/hits"), None, None).await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Requests in a loop over fresh connections until `stop`; returns (ok, failed).
+fn spawn_load(
+    base: &str,
+    stop: &Arc<AtomicBool>,
+    tasks: usize,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    (0..tasks)
+        .map(|i| {
+            let (base, stop) = (base.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let (mut ok, mut failed) = (0, Vec::new());
+                let path = if i % 2 == 0 { "/hits" } else { "/whoami" };
+                while !stop.load(Ordering::Relaxed) {
+                    match c.get(format!("{base}{path}")).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => ok += 1,
+                        Ok(r) => failed.push(format!("status {}", r.status())),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+async fn pids(base: &str, n: usize) -> HashSet<u64> {
+    let c = client();
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < n && Instant::now() < deadline {
+        let r = call(&c, "GET", &format!("{base}/whoami"), None, None).await;
+        seen.insert(r.body["pid"].as_u64().expect("pid"));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_under_load_without_failures_and_sigterm_drains() {
+    let redis = RedisServer::start();
+    let mut ex = Example::start(&redis.url(), 4);
+    let before = pids(&ex.base, 4).await;
+    assert_eq!(before.len(), 4);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&ex.base, &stop, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    ex.signal("-HUP");
+    // Wait until 4 new pids serve and none of the old ones.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = pids(&ex.base, 4).await;
+        if now.len() == 4 && now.is_disjoint(&before) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reload not complete after 10 s: {now:?} vs {before:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "rolling reload of 4 workers served by new pids after {:?}",
+        t.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.expect("load");
+        ok += o;
+        failed.extend(f);
+    }
+    println!("requests during reload: {ok} ok, {} failed", failed.len());
+    assert!(ok > 50, "too little load: {ok}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the reload: {failed:?}"
+    );
+    assert!(after.is_disjoint(&before));
+
+    // SIGTERM with slow requests in flight: they all finish, exit 0, nothing left.
+    let c = client();
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, u) = (c.clone(), format!("{}/slow?ms=1500", ex.base));
+            tokio::spawn(async move { call(&c, "GET", &u, None, None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ex.signal("-TERM");
+    for s in slow {
+        let r = s.await.expect("slow request");
+        assert_eq!(
+            (r.status, r.body),
+            (StatusCode::OK, json!({ "slept": 1500 }))
+        );
+    }
+    let code = tokio::task::block_in_place(|| ex.wait(Duration::from_secs(20)));
+    assert_eq!(code, Some(0), "the master must exit 0 after a clean drain");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = processes_with_arg(&ex.port.to_string());
+    assert!(left.is_empty(), "processes left after stop: {left:?}");
+}
