@@ -646,3 +646,81 @@ async fn sighup_reloads_under_load_without_failures_and_sigterm_drains() {
     let left = processes_with_arg(&ex.port.to_string());
     assert!(left.is_empty(), "processes left after stop: {left:?}");
 }
+
+/// Runs `script` with `sh` in a fresh network namespace (`unshare -rn`: only a loopback, so nothing
+/// answers on 127.0.0.1:6379 there), with `$BIN` set to the example. Returns (status, output).
+fn in_empty_network(script: &str) -> (bool, String) {
+    let out = Command::new("unshare")
+        .args(["-rn", "sh", "-c", &format!("ip link set lo up\n{script}")])
+        .env("BIN", example_binary())
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("unshare(1) from util-linux is needed for this test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn without_redis_url_and_nothing_on_6379_a_private_redis_runs_for_the_session() {
+    let (ok, out) = in_empty_network(
+        r#"
+        "$BIN" --workers 2 --port 3000 &
+        pid=$!
+        for i in $(seq 1 200); do
+            curl -sf localhost:3000/healthz >/dev/null 2>&1 && break
+            sleep 0.05
+        done
+        curl -s -c /tmp/herd-private-jar.$$ -b /tmp/herd-private-jar.$$ localhost:3000/counter; echo
+        curl -s -c /tmp/herd-private-jar.$$ -b /tmp/herd-private-jar.$$ localhost:3000/counter; echo
+        curl -s localhost:3000/accounts; echo
+        rm -f /tmp/herd-private-jar.$$
+        kill -TERM $pid
+        wait $pid
+        echo "exit=$?"
+        "#,
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("a private redis-server runs on redis://127.0.0.1:"),
+        "the example must say it started a private Redis: {out}"
+    );
+    assert!(out.contains(r#""counter":2"#), "{out}");
+    assert!(out.contains(r#""total":10000"#), "{out}");
+    assert!(out.contains("exit=0"), "{out}");
+    let port = out
+        .split("redis://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("port in the message")
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let left: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("redis-server") && cmd.contains(&format!("--port {port} ")))
+                .then(|| e.file_name().to_string_lossy().parse().ok())
+                .flatten()
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the private redis-server outlived the example: {left:?}"
+    );
+}
+
+#[test]
+fn without_any_redis_it_says_how_to_get_one() {
+    let (ok, out) = in_empty_network(r#"PATH=/nonexistent exec "$BIN" --workers 1 --port 3000"#);
+    assert!(!ok, "must fail without Redis: {out}");
+    assert!(out.contains("redis-server is not installed"), "{out}");
+    assert!(out.contains("REDIS_URL"), "{out}");
+}
