@@ -430,6 +430,41 @@ async fn the_http_contract_holds_across_four_workers() {
     let r = call(&c, "GET", &url("/accounts"), None, None).await;
     assert_eq!(r.body["total"], json!(10000));
 
+    // Hostile bodies: deeply nested JSON, non-UTF-8 bytes, oversize: 4xx, nothing stored.
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = format!(
+        r#"{{"from":"acct-1","to":"acct-2","amount":1,"pad":"{}"}}"#,
+        "x".repeat(3 << 20)
+    );
+    for (what, body) in [
+        ("nested", nested.into_bytes()),
+        (
+            "non-UTF-8",
+            b"{\"from\":\"acct-1\xff\",\"to\":\"acct-2\",\"amount\":1}".to_vec(),
+        ),
+        ("oversize", huge.into_bytes()),
+    ] {
+        for path in ["/transfer", "/login"] {
+            let res = c
+                .post(url(path))
+                .body(body.clone())
+                .send()
+                .await
+                .expect("send");
+            assert!(
+                res.status().is_client_error(),
+                "{what} to {path}: {}",
+                res.status()
+            );
+            assert!(
+                res.headers().get("set-cookie").is_none(),
+                "{what} to {path} made a session"
+            );
+        }
+    }
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000));
+
     // Login cycles the cookie and the old one becomes anonymous; logout ends the session.
     let anon = call(&c, "GET", &url("/counter"), None, None)
         .await
@@ -508,6 +543,7 @@ async fn redis_down_is_503_within_2s_and_other_routes_answer() {
         .await
         .cookie
         .expect("cookie");
+    let workers_before = pids(&ex.base, 2).await;
     tokio::task::block_in_place(|| redis.kill());
     for path in ["/counter", "/hits", "/accounts", "/me"] {
         let t = Instant::now();
@@ -539,6 +575,12 @@ async fn redis_down_is_503_within_2s_and_other_routes_answer() {
         assert!(t.elapsed() < Duration::from_secs(5), "no recovery");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    println!("recovered {:?} after the restart", t.elapsed());
+    assert_eq!(
+        pids(&ex.base, 2).await,
+        workers_before,
+        "a worker exited during the outage"
+    );
 }
 
 /// Requests in a loop over fresh connections until `stop`; returns (ok, failed).
@@ -723,4 +765,178 @@ fn without_any_redis_it_says_how_to_get_one() {
     assert!(!ok, "must fail without Redis: {out}");
     assert!(out.contains("redis-server is not installed"), "{out}");
     assert!(out.contains("REDIS_URL"), "{out}");
+}
+
+/// The siege: `HERD_LOAD_SECS` (default 10) of 500 concurrent keep-alive connections, each with its
+/// own session, on session and global routes of 4 workers: zero errors and exact counters. The long
+/// version: `HERD_LOAD_SECS=60 cargo test --release --all-features --test multi_worker siege -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siege_500_connections_zero_errors_exact_counters() {
+    let secs: u64 = std::env::var("HERD_LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let redis = RedisServer::start();
+    let ex = Example::start(&redis.url(), 4);
+    let base_hits = call(&client(), "GET", &format!("{}/hits", ex.base), None, None)
+        .await
+        .body["hits"]
+        .as_i64()
+        .expect("hits");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let base = ex.base.clone();
+        tasks.push(tokio::spawn(async move {
+            // One keep-alive connection per task, like a browser tab.
+            let c = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client");
+            let (mut counter, mut hits, mut errors) = (0i64, 0i64, Vec::new());
+            let mut cookie: Option<String> = None;
+            let mut n = i;
+            while start.elapsed() < Duration::from_secs(secs) {
+                n += 1;
+                let path = if n % 2 == 0 { "/counter" } else { "/hits" };
+                let mut req = c.get(format!("{base}{path}"));
+                if let Some(ck) = &cookie {
+                    req = req.header("cookie", ck);
+                }
+                match req.send().await {
+                    Ok(res) if res.status() == StatusCode::OK => {
+                        if path == "/counter" {
+                            if let Some(set) = res.headers().get("set-cookie") {
+                                let set = set.to_str().unwrap_or_default();
+                                cookie = set.split(';').next().map(str::to_owned);
+                            }
+                            counter += 1;
+                        } else {
+                            hits += 1;
+                        }
+                        let _ = res.bytes().await;
+                    }
+                    Ok(res) => errors.push(format!("{path}: {}", res.status())),
+                    Err(e) => errors.push(format!("{path}: {e}")),
+                }
+            }
+            // The session's counter is exactly this visitor's successful increments.
+            if let Some(ck) = &cookie {
+                let r = call(&c, "GET", &format!("{base}/session"), Some(ck), None).await;
+                let stored = r.body["data"]["counter"].as_i64().unwrap_or(-1);
+                if stored != counter {
+                    errors.push(format!("session counter {stored}, expected {counter}"));
+                }
+            }
+            (hits, counter, errors)
+        }));
+    }
+    let (mut hits, mut counters, mut errors) = (0, 0, Vec::new());
+    for t in tasks {
+        let (h, c, e) = t.await.expect("task");
+        hits += h;
+        counters += c;
+        errors.extend(e);
+    }
+    let elapsed = start.elapsed();
+    let total_hits = call(&client(), "GET", &format!("{}/hits", ex.base), None, None)
+        .await
+        .body["hits"]
+        .as_i64()
+        .expect("hits");
+    println!(
+        "siege: {} requests in {elapsed:?} ({:.0}/s) over 500 connections, {} errors",
+        hits + counters,
+        (hits + counters) as f64 / elapsed.as_secs_f64(),
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(
+        total_hits,
+        base_hits + hits + 1,
+        "the global counter lost or doubled hits"
+    );
+}
+
+fn rss_kib(pid: u64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Sends `total` requests from 64 keep-alive clients: session increments (each client starts a new
+/// session every 500 requests), global hits, session reads.
+async fn drive(base: &str, total: u64) {
+    let per = total / 64;
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let base = base.to_owned();
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let mut cookie: Option<String> = None;
+                for n in 0..per {
+                    if n % 500 == 0 {
+                        cookie = None;
+                    }
+                    let path = ["/counter", "/hits", "/session", "/counter"][(n % 4) as usize];
+                    let mut req = c.get(format!("{base}{path}"));
+                    if let Some(ck) = &cookie {
+                        req = req.header("cookie", ck);
+                    }
+                    let res = req.send().await.expect("request");
+                    assert_eq!(res.status(), StatusCode::OK);
+                    if let Some(set) = res.headers().get("set-cookie") {
+                        cookie = set
+                            .to_str()
+                            .ok()
+                            .and_then(|s| s.split(';').next())
+                            .map(str::to_owned);
+                    }
+                    let _ = res.bytes().await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("driver");
+    }
+}
+
+/// A worker's resident memory after 1 000 000 requests is within 10% of what it was after 100 000:
+/// nothing grows per session or per request. Long (a few minutes in release):
+/// `cargo test --release --all-features --test multi_worker memory -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: a million requests; run with --release --ignored"]
+async fn memory_stays_flat_over_a_million_requests() {
+    let redis = RedisServer::start();
+    let ex = Example::start(&redis.url(), 1);
+    let pid = call(&client(), "GET", &format!("{}/whoami", ex.base), None, None)
+        .await
+        .body["pid"]
+        .as_u64()
+        .expect("pid");
+    let t = Instant::now();
+    drive(&ex.base, 100_000).await;
+    let after_100k = rss_kib(pid);
+    drive(&ex.base, 900_000).await;
+    let after_1m = rss_kib(pid);
+    println!(
+        "worker RSS: {after_100k} KiB after 100k requests, {after_1m} KiB after 1M ({:+.1}%), {:?}",
+        (after_1m as f64 / after_100k as f64 - 1.0) * 100.0,
+        t.elapsed()
+    );
+    assert!(
+        after_1m * 10 <= after_100k * 11,
+        "RSS grew from {after_100k} KiB to {after_1m} KiB"
+    );
 }
