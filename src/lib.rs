@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub(crate) mod keys;
 pub mod session;
+pub(crate) mod topology;
 
 pub use crate::client::RedisClient;
 pub use crate::config::{Config, ConfigBuilder};
