@@ -400,6 +400,16 @@ impl RedisClient {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.count_round_trip();
+        self.run_alongside(wrote, f).await
+    }
+
+    /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
+    /// commands for other slots that travel in parallel): not counted as a round trip of its own.
+    pub(crate) async fn run_alongside<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let timeout = self.inner.config.command_timeout;
         let round_trip = async move { f(self.connection().await?).await };
         match tokio::time::timeout(timeout, round_trip).await {
@@ -427,12 +437,15 @@ impl RedisClient {
                 .run(wrote, |mut c| async move { pipe.query_async(&mut c).await })
                 .await;
         }
+        // They go out together: one round trip of latency.
+        self.count_round_trip();
         let each = cmds.into_iter().map(|cmd| async move {
-            self.run(wrote, |mut c| async move { cmd.query_async::<Value>(&mut c).await })
-                .await
+            self.run_alongside(wrote, |mut c| async move {
+                cmd.query_async::<Value>(&mut c).await
+            })
+            .await
         });
         let replies = futures_util::future::join_all(each).await;
-        // run() counted one round trip per command; they went out together.
         replies.into_iter().collect()
     }
 

@@ -24,7 +24,7 @@ static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.
 
 /// First step of a cycle on a Redis Cluster: marks the old session as moving and reads it (see
 /// [`cycle_across_slots`]).
-static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
+const TAKE_SOURCE: &str = include_str!("take.lua");
 
 /// Expiry settings in force for one layer.
 #[derive(Clone, Copy, Debug)]
@@ -201,8 +201,8 @@ pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOut
 /// Cycles a session id on a Redis Cluster, where the old and new keys live in different slots, so
 /// neither `RENAME` nor one script may touch both. Three round trips, each on one slot:
 ///
-/// 1. on the old key, a script ([`TAKE`]) checks the session exists, **marks** it as moving
-///    (field `$m` = the new id) and reads it. From then on the old id is dead: loads see it as
+/// 1. on the old key, a script checks the session exists, **marks** it as moving
+///    (field `$m` = the new id) and reads it (`take.lua`). From then on the old id is dead: loads see it as
 ///    absent and saves into it answer "gone", exactly as after a destroy;
 /// 2. the session's data (the old fields with this request's changes applied) is written under the
 ///    new id by the usual save script in `new` mode (all checks before any write), with the owner
@@ -219,11 +219,19 @@ async fn cycle_across_slots(client: &RedisClient, save: Save<'_>) -> Result<Save
         return save_in_place(client, save).await;
     };
     let old_key = client.keys().session(save.id);
-    let mut take = evalsha(&TAKE);
-    take.arg(1).arg(&old_key).arg(new_id.as_str());
-    let taken: Option<HashMap<String, Vec<u8>>> =
-        redis::from_redis_value(run_with_script(client, &Query::Cmd(&take), &TAKE).await?)
-            .map_err(|e| Error::Redis(e.into()))?;
+    // EVAL with the source, not EVALSHA: logins are rare, and this way the first one on each node
+    // costs no NOSCRIPT round trip. A retry with the same new id is harmless (see take.lua).
+    let taken: Option<HashMap<String, Vec<u8>>> = {
+        let take = redis::cmd("EVAL")
+            .arg(TAKE_SOURCE)
+            .arg(1)
+            .arg(&old_key)
+            .arg(new_id.as_str())
+            .to_owned();
+        client
+            .run(true, |mut c| async move { take.query_async(&mut c).await })
+            .await?
+    };
     let Some(old) = taken else {
         return Ok(SaveOutcome::Gone);
     };
@@ -331,7 +339,7 @@ async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutco
             let query = Query::Cmd(&cmd);
             let (reply, indexed) = tokio::join!(
                 run_with_script(client, &query, &SAVE),
-                client.run(true, |mut c| async move {
+                client.run_alongside(true, |mut c| async move {
                     pipe.query_async::<()>(&mut c).await
                 })
             );
