@@ -311,7 +311,10 @@ impl RedisClient {
                     .runtime(deadpool_redis::Runtime::Tokio1)
                     .build()
                     .map_err(|e| bad(&e))?;
-                (Shared::Sentinel(Arc::new(shared)), DedicatedPool::Sentinel(pool))
+                (
+                    Shared::Sentinel(Arc::new(shared)),
+                    DedicatedPool::Sentinel(pool),
+                )
             }
             #[allow(unreachable_patterns)]
             _ => return Err(bad(&"this topology needs a cargo feature of herd")),
@@ -522,7 +525,9 @@ impl RedisClient {
             };
         }
         let written: i64 = self
-            .run(true, |mut c| async move { invocation.invoke_async(&mut c).await })
+            .run(true, |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
             .await?;
         Ok(written == 1)
     }

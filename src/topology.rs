@@ -52,15 +52,17 @@ impl Topology {
                 redact_url(url)
             ))
         };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("no scheme (expected redis://, rediss://, redis+cluster:// or redis+sentinel://)"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad("no scheme (expected redis://, rediss://, redis+cluster:// or redis+sentinel://)")
+        })?;
         let topology = match scheme {
             "redis+cluster" | "rediss+cluster" => {
                 let tls = scheme.starts_with("rediss");
                 let (creds, hosts, path) = split_authority(rest);
                 if !path.is_empty() && path != "/" {
-                    return Err(bad("a cluster URL has no database or path (clusters only have db 0)"));
+                    return Err(bad(
+                        "a cluster URL has no database or path (clusters only have db 0)",
+                    ));
                 }
                 let nodes = node_urls(if tls { "rediss" } else { "redis" }, creds, hosts);
                 if nodes.is_empty() {
@@ -73,11 +75,15 @@ impl Topology {
                 let mut parts = path.trim_start_matches('/').split('/');
                 let master = parts.next().unwrap_or("").to_owned();
                 if master.is_empty() {
-                    return Err(bad("a sentinel URL names the master: redis+sentinel://host:port/<master name>"));
+                    return Err(bad(
+                        "a sentinel URL names the master: redis+sentinel://host:port/<master name>",
+                    ));
                 }
                 let db = match parts.next() {
                     None | Some("") => 0,
-                    Some(db) => db.parse().map_err(|_| bad("the database is not a number"))?,
+                    Some(db) => db
+                        .parse()
+                        .map_err(|_| bad("the database is not a number"))?,
                 };
                 let sentinels = node_urls("redis", None, hosts);
                 if sentinels.is_empty() {

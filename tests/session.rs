@@ -884,7 +884,13 @@ async fn round_trip_budget() {
         ("blind write", "POST", "/set/k/v", true, 1),
         ("read then write", "POST", "/read-then-write/n", true, 2),
         ("incr", "GET", "/incr/hits", true, 1),
-        ("cycle id (login)", "POST", "/login/dave", true, cycle_budget),
+        (
+            "cycle id (login)",
+            "POST",
+            "/login/dave",
+            true,
+            cycle_budget,
+        ),
         ("anonymous read", "GET", "/get/seed", false, 0),
     ];
     let mut cookie = cookie;

@@ -39,7 +39,11 @@ async fn the_right_ca_connects_and_serves_sessions() {
         .layer(SessionLayer::new(client.clone()).with_secure(false));
     let res = app
         .clone()
-        .oneshot(http::Request::get("/incr").body(axum::body::Body::empty()).expect("req"))
+        .oneshot(
+            http::Request::get("/incr")
+                .body(axum::body::Body::empty())
+                .expect("req"),
+        )
         .await
         .expect("infallible");
     assert_eq!(res.status(), http::StatusCode::OK);

@@ -70,7 +70,10 @@ impl Master {
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, conn.clone()));
-        tracing::debug!(generation, "herd: connected to the master named by Sentinel");
+        tracing::debug!(
+            generation,
+            "herd: connected to the master named by Sentinel"
+        );
         Ok(MasterConnection {
             conn,
             generation,

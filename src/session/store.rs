@@ -339,9 +339,10 @@ async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutco
             let query = Query::Cmd(&cmd);
             let (reply, indexed) = tokio::join!(
                 run_with_script(client, &query, &SAVE),
-                client.run_alongside(true, |mut c| async move {
-                    pipe.query_async::<()>(&mut c).await
-                })
+                client.run_alongside(
+                    true,
+                    |mut c| async move { pipe.query_async::<()>(&mut c).await }
+                )
             );
             let reply = reply?;
             indexed?;

@@ -31,7 +31,9 @@ const NODE_ARGS: [&str; 6] = [
 impl RedisCluster {
     /// Starts three nodes and creates the cluster; panics with the logs if that fails.
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&NODE_ARGS)).collect();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(&NODE_ARGS))
+            .collect();
         let cluster = RedisCluster { nodes };
         let addrs: Vec<String> = cluster
             .nodes

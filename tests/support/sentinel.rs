@@ -105,15 +105,21 @@ impl SentinelSetup {
         });
         let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.port())).collect();
         for s in &sentinels {
-            wait("a sentinel to see its peers", Duration::from_secs(20), || {
-                let peers = query::<Vec<redis::Value>>(s.port, &["SENTINEL", "SENTINELS", MASTER])
-                    .map(|v| v.len())
-                    .unwrap_or(0);
-                let replicas = query::<Vec<redis::Value>>(s.port, &["SENTINEL", "REPLICAS", MASTER])
-                    .map(|v| v.len())
-                    .unwrap_or(0);
-                peers == 2 && replicas == 1
-            });
+            wait(
+                "a sentinel to see its peers",
+                Duration::from_secs(20),
+                || {
+                    let peers =
+                        query::<Vec<redis::Value>>(s.port, &["SENTINEL", "SENTINELS", MASTER])
+                            .map(|v| v.len())
+                            .unwrap_or(0);
+                    let replicas =
+                        query::<Vec<redis::Value>>(s.port, &["SENTINEL", "REPLICAS", MASTER])
+                            .map(|v| v.len())
+                            .unwrap_or(0);
+                    peers == 2 && replicas == 1
+                },
+            );
         }
         SentinelSetup {
             primary,

@@ -31,9 +31,21 @@ fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "1", "-subj", &format!("/CN=herd test {name}"),
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN=herd test {name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
         ],
     );
 }
@@ -53,15 +65,38 @@ impl TlsRedis {
         openssl(
             d,
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
             ],
         );
         openssl(
             d,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "1", "-extfile", "san.cnf", "-out", "server.crt",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "san.cnf",
+                "-out",
+                "server.crt",
             ],
         );
         let mut server = TlsRedis {
@@ -144,7 +179,10 @@ impl TlsRedis {
 impl Drop for TlsRedis {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- TLS redis-server log ----\n{}---- end ----", self.log());
+            eprintln!(
+                "---- TLS redis-server log ----\n{}---- end ----",
+                self.log()
+            );
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
