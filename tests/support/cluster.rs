@@ -126,6 +126,64 @@ impl RedisCluster {
         panic!("{args:?}: too many redirects");
     }
 
+    /// The node (index) that owns `slot` now, as node 0 sees it.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let slots: Vec<(u16, u16, Vec<redis::Value>)> = self.nodes[0].cmd(&["CLUSTER", "SLOTS"]);
+        let port = slots
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .and_then(|(_, _, primary)| match primary.get(1) {
+                Some(redis::Value::Int(port)) => Some(*port as u16),
+                _ => None,
+            })
+            .expect("every slot is served");
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a known node")
+    }
+
+    /// The slot of a key.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0].cmd::<u16>(&["CLUSTER", "KEYSLOT", key])
+    }
+
+    /// Moves `slot` and its keys from node `from` to node `to` the way `redis-cli --cluster reshard`
+    /// does (`IMPORTING`/`MIGRATING`, `MIGRATE`, `SETSLOT NODE`), pausing `pause` after each step so
+    /// that clients meet `ASK` (keys already moved, slot not yet handed over) and then `MOVED`.
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize, pause: Duration) {
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let src_id: String = src.cmd(&["CLUSTER", "MYID"]);
+        let dst_id: String = dst.cmd(&["CLUSTER", "MYID"]);
+        let slot = slot.to_string();
+        let _: () = dst.cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]);
+        let _: () = src.cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]);
+        std::thread::sleep(pause);
+        loop {
+            let keys: Vec<String> = src.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port().to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = src.cmd(&args);
+        }
+        std::thread::sleep(pause);
+        for node in [dst, src] {
+            let _: () = node.cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+        }
+        for node in &self.nodes {
+            // The third node learns it by gossip; tell it at once.
+            let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(&slot)
+                .arg("NODE")
+                .arg(&dst_id)
+                .query(&mut node.conn());
+        }
+    }
+
     /// Keys matching a pattern, from every node.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         self.nodes.iter().flat_map(|n| n.keys(pattern)).collect()
