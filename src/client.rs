@@ -14,7 +14,7 @@
 //! | topology | multiplexed connection | dedicated connections (`WATCH`) |
 //! |---|---|---|
 //! | one server, `redis://` or `rediss://` (TLS) | [`ConnectionManager`] | deadpool-redis pool |
-//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; use the compare-and-swap script ([`RedisClient::compare_and_swap`]) |
+//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`compare_and_swap.lua`) |
 //! | Sentinel, `redis+sentinel://.../<master>` | a multiplexed connection to the master the sentinels name, looked up again after an error | deadpool-redis' sentinel pool |
 //!
 //! **Retries on a cluster.** redis-rs' own retries are turned off (`retries(0)`) because redis-rs
@@ -73,12 +73,16 @@ struct Inner {
 enum Shared {
     Single(ConnectionManager),
     #[cfg(feature = "cluster")]
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-    },
+    Cluster(Box<ClusterShared>),
     #[cfg(feature = "sentinel")]
     Sentinel(Arc<sentinel::Master>),
+}
+
+/// A cluster client and its connection, made on first use.
+#[cfg(feature = "cluster")]
+struct ClusterShared {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
 }
 
 /// The pool of dedicated connections of each topology.
@@ -266,13 +270,11 @@ impl RedisClient {
                     });
                 }
                 let client = builder.build().map_err(|e| bad(&e))?;
-                (
-                    Shared::Cluster {
-                        client,
-                        conn: tokio::sync::OnceCell::new(),
-                    },
-                    DedicatedPool::None,
-                )
+                let shared = ClusterShared {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                };
+                (Shared::Cluster(Box::new(shared)), DedicatedPool::None)
             }
             #[cfg(feature = "sentinel")]
             Topology::Sentinel {
@@ -375,7 +377,7 @@ impl RedisClient {
     pub(crate) fn is_cluster(&self) -> bool {
         match &self.inner.shared {
             #[cfg(feature = "cluster")]
-            Shared::Cluster { .. } => true,
+            Shared::Cluster(_) => true,
             _ => false,
         }
     }
@@ -385,8 +387,9 @@ impl RedisClient {
         match &self.inner.shared {
             Shared::Single(c) => Ok(Connection::Single(c.clone())),
             #[cfg(feature = "cluster")]
-            Shared::Cluster { client, conn } => conn
-                .get_or_try_init(|| client.get_async_connection())
+            Shared::Cluster(cluster) => cluster
+                .conn
+                .get_or_try_init(|| cluster.client.get_async_connection())
                 .await
                 .map(|c| Connection::Cluster(c.clone())),
             #[cfg(feature = "sentinel")]

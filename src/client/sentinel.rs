@@ -31,6 +31,8 @@ impl Master {
         master: &str,
         node: deadpool_redis::sentinel::SentinelNodeConnectionInfo,
     ) -> redis::RedisResult<Master> {
+        // `build` takes a String without redis' TLS feature, `impl AsRef<str>` with it.
+        #[allow(clippy::unnecessary_to_owned)]
         let client = SentinelClient::build(
             sentinels.to_vec(),
             master.to_owned(),
