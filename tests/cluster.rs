@@ -10,65 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::routing::{get, post};
-use axum::Router;
-use herd::{RedisClient, Session, SessionLayer};
-use http::{header, Request, StatusCode};
-use support::cluster::{config, RedisCluster, TestRedis};
-use tower::ServiceExt;
-
-async fn send(
-    app: &Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-) -> (StatusCode, String, Option<String>) {
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        req = req.header(header::COOKIE, c);
-    }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::empty()).expect("req"))
-        .await
-        .expect("infallible");
-    let status = res.status();
-    let cookie = res
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned);
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned(), cookie)
-}
-
-fn app(client: &RedisClient) -> Router {
-    Router::new()
-        .route(
-            "/incr",
-            get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
-        )
-        .route(
-            "/get",
-            get(|s: Session| async move {
-                s.get::<i64>("n").await.map(|n| n.unwrap_or(0).to_string())
-            }),
-        )
-        .route(
-            "/login",
-            post(|s: Session| async move {
-                s.insert("user", "carol").await?;
-                s.cycle_id().await;
-                Ok::<_, herd::Error>("ok")
-            }),
-        )
-        .layer(SessionLayer::new(client.clone()).with_secure(false))
-}
+use herd::RedisClient;
+use http::StatusCode;
+use support::cluster::{config, counter_app, request, RedisCluster, TestRedis};
 
 /// Sessions whose slots move from one node to another while four tasks increment them: every
 /// request succeeds and every counter is exact.
@@ -89,7 +33,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
     .await
     .expect("connect");
     let prefix = client.config().prefix().to_owned();
-    let app = app(&client);
+    let app = counter_app(&client);
     let TestRedis::Cluster(nodes) = &cluster else {
         unreachable!()
     };
@@ -98,7 +42,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
     let mut cookies = Vec::new();
     let mut moving = Vec::new();
     while moving.len() < 4 {
-        let (status, _, cookie) = send(&app, "GET", "/incr", None).await;
+        let (status, _, cookie) = request(&app, "GET", "/incr", None).await;
         assert_eq!(status, StatusCode::OK);
         cookies.push(cookie.expect("cookie"));
         let keys = cluster.keys(&format!("{prefix}:s:*"));
@@ -121,7 +65,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
             let mut failures = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let n = i % cookies.len();
-                let (status, body, _) = send(&app, "GET", "/incr", Some(&cookies[n])).await;
+                let (status, body, _) = request(&app, "GET", "/incr", Some(&cookies[n])).await;
                 if status == StatusCode::OK {
                     expected[n].fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -165,7 +109,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
         assert_eq!(nodes.owner_of(*slot), 1, "slot {slot} moved");
     }
     for (n, cookie) in cookies.iter().enumerate() {
-        let (status, body, _) = send(&app, "GET", "/get", Some(cookie)).await;
+        let (status, body, _) = request(&app, "GET", "/get", Some(cookie)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             body,
@@ -188,8 +132,8 @@ async fn a_cycle_cut_after_the_mark_leaves_the_old_id_dead() {
         .await
         .expect("connect");
     let prefix = client.config().prefix().to_owned();
-    let app = app(&client);
-    let (_, _, cookie) = send(&app, "GET", "/incr", None).await;
+    let app = counter_app(&client);
+    let (_, _, cookie) = request(&app, "GET", "/incr", None).await;
     let cookie = cookie.expect("cookie");
     let key = cluster
         .keys(&format!("{prefix}:s:*"))
@@ -197,13 +141,13 @@ async fn a_cycle_cut_after_the_mark_leaves_the_old_id_dead() {
         .expect("the session key");
     // What step 1 of a cycle leaves behind when the process dies right after it.
     let _: i64 = cluster.cmd(&["HSET", &key, "$m", "0123456789abcdef0123456789abcdef"]);
-    let (status, body, _) = send(&app, "GET", "/get", Some(&cookie)).await;
+    let (status, body, _) = request(&app, "GET", "/get", Some(&cookie)).await;
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::OK, "0"),
         "the old id reads as empty"
     );
-    let (status, _, new_cookie) = send(&app, "GET", "/incr", Some(&cookie)).await;
+    let (status, _, new_cookie) = request(&app, "GET", "/incr", Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         new_cookie.is_some(),
@@ -216,17 +160,17 @@ async fn a_cycle_cut_after_the_mark_leaves_the_old_id_dead() {
         "the marked session was not written to"
     );
     // A full cycle on a cluster: three round trips, the old key gone, the data moved.
-    let (_, _, c) = send(&app, "GET", "/incr", None).await;
+    let (_, _, c) = request(&app, "GET", "/incr", None).await;
     let c = c.expect("cookie");
     let before = client.round_trips();
-    let (status, _, cycled) = send(&app, "POST", "/login", Some(&c)).await;
+    let (status, _, cycled) = request(&app, "POST", "/login", Some(&c)).await;
     assert_eq!(status, StatusCode::OK);
     println!(
         "cycle_id on a cluster (blind write + cycle): {} round trips",
         client.round_trips() - before
     );
-    let (_, body, _) = send(&app, "GET", "/get", Some(&cycled.expect("new cookie"))).await;
+    let (_, body, _) = request(&app, "GET", "/get", Some(&cycled.expect("new cookie"))).await;
     assert_eq!(body, "1");
-    let (_, body, _) = send(&app, "GET", "/get", Some(&c)).await;
+    let (_, body, _) = request(&app, "GET", "/get", Some(&c)).await;
     assert_eq!(body, "0", "the old id is dead");
 }

@@ -10,13 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::routing::get;
 use axum::Router;
-use herd::{RedisClient, Session, SessionLayer};
-use http::{header, Request, StatusCode};
+use herd::RedisClient;
+use http::StatusCode;
 use support::sentinel::SentinelSetup;
-use tower::ServiceExt;
 
 /// The bound this test enforces on recovery, from the kill to the first successful request:
 /// `down-after-milliseconds` (1 s) + the election and promotion (~1–3 s) + herd's reconnect.
@@ -27,27 +24,7 @@ async fn send(
     path: &str,
     cookie: Option<&str>,
 ) -> (StatusCode, String, Option<String>) {
-    let mut req = Request::get(path);
-    if let Some(c) = cookie {
-        req = req.header(header::COOKIE, c);
-    }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::empty()).expect("req"))
-        .await
-        .expect("infallible");
-    let status = res.status();
-    let cookie = res
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned);
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned(), cookie)
+    support::cluster::request(app, "GET", path, cookie).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,19 +43,7 @@ async fn failover_under_load_recovers_within_a_bound() {
     let client = RedisClient::connect(config)
         .await
         .expect("connect via sentinel");
-    let app =
-        Router::new()
-            .route(
-                "/incr",
-                get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
-            )
-            .route(
-                "/get",
-                get(|s: Session| async move {
-                    s.get::<i64>("n").await.map(|n| n.unwrap_or(0).to_string())
-                }),
-            )
-            .layer(SessionLayer::new(client.clone()).with_secure(false));
+    let app = support::cluster::counter_app(&client);
     let (status, _, cookie) = send(&app, "/incr", None).await;
     assert_eq!(status, StatusCode::OK);
     let cookie = Arc::new(cookie.expect("cookie"));

@@ -56,6 +56,22 @@ fn next(err: &RedisError, attempt: u32) -> Next {
     }
 }
 
+/// After an error: gives it back when it must not be re-sent (or after [`MAX_ATTEMPTS`]), else
+/// waits as needed and says where to send again (`Some` node after `ASK`, `None` by slot).
+async fn again(err: RedisError, attempt: u32) -> RedisResult<Option<(String, u16)>> {
+    if attempt >= MAX_ATTEMPTS {
+        return Err(err);
+    }
+    match next(&err, attempt) {
+        Next::Fail => Err(err),
+        Next::Ask(host, port) => Ok(Some((host, port))),
+        Next::Retry(pause) => {
+            tokio::time::sleep(pause).await;
+            Ok(None)
+        }
+    }
+}
+
 /// One command, re-sent on a refusal.
 pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
     let mut attempt = 0;
@@ -71,25 +87,20 @@ pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisRes
                     .map(|mut v| v.pop().unwrap_or(Value::Nil))
             }
         };
-        let err = match reply {
+        match reply {
             Ok(value) => return Ok(value),
-            Err(err) => err,
-        };
-        attempt += 1;
-        if attempt >= MAX_ATTEMPTS {
-            return Err(err);
-        }
-        match next(&err, attempt) {
-            Next::Fail => return Err(err),
-            Next::Ask(host, port) => ask = Some((host, port)),
-            Next::Retry(pause) => tokio::time::sleep(pause).await,
+            Err(err) => {
+                attempt += 1;
+                ask = again(err, attempt).await?;
+            }
         }
     }
 }
 
 /// One pipeline (all its commands in one slot), re-sent as a whole on a refusal. herd's plain
 /// pipelines are reads and idempotent index updates, and an atomic one (`MULTI`/`EXEC`) is refused
-/// as a whole (`EXECABORT`), so re-sending never applies a write twice.
+/// as a whole (`EXECABORT`), so re-sending never applies a write twice. After `ASK` it waits for
+/// the migration to end rather than sending the pipeline to the target.
 pub(super) async fn pipeline(
     conn: &mut ClusterConnection,
     pipeline: &Pipeline,
@@ -98,18 +109,14 @@ pub(super) async fn pipeline(
 ) -> RedisResult<Vec<Value>> {
     let mut attempt = 0;
     loop {
-        let err = match conn.req_packed_commands(pipeline, offset, count).await {
+        match conn.req_packed_commands(pipeline, offset, count).await {
             Ok(values) => return Ok(values),
-            Err(err) => err,
-        };
-        attempt += 1;
-        if attempt >= MAX_ATTEMPTS {
-            return Err(err);
-        }
-        match next(&err, attempt) {
-            Next::Fail => return Err(err),
-            Next::Ask(..) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Next::Retry(pause) => tokio::time::sleep(pause).await,
+            Err(err) => {
+                attempt += 1;
+                if again(err, attempt).await?.is_some() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
     }
 }

@@ -334,3 +334,66 @@ pub fn config(redis: &TestRedis, name: &str) -> herd::Config {
         .build()
         .expect("test config")
 }
+
+/// Sends one request with an optional cookie through `app`; returns the status, the body as text
+/// and the `name=value` of a cookie it sets.
+pub async fn request(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (http::StatusCode, String, Option<String>) {
+    use tower::ServiceExt;
+    let mut req = http::Request::builder().method(method).uri(path);
+    if let Some(c) = cookie {
+        req = req.header(http::header::COOKIE, c);
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(axum::body::Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let status = res.status();
+    let set_cookie = res
+        .headers()
+        .get(http::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        set_cookie,
+    )
+}
+
+/// A small app for load tests: `GET /incr` increments the session counter `n` and answers its
+/// value, `GET /get` answers it (0 when absent), `POST /login` writes `user` and cycles the id.
+pub fn counter_app(client: &herd::RedisClient) -> axum::Router {
+    use axum::routing::{get, post};
+    use herd::{Session, SessionLayer};
+    axum::Router::new()
+        .route(
+            "/incr",
+            get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
+        )
+        .route(
+            "/get",
+            get(|s: Session| async move {
+                s.get::<i64>("n").await.map(|n| n.unwrap_or(0).to_string())
+            }),
+        )
+        .route(
+            "/login",
+            post(|s: Session| async move {
+                s.insert("user", "carol").await?;
+                s.cycle_id().await;
+                Ok::<_, herd::Error>("ok")
+            }),
+        )
+        .layer(SessionLayer::new(client.clone()).with_secure(false))
+}
