@@ -540,3 +540,85 @@ impl RedisClient {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A throwaway `redis-server` for the crate-private helpers (the integration tests have the full
+    /// harness in `tests/support`).
+    struct Server(std::process::Child, u16);
+
+    impl Server {
+        fn start() -> Server {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port");
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server(child, port)
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn compare_and_swap_writes_only_what_was_read() {
+        let server = Server::start();
+        let config = Config::builder()
+            .redis_url(format!("redis://127.0.0.1:{}", server.1))
+            .secret_base64(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [1u8; 64],
+            ))
+            .build()
+            .expect("config");
+        let client = RedisClient::connect(config).await.expect("connect");
+        let keys = ["t:g:{bank}:a".to_owned(), "t:g:{bank}:b".to_owned()];
+        let v = |s: &str| Some(s.as_bytes().to_vec());
+        // Both absent: create them.
+        assert!(client
+            .compare_and_swap(&keys, &[None, None], &[v("10"), v("0")])
+            .await
+            .expect("cas"));
+        // A stale read: nothing written.
+        assert!(!client
+            .compare_and_swap(&keys, &[v("9"), v("0")], &[v("0"), v("9")])
+            .await
+            .expect("cas"));
+        // The current values: moved, and a delete.
+        assert!(client
+            .compare_and_swap(&keys, &[v("10"), v("0")], &[v("4"), None])
+            .await
+            .expect("cas"));
+        let (a, b): (Option<String>, Option<String>) = client
+            .run(false, |mut c| async move {
+                redis::cmd("MGET")
+                    .arg("t:g:{bank}:a")
+                    .arg("t:g:{bank}:b")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .expect("mget");
+        assert_eq!((a.as_deref(), b), (Some("4"), None));
+    }
+}
