@@ -100,7 +100,8 @@ pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisRes
 /// One pipeline (all its commands in one slot), re-sent as a whole on a refusal. herd's plain
 /// pipelines are reads and idempotent index updates, and an atomic one (`MULTI`/`EXEC`) is refused
 /// as a whole (`EXECABORT`), so re-sending never applies a write twice. After `ASK` it waits for
-/// the migration to end rather than sending the pipeline to the target.
+/// the slot to be handed over (bounded by the caller's command timeout) rather than sending the
+/// pipeline to the target.
 pub(super) async fn pipeline(
     conn: &mut ClusterConnection,
     pipeline: &Pipeline,
@@ -111,11 +112,13 @@ pub(super) async fn pipeline(
     loop {
         match conn.req_packed_commands(pipeline, offset, count).await {
             Ok(values) => return Ok(values),
+            Err(err) if matches!(err.kind(), ErrorKind::Server(ServerErrorKind::Ask)) => {
+                // Until the slot is handed over (bounded by the caller's timeout, not by attempts).
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             Err(err) => {
                 attempt += 1;
-                if again(err, attempt).await?.is_some() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                again(err, attempt).await?;
             }
         }
     }
