@@ -20,7 +20,8 @@
 //! **Retries on a cluster.** redis-rs' own retries are turned off (`retries(0)`) because redis-rs
 //! re-sends a request whose connection dropped or failed with an I/O error — a write whose outcome is
 //! unknown. herd re-sends only what the server refused before running it: `MOVED` (after the slot
-//! map refresh redis-rs starts on its own), `ASK` (to the named node, after `ASKING`), `TRYAGAIN`,
+//! map refresh redis-rs starts on its own), `ASK` (a command goes to the named node after `ASKING`;
+//! a pipeline waits until the slot is handed over), `TRYAGAIN`,
 //! `CLUSTERDOWN`, `MASTERDOWN` and `LOADING`, with a short backoff, all within the command timeout.
 //! There is no per-node response timeout inside redis-rs: herd's own timeout drops the request, and a
 //! dropped request is never retried by redis-rs.
