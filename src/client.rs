@@ -9,6 +9,23 @@
 //! * **a pool of dedicated connections** (deadpool-redis) for `WATCH`, which is connection state and
 //!   must never be shared. deadpool-redis sends `UNWATCH` when it recycles a connection.
 //!
+//! The same two kinds work on every topology the URL names (see [`Config`] and `docs/scaling.md`):
+//!
+//! | topology | multiplexed connection | dedicated connections (`WATCH`) |
+//! |---|---|---|
+//! | one server, `redis://` or `rediss://` (TLS) | [`ConnectionManager`] | deadpool-redis pool |
+//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`compare_and_swap.lua`) |
+//! | Sentinel, `redis+sentinel://.../<master>` | a multiplexed connection to the master the sentinels name, looked up again after an error | deadpool-redis' sentinel pool |
+//!
+//! **Retries on a cluster.** redis-rs' own retries are turned off (`retries(0)`) because redis-rs
+//! re-sends a request whose connection dropped or failed with an I/O error — a write whose outcome is
+//! unknown. herd re-sends only what the server refused before running it: `MOVED` (after the slot
+//! map refresh redis-rs starts on its own), `ASK` (a command goes to the named node after `ASKING`;
+//! a pipeline waits until the slot is handed over), `TRYAGAIN`,
+//! `CLUSTERDOWN`, `MASTERDOWN` and `LOADING`, with a short backoff, all within the command timeout.
+//! There is no per-node response timeout inside redis-rs: herd's own timeout drops the request, and a
+//! dropped request is never retried by redis-rs.
+//!
 //! Every wait is bounded: connecting, each round trip ([`Config::command_timeout`]), waiting for a
 //! pooled connection, recycling one. A round trip that times out is an error the caller sees at once
 //! ([`Error::Unavailable`] for reads, [`Error::OutcomeUnknown`] for writes), never a hang.
@@ -18,11 +35,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::{redact_url, Config};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
+use crate::topology::Topology;
+
+#[cfg(feature = "cluster")]
+mod cluster;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 
 /// A cheap-to-clone handle on Redis: one multiplexed connection plus a pool of dedicated connections,
 /// with the [`Config`] they were made from.
@@ -41,9 +65,142 @@ pub struct RedisClient {
 struct Inner {
     config: Config,
     keys: Keys,
-    conn: ConnectionManager,
-    pool: deadpool_redis::Pool,
+    shared: Shared,
+    pool: DedicatedPool,
     round_trips: AtomicU64,
+}
+
+/// The multiplexed connection of each topology.
+enum Shared {
+    Single(ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<ClusterShared>),
+    #[cfg(feature = "sentinel")]
+    Sentinel(Arc<sentinel::Master>),
+}
+
+/// A cluster client and its connection, made on first use.
+#[cfg(feature = "cluster")]
+struct ClusterShared {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+/// The pool of dedicated connections of each topology.
+enum DedicatedPool {
+    Single(deadpool_redis::Pool),
+    #[cfg(feature = "cluster")]
+    None,
+    #[cfg(feature = "sentinel")]
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
+
+/// The connection [`RedisClient::run`] hands to its closure: use it with `query_async(&mut conn)`,
+/// pipelines (`pipe().atomic()` included) and scripts. On a cluster, every command or pipeline must
+/// stay within one hash slot (one hash tag).
+#[derive(Clone)]
+pub(crate) enum Connection {
+    Single(ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+    #[cfg(feature = "sentinel")]
+    Sentinel(sentinel::MasterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => Box::pin(cluster::command(c, cmd)),
+            #[cfg(feature = "sentinel")]
+            Connection::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => Box::pin(cluster::pipeline(c, pipeline, offset, count)),
+            #[cfg(feature = "sentinel")]
+            Connection::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => c.get_db(),
+            #[cfg(feature = "sentinel")]
+            Connection::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+/// A connection checked out of the pool for `WATCH` (single server or Sentinel). It derefs to a
+/// [`redis::aio::MultiplexedConnection`] and goes back to the pool (after `UNWATCH`) when dropped.
+pub(crate) enum DedicatedConnection {
+    Single(deadpool_redis::Connection),
+    #[cfg(feature = "sentinel")]
+    Sentinel(deadpool_redis::sentinel::Connection),
+}
+
+impl DedicatedConnection {
+    /// Takes the connection out of its pool and closes it (for a connection left mid-request).
+    pub(crate) fn detach(self) {
+        match self {
+            DedicatedConnection::Single(c) => drop(deadpool_redis::Connection::take(c)),
+            #[cfg(feature = "sentinel")]
+            DedicatedConnection::Sentinel(c) => drop(deadpool_redis::sentinel::Connection::take(c)),
+        }
+    }
+}
+
+impl std::ops::Deref for DedicatedConnection {
+    type Target = redis::aio::MultiplexedConnection;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            DedicatedConnection::Single(c) => c,
+            #[cfg(feature = "sentinel")]
+            DedicatedConnection::Sentinel(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for DedicatedConnection {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            DedicatedConnection::Single(c) => c,
+            #[cfg(feature = "sentinel")]
+            DedicatedConnection::Sentinel(c) => c,
+        }
+    }
+}
+
+impl ConnectionLike for DedicatedConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        (**self).req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        (**self).req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        (**self).get_db()
+    }
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -56,6 +213,56 @@ impl std::fmt::Debug for RedisClient {
 }
 
 impl RedisClient {
+    /// Clients for pub/sub connections (each subscription has its own connection): the server
+    /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
+    ///
+    /// # Errors
+    /// [`Error::Config`] through Sentinel, where pub/sub is not supported yet.
+    pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
+        let config = &self.inner.config;
+        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
+            crate::topology::Topology::Single(url) => vec![url],
+            crate::topology::Topology::Cluster(nodes) => nodes,
+            crate::topology::Topology::Sentinel { .. } => {
+                return Err(Error::Config(
+                    "broadcast channels are not supported through Sentinel yet".into(),
+                ))
+            }
+        };
+        urls.iter()
+            .map(|url| {
+                single_client(config, url)
+                    .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
+            })
+            .collect()
+    }
+}
+
+/// Opens a single-server client, with the configured CA for `rediss://`.
+fn single_client(config: &Config, url: &str) -> redis::RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    if let Some(ca) = &config.ca_pem {
+        return redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        );
+    }
+    let _ = config;
+    redis::Client::open(url)
+}
+
+fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
+    let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
+    pool.timeouts.wait = Some(config.pool_wait_timeout);
+    pool.timeouts.create = Some(config.connect_timeout);
+    pool.timeouts.recycle = Some(config.command_timeout);
+    pool
+}
+
+impl RedisClient {
     /// Builds the client without touching the network: connections open on first use, so a worker
     /// starts (and answers 503 where Redis is needed) even while Redis is down. Must be called inside
     /// a tokio runtime.
@@ -64,32 +271,100 @@ impl RedisClient {
     /// [`Error::Config`] if the URL cannot be used.
     pub fn new(config: Config) -> Result<RedisClient> {
         let url = redact_url(&config.redis_url);
-        let client = redis::Client::open(config.redis_url.as_str())
-            .map_err(|e| Error::Config(format!("REDIS_URL `{url}`: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| Error::Config(format!("REDIS_URL `{url}`: {e}")))?;
-
-        let mut pool_config = deadpool_redis::Config::from_url(config.redis_url.clone());
-        let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
-        pool.timeouts.wait = Some(config.pool_wait_timeout);
-        pool.timeouts.create = Some(config.connect_timeout);
-        pool.timeouts.recycle = Some(config.command_timeout);
-        pool_config.pool = Some(pool);
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| Error::Config(format!("REDIS_URL `{url}`: {e}")))?;
+        let bad = |e: &dyn std::fmt::Display| Error::Config(format!("REDIS_URL `{url}`: {e}"));
+        let (shared, pool) = match Topology::parse(&config.redis_url, config.cluster_mode)? {
+            Topology::Single(u) => {
+                let client = single_client(&config, &u).map_err(|e| bad(&e))?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(Duration::from_millis(200));
+                let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+                    .map_err(|e| bad(&e))?;
+                let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(|e| bad(&e))?;
+                let pool = deadpool_redis::Pool::builder(manager)
+                    .config(pool_config(&config))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| bad(&e))?;
+                (Shared::Single(conn), DedicatedPool::Single(pool))
+            }
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(nodes) => {
+                #[allow(unused_mut)]
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    // redis-rs would re-send requests that failed with an I/O error (outcome
+                    // unknown); herd retries only refusals itself (see the module docs).
+                    .retries(0)
+                    .connection_timeout(config.connect_timeout);
+                #[cfg(feature = "tls")]
+                if let Some(ca) = &config.ca_pem {
+                    builder = builder.certs(redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(ca.clone()),
+                    });
+                }
+                let client = builder.build().map_err(|e| bad(&e))?;
+                let shared = ClusterShared {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                };
+                (Shared::Cluster(Box::new(shared)), DedicatedPool::None)
+            }
+            #[cfg(feature = "sentinel")]
+            Topology::Sentinel {
+                sentinels,
+                master,
+                tls,
+                username,
+                password,
+                db,
+            } => {
+                if config.ca_pem.is_some() {
+                    return Err(Error::Config(
+                        "HERD_REDIS_CA_FILE is not supported with Sentinel yet: install the CA in the system roots".into(),
+                    ));
+                }
+                let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+                    tls_mode: tls.then_some(deadpool_redis::sentinel::TlsMode::Secure),
+                    redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+                        db,
+                        username,
+                        password,
+                        protocol: Default::default(),
+                    }),
+                };
+                let shared = sentinel::Master::new(&config, &sentinels, &master, node.clone())
+                    .map_err(|e| bad(&e))?;
+                let manager = deadpool_redis::sentinel::Manager::new(
+                    sentinels,
+                    master,
+                    Some(node),
+                    deadpool_redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| bad(&e))?;
+                let pool = deadpool_redis::sentinel::Pool::builder(manager)
+                    .config(pool_config(&config))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| bad(&e))?;
+                (
+                    Shared::Sentinel(Arc::new(shared)),
+                    DedicatedPool::Sentinel(pool),
+                )
+            }
+            #[allow(unreachable_patterns)]
+            _ => return Err(bad(&"this topology needs a cargo feature of herd")),
+        };
 
         Ok(RedisClient {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
                 config,
-                conn,
+                shared,
                 pool,
                 round_trips: AtomicU64::new(0),
             }),
@@ -135,16 +410,53 @@ impl RedisClient {
         &self.inner.keys
     }
 
+    /// True when connected to a Redis Cluster: commands of one request may live in different slots
+    /// and must then be sent one slot at a time.
+    pub(crate) fn is_cluster(&self) -> bool {
+        match &self.inner.shared {
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The multiplexed connection (connecting it first on a cluster or through Sentinel).
+    async fn connection(&self) -> redis::RedisResult<Connection> {
+        match &self.inner.shared {
+            Shared::Single(c) => Ok(Connection::Single(c.clone())),
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(cluster) => cluster
+                .conn
+                .get_or_try_init(|| cluster.client.get_async_connection())
+                .await
+                .map(|c| Connection::Cluster(c.clone())),
+            #[cfg(feature = "sentinel")]
+            Shared::Sentinel(master) => master.connection().await.map(Connection::Sentinel),
+        }
+    }
+
     /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout.
     /// `wrote` says whether the command can change data (it decides how a lost reply is reported).
+    /// On a cluster the command or pipeline must stay within one hash slot.
     pub(crate) async fn run<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.count_round_trip();
+        self.run_alongside(wrote, f).await
+    }
+
+    /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
+    /// commands for other slots that travel in parallel): not counted as a round trip of its own.
+    pub(crate) async fn run_alongside<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let timeout = self.inner.config.command_timeout;
-        match tokio::time::timeout(timeout, f(self.inner.conn.clone())).await {
+        let round_trip = async move { f(self.connection().await?).await };
+        match tokio::time::timeout(timeout, round_trip).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
@@ -155,15 +467,44 @@ impl RedisClient {
         }
     }
 
+    /// Sends commands that may belong to different hash slots: one pipeline on a single server or
+    /// Sentinel (one round trip), one command each and all at once on a cluster (one round trip of
+    /// latency, one per node in load). The replies come back in order. Only for commands that are
+    /// independent of each other: on a cluster their order of execution is not defined.
+    pub(crate) async fn run_each(&self, wrote: bool, cmds: Vec<Cmd>) -> Result<Vec<Value>> {
+        if !self.is_cluster() {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd);
+            }
+            return self
+                .run(wrote, |mut c| async move { pipe.query_async(&mut c).await })
+                .await;
+        }
+        // They go out together: one round trip of latency.
+        self.count_round_trip();
+        let each = cmds.into_iter().map(|cmd| async move {
+            self.run_alongside(wrote, |mut c| async move {
+                cmd.query_async::<Value>(&mut c).await
+            })
+            .await
+        });
+        let replies = futures_util::future::join_all(each).await;
+        replies.into_iter().collect()
+    }
+
     /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
-    pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
-        self.inner.pool.get().await.map_err(|e| {
+    ///
+    /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
+    /// node owning the slot, which the cluster client does not lend out. Use
+    /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
+    #[allow(dead_code)] // used by the globals module
+    pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
+        let pool_wait = self.inner.config.pool_wait_timeout;
+        let unavailable = |e: deadpool_redis::PoolError| {
             let reason = match &e {
                 deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
-                    format!(
-                        "no pooled Redis connection became free within {:?}",
-                        self.inner.config.pool_wait_timeout
-                    )
+                    format!("no pooled Redis connection became free within {pool_wait:?}")
                 }
                 other => format!("no pooled Redis connection: {other}"),
             };
@@ -172,11 +513,154 @@ impl RedisClient {
                 _ => None,
             };
             Error::Unavailable { reason, source }
-        })
+        };
+        match &self.inner.pool {
+            DedicatedPool::Single(pool) => pool
+                .get()
+                .await
+                .map(DedicatedConnection::Single)
+                .map_err(unavailable),
+            #[cfg(feature = "sentinel")]
+            DedicatedPool::Sentinel(pool) => pool
+                .get()
+                .await
+                .map(DedicatedConnection::Sentinel)
+                .map_err(unavailable),
+            #[cfg(feature = "cluster")]
+            DedicatedPool::None => Err(Error::Config(
+                "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Optimistic write that works on every topology (single server, Sentinel, Redis Cluster): sets
+    /// `keys[i]` to `new[i]` (`None` deletes it, a value keeps the key's TTL) **only if** every key
+    /// still holds `expected[i]` (`None`: the key must not exist), all in one script, so atomically.
+    /// Returns `Ok(true)` when written, `Ok(false)` when some key had changed (read again and retry,
+    /// with jitter, like a failed `WATCH`).
+    ///
+    /// This is the cluster replacement for `WATCH`/`MULTI`/`EXEC`: on a cluster the keys must share a
+    /// hash tag (one group of globals), else Redis answers `CROSSSLOT`. Values are compared as bytes.
+    /// A timeout is [`Error::OutcomeUnknown`], as for every write; running the same call again is
+    /// then safe: if the first one was applied the keys no longer hold `expected` (unless
+    /// `new == expected`) and it answers `false`.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`], or [`Error::Redis`] (a key holds a
+    /// non-string value, `CROSSSLOT`).
+    #[allow(dead_code)] // used by the globals module
+    pub(crate) async fn compare_and_swap(
+        &self,
+        keys: &[String],
+        expected: &[Option<Vec<u8>>],
+        new: &[Option<Vec<u8>>],
+    ) -> Result<bool> {
+        static CAS: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(include_str!("compare_and_swap.lua")));
+        assert!(keys.len() == expected.len() && keys.len() == new.len());
+        let mut invocation = CAS.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for value in expected.iter().chain(new) {
+            match value {
+                Some(v) => invocation.arg(1).arg(v.as_slice()),
+                None => invocation.arg(0).arg(""),
+            };
+        }
+        let written: i64 = self
+            .run(true, |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(written == 1)
     }
 
     /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A throwaway `redis-server` for the crate-private helpers (the integration tests have the full
+    /// harness in `tests/support`).
+    struct Server(std::process::Child, u16);
+
+    impl Server {
+        fn start() -> Server {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port");
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server(child, port)
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn compare_and_swap_writes_only_what_was_read() {
+        let server = Server::start();
+        let config = Config::builder()
+            .redis_url(format!("redis://127.0.0.1:{}", server.1))
+            .secret_base64(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [1u8; 64],
+            ))
+            .build()
+            .expect("config");
+        let client = RedisClient::connect(config).await.expect("connect");
+        let keys = ["t:g:{bank}:a".to_owned(), "t:g:{bank}:b".to_owned()];
+        let v = |s: &str| Some(s.as_bytes().to_vec());
+        // Both absent: create them.
+        assert!(client
+            .compare_and_swap(&keys, &[None, None], &[v("10"), v("0")])
+            .await
+            .expect("cas"));
+        // A stale read: nothing written.
+        assert!(!client
+            .compare_and_swap(&keys, &[v("9"), v("0")], &[v("0"), v("9")])
+            .await
+            .expect("cas"));
+        // The current values: moved, and a delete.
+        assert!(client
+            .compare_and_swap(&keys, &[v("10"), v("0")], &[v("4"), None])
+            .await
+            .expect("cas"));
+        let (a, b): (Option<String>, Option<String>) = client
+            .run(false, |mut c| async move {
+                redis::cmd("MGET")
+                    .arg("t:g:{bank}:a")
+                    .arg("t:g:{bank}:b")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .expect("mget");
+        assert_eq!((a.as_deref(), b), (Some("4"), None));
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `REDIS_URL` | where Redis is (`redis://[user:pass@]host:port[/db]`) | `redis://127.0.0.1:6379` |
+//! | `REDIS_URL` | where Redis is: `redis://[user:pass@]host:port[/db]`, `rediss://...` (TLS), `redis+cluster://host:port[,host:port...]` (Redis Cluster), `redis+sentinel://host:port[,host:port...]/<master name>[/db]` (Sentinel); `rediss+cluster://`, `rediss+sentinel://` for TLS. Cluster, Sentinel and TLS need the `cluster`, `sentinel` and `tls` features | `redis://127.0.0.1:6379` |
+//! | `HERD_REDIS_MODE` | `cluster`: read a comma-separated `REDIS_URL` of plain URLs as cluster seed nodes; `single` (default) | `single` |
+//! | `HERD_REDIS_CA_FILE` | PEM file of the CA(s) that signed the Redis server certificates (`rediss`); without it the system roots are used | system roots |
 //! | `HERD_SECRET` | cookie signing key: base64 of at least 64 random bytes (`openssl rand -base64 64`) | a random key per process, with a warning |
 //! | `HERD_OLD_SECRETS` | comma-separated earlier secrets still accepted when verifying cookies (key rotation) | none |
 //! | `HERD_PREFIX` | prefix of every Redis key herd writes | `herd` |
@@ -40,6 +42,9 @@ pub struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
     pub(crate) pool_wait_timeout: Duration,
+    pub(crate) cluster_mode: bool,
+    /// PEM of the CA file (`HERD_REDIS_CA_FILE`), read when the config is built.
+    pub(crate) ca_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for Config {
@@ -54,6 +59,8 @@ impl fmt::Debug for Config {
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
+            .field("cluster_mode", &self.cluster_mode)
+            .field("ca_file", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -115,6 +122,8 @@ pub struct ConfigBuilder {
     connect_timeout: Option<Duration>,
     pool_size: Option<usize>,
     pool_wait_timeout: Option<Duration>,
+    cluster_mode: bool,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -162,6 +171,20 @@ impl ConfigBuilder {
         if let Some(prefix) = env("HERD_PREFIX") {
             b.prefix = Some(prefix);
         }
+        if let Some(mode) = env("HERD_REDIS_MODE") {
+            b.cluster_mode = match mode.trim() {
+                "cluster" => true,
+                "single" => false,
+                other => {
+                    return Err(Error::Config(format!(
+                        "HERD_REDIS_MODE must be `single` or `cluster`, got `{other}`"
+                    )))
+                }
+            };
+        }
+        if let Some(path) = env("HERD_REDIS_CA_FILE") {
+            b.ca_file = Some(path.into());
+        }
         b.command_timeout = env_millis("HERD_REDIS_TIMEOUT_MS")?;
         b.connect_timeout = env_millis("HERD_CONNECT_TIMEOUT_MS")?;
         b.pool_wait_timeout = env_millis("HERD_POOL_WAIT_MS")?;
@@ -178,6 +201,29 @@ impl ConfigBuilder {
     /// Where Redis is. Default `redis://127.0.0.1:6379`.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = Some(url.into());
+        self
+    }
+
+    /// Reads a comma-separated [`redis_url`](Self::redis_url) of plain `redis://` URLs as the seed nodes
+    /// of a Redis Cluster (the same as a `redis+cluster://` URL). Default off.
+    pub fn cluster_mode(mut self, on: bool) -> Self {
+        self.cluster_mode = on;
+        self
+    }
+
+    /// A PEM file with the CA certificate(s) that signed the Redis servers' certificates, for
+    /// `rediss://` URLs (needs the `tls` feature). Without it the system's roots are trusted. There is
+    /// no switch that turns certificate checks off.
+    ///
+    /// ```no_run
+    /// let config = herd::Config::builder()
+    ///     .redis_url("rediss://redis.internal:6380")
+    ///     .ca_file("/etc/redis/ca.pem")
+    ///     .build()?;
+    /// # Ok::<(), herd::Error>(())
+    /// ```
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
         self
     }
 
@@ -250,12 +296,21 @@ impl ConfigBuilder {
         let redis_url = self
             .redis_url
             .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
-        if let Err(e) = redis::Client::open(redis_url.as_str()) {
-            return Err(Error::Config(format!(
-                "REDIS_URL `{}` is not a usable Redis URL: {e}",
-                redact_url(&redis_url)
-            )));
-        }
+        crate::topology::Topology::parse(&redis_url, self.cluster_mode)?;
+        let ca_pem = match &self.ca_file {
+            None => None,
+            Some(_) if !cfg!(feature = "tls") => {
+                return Err(Error::Config(
+                    "HERD_REDIS_CA_FILE needs herd's `tls` feature".into(),
+                ))
+            }
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                Error::Config(format!(
+                    "cannot read the Redis CA file `{}`: {e}",
+                    path.display()
+                ))
+            })?),
+        };
         let (key, key_is_ephemeral) = match self.secret {
             Some(secret) => (secret.into_key()?, false),
             None => {
@@ -291,6 +346,8 @@ impl ConfigBuilder {
             connect_timeout: positive("the connect timeout", self.connect_timeout)?,
             pool_size,
             pool_wait_timeout: positive("the pool wait timeout", self.pool_wait_timeout)?,
+            cluster_mode: self.cluster_mode,
+            ca_pem,
         })
     }
 }

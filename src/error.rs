@@ -202,6 +202,14 @@ impl Error {
                 source: Some(err),
             };
         }
+        if err.is_io_error() && err.to_string().contains("certificate") {
+            return Error::Unavailable {
+                reason:
+                    "the Redis server's TLS certificate is not trusted (check HERD_REDIS_CA_FILE)"
+                        .into(),
+                source: Some(err),
+            };
+        }
         if err.is_io_error() || err.is_connection_refusal() {
             return Error::Unavailable {
                 reason: "cannot connect to Redis".into(),
@@ -209,6 +217,13 @@ impl Error {
             };
         }
         match err.kind() {
+            // During a failover the sentinels may name no reachable master for a few seconds.
+            ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel => {
+                Error::Unavailable {
+                    reason: "Sentinel names no reachable Redis master right now (failover?)".into(),
+                    source: Some(err),
+                }
+            }
             ErrorKind::Server(
                 ServerErrorKind::BusyLoading
                 | ServerErrorKind::ReadOnly

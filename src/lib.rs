@@ -9,6 +9,7 @@ pub(crate) mod keys;
 #[cfg(feature = "launcher")]
 pub mod launcher;
 pub mod session;
+pub(crate) mod topology;
 
 pub use crate::client::RedisClient;
 pub use crate::config::{Config, ConfigBuilder};

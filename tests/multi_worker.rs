@@ -940,3 +940,71 @@ async fn memory_stays_flat_over_a_million_requests() {
         "RSS grew from {after_100k} KiB to {after_1m} KiB"
     );
 }
+
+/// The same example on a 3-primary Redis Cluster, with only `REDIS_URL` changed
+/// (`redis+cluster://host:port,...`; built with the `cluster` feature).
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_a_redis_cluster_with_only_redis_url_changed() {
+    let cluster = support::cluster::RedisCluster::start();
+    let ex = Example::start(&cluster.url(), 2);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", ex.base);
+    let first = call(&c, "GET", &url("/counter"), None, None).await;
+    let cookie = first.cookie.expect("cookie");
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (c, u, cookie) = (c.clone(), url("/counter"), cookie.clone());
+        tasks.push(tokio::spawn(async move {
+            call(&c, "GET", &u, Some(&cookie), None).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), StatusCode::OK);
+    }
+    let r = call(&c, "GET", &url("/session"), Some(&cookie), None).await;
+    assert_eq!(r.body, json!({ "data": { "counter": 101 } }));
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (c, u) = (c.clone(), url("/transfer"));
+        tasks.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"from":"acct-{}","to":"acct-{}","amount":{}}}"#,
+                i % 10,
+                (i + 3) % 10,
+                1 + i % 50
+            );
+            call(&c, "POST", &u, None, Some(&body)).await.status
+        }));
+    }
+    for t in tasks {
+        let status = t.await.expect("task");
+        assert!(
+            status == StatusCode::OK || status == StatusCode::CONFLICT,
+            "{status}"
+        );
+    }
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000));
+    let r = call(
+        &c,
+        "POST",
+        &url("/login"),
+        Some(&cookie),
+        Some(r#"{"user":"zoe"}"#),
+    )
+    .await;
+    let logged = r
+        .cookie
+        .expect("login cycles the id (across slots on a cluster)");
+    let r = call(&c, "GET", &url("/session"), Some(&logged), None).await;
+    assert_eq!(r.body, json!({ "data": { "counter": 101, "user": "zoe" } }));
+    let r = call(&c, "GET", &url("/me"), Some(&cookie), None).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the pre-login cookie must be dead"
+    );
+    let r = call(&c, "GET", &url("/hits"), None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+}

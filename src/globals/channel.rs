@@ -3,6 +3,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -141,8 +142,10 @@ impl<T: DeserializeOwned + Send + 'static> Channel<T> {
     /// connect and command timeouts (later losses are handled by reconnecting).
     pub async fn subscribe(&self) -> Result<Subscription<T>> {
         let config = self.globals.client.config();
-        let client = redis::Client::open(config.redis_url())
-            .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        let client = Nodes {
+            clients: self.globals.client.pubsub_clients()?,
+            next: AtomicUsize::new(0),
+        };
         let timeouts = Timeouts {
             connect: config.connect_timeout,
             command: config.command_timeout,
@@ -210,7 +213,23 @@ struct Timeouts {
     command: Duration,
 }
 
-async fn connect(
+/// Where subscriptions connect: one server, or the nodes of a cluster tried in turn.
+struct Nodes {
+    clients: Vec<redis::Client>,
+    next: AtomicUsize,
+}
+
+async fn connect(nodes: &Nodes, channel: &str, timeouts: Timeouts) -> Result<redis::aio::PubSub> {
+    let i = nodes.next.load(Ordering::Relaxed) % nodes.clients.len().max(1);
+    let result = connect_to(&nodes.clients[i], channel, timeouts).await;
+    if result.is_err() {
+        // Next time, the next node (a cluster node may be the one that is down).
+        nodes.next.store(i + 1, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn connect_to(
     client: &redis::Client,
     channel: &str,
     timeouts: Timeouts,
@@ -233,7 +252,7 @@ async fn connect(
 
 /// The background task of one subscription.
 async fn listen<T: DeserializeOwned>(
-    client: redis::Client,
+    client: Nodes,
     channel: Arc<str>,
     first: redis::aio::PubSub,
     tx: mpsc::Sender<Received<T>>,

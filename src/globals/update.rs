@@ -176,6 +176,9 @@ impl Group {
         }
         let client = self.client();
         let settings = self.settings();
+        if client.is_cluster() {
+            return self.update_by_compare_and_swap(names, &keys, f).await;
+        }
         let mut conn = Dedicated::checkout(client).await?;
         let mut attempt = 0;
         loop {
@@ -239,6 +242,67 @@ impl Group {
             conn = Dedicated::checkout(client).await?;
         }
     }
+
+    /// `update` on a Redis Cluster, where `WATCH` cannot be used (the cluster client does not lend a
+    /// connection to the slot's node): read with `MGET`, run `f`, then commit with one
+    /// compare-and-swap script that writes only if every variable still holds what was read
+    /// (`RedisClient::compare_and_swap`). Same retries, backoff and errors as the `WATCH` path; a
+    /// refused or unchanged update sends nothing after the read. Two round trips per attempt.
+    async fn update_by_compare_and_swap<T, R, E, F>(
+        &self,
+        names: &[&str],
+        keys: &[String],
+        mut f: F,
+    ) -> std::result::Result<R, UpdateError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(&mut [Option<T>]) -> std::result::Result<R, E>,
+    {
+        let client = self.client();
+        let settings = self.settings();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let raw: Vec<Option<String>> = {
+                let keys = keys.to_vec();
+                client
+                    .run(false, |mut c| async move {
+                        redis::cmd("MGET").arg(&keys).query_async(&mut c).await
+                    })
+                    .await?
+            };
+            if raw.len() != keys.len() {
+                return Err(
+                    super::unexpected_reply("MGET returned a different number of values").into(),
+                );
+            }
+            let mut values = names
+                .iter()
+                .zip(&raw)
+                .map(|(name, raw)| raw.as_deref().map(|raw| decode::<T>(name, raw)).transpose())
+                .collect::<Result<Vec<Option<T>>>>()?;
+            let result = f(&mut values).map_err(UpdateError::Aborted)?;
+            let mut new = Vec::with_capacity(keys.len());
+            let mut changed = false;
+            for ((name, old), value) in names.iter().zip(&raw).zip(&values) {
+                let json = value.as_ref().map(|v| self.encode(name, v)).transpose()?;
+                changed |= json.as_deref() != old.as_deref();
+                new.push(json.map(String::into_bytes));
+            }
+            if !changed {
+                return Ok(result);
+            }
+            let expected: Vec<Option<Vec<u8>>> =
+                raw.into_iter().map(|r| r.map(String::into_bytes)).collect();
+            if client.compare_and_swap(keys, &expected, &new).await? {
+                return Ok(result);
+            }
+            if attempt >= settings.max_attempts {
+                return Err(Error::Conflict { attempts: attempt }.into());
+            }
+            tokio::time::sleep(backoff(settings, attempt)).await;
+        }
+    }
 }
 
 /// A random wait in `[0, min(max, base × 2^(attempt − 1))]` ("full jitter").
@@ -260,7 +324,7 @@ fn backoff(settings: &Settings, attempt: u32) -> Duration {
 /// holds a `WATCH` (the closure refused or changed nothing) is returned: deadpool-redis' recycle sends
 /// `UNWATCH` before handing it out again.
 struct Dedicated {
-    conn: Option<deadpool_redis::Connection>,
+    conn: Option<crate::client::DedicatedConnection>,
     dirty: bool,
 }
 
@@ -310,7 +374,7 @@ impl Dedicated {
         })?;
         client.count_round_trip();
         self.dirty = true;
-        match tokio::time::timeout(timeout, pipe.query_async::<T>(conn)).await {
+        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut **conn)).await {
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
             Err(_elapsed) => Err(Error::Unavailable {
                 reason: format!("no reply from Redis within {timeout:?}"),
@@ -332,7 +396,7 @@ impl Drop for Dedicated {
         if self.dirty {
             if let Some(conn) = self.conn.take() {
                 tracing::debug!("herd: closing a pooled connection left mid-request");
-                drop(deadpool_redis::Connection::take(conn));
+                conn.detach();
             }
         }
     }

@@ -1,7 +1,8 @@
 -- herd: apply one request's changes to a session hash, all or nothing.
 --
 -- KEYS[1]  the session's key; KEYS[2] its new key when the id is cycled (same script, one round trip).
--- ARGV[1]  mode: 'new' (KEYS[1] must not exist) | 'existing' (must exist) | 'cycle' (must exist, moves)
+-- ARGV[1]  mode: 'new' (KEYS[1] must not exist) | 'existing' (must exist) | 'cycle' (must exist, moves;
+--          single server only: RENAME across cluster slots is illegal, the cluster path is in store.rs)
 -- ARGV[2]  now, unix ms          ARGV[3] idle timeout, ms      ARGV[4] absolute timeout, ms
 -- ARGV[5]  size limit in bytes for the whole session (0: checked by the caller)
 -- ARGV[6]  '1' to clear every user field first
@@ -33,8 +34,9 @@ local current_owner = false
 if mode == 'new' then
   if redis.call('EXISTS', key) == 1 then return {2, 0, false} end
 else
-  local meta = redis.call('HMGET', key, '$c', '$i', '$o')
-  if not meta[1] then return {0, 0, false} end
+  local meta = redis.call('HMGET', key, '$c', '$i', '$o', '$m')
+  -- '$m': the id is being cycled to another slot on a cluster (store.rs): gone for everyone else.
+  if not meta[1] or meta[4] then return {0, 0, false} end
   if meta[2] then idle = tonumber(meta[2]) end
   current_owner = meta[3]
   if mode == 'cycle' then

@@ -22,6 +22,10 @@ use crate::keys::SessionId;
 /// a check (size, integer) fails. All checks run before the first write.
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
 
+/// First step of a cycle on a Redis Cluster: marks the old session as moving and reads it (see
+/// [`cycle_across_slots`]).
+const TAKE_SOURCE: &str = include_str!("take.lua");
+
 /// Expiry settings in force for one layer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Expiry {
@@ -47,12 +51,13 @@ pub(crate) enum SaveMode {
     New,
     /// The key must still exist (never resurrect).
     Existing,
-    /// The key must exist and moves to a fresh id (RENAME).
+    /// The key must exist and moves to a fresh id (RENAME on one server; on a cluster, where the new
+    /// key is in another slot, [`cycle_across_slots`]).
     Cycle,
 }
 
 /// The changes of one request, in the shape the save script takes.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Delta {
     pub(crate) clear: bool,
     pub(crate) set: Vec<(String, Vec<u8>)>,
@@ -118,7 +123,8 @@ pub(crate) async fn load(
                 .await
         })
         .await?;
-    if raw.is_empty() {
+    if raw.is_empty() || raw.contains_key("$m") {
+        // Absent, or being cycled to a new id on a cluster (the old id is no longer valid).
         return Ok(None);
     }
     let mut loaded = Loaded::default();
@@ -183,8 +189,109 @@ pub(crate) struct Save<'a> {
 }
 
 /// Applies a save in one round trip: the save script, plus the owner index update when the session
-/// (re)gets an id under an owner.
+/// (re)gets an id under an owner. On a cluster the index update (another slot) is sent alongside,
+/// not in the same pipeline, and cycling an id takes three round trips ([`cycle_across_slots`]).
 pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
+    if save.mode == SaveMode::Cycle && client.is_cluster() {
+        return cycle_across_slots(client, save).await;
+    }
+    save_in_place(client, save).await
+}
+
+/// Cycles a session id on a Redis Cluster, where the old and new keys live in different slots, so
+/// neither `RENAME` nor one script may touch both. Three round trips, each on one slot:
+///
+/// 1. on the old key, a script checks the session exists, **marks** it as moving
+///    (field `$m` = the new id) and reads it (`take.lua`). From then on the old id is dead: loads see it as
+///    absent and saves into it answer "gone", exactly as after a destroy;
+/// 2. the session's data (the old fields with this request's changes applied) is written under the
+///    new id by the usual save script in `new` mode (all checks before any write), with the owner
+///    index update sent alongside;
+/// 3. the old key is deleted.
+///
+/// What a crash or a lost reply leaves: after 1, the old session is marked and unusable and the
+/// visitor is logged out — the marked key expires with its idle timeout; after 2, the new session is
+/// complete and the marked old key also just expires. Never two usable sessions, never the old id
+/// still valid after a login (no fixation). If step 2 refuses (too large, not an integer, id taken)
+/// nothing was written under the new id, and the mark is removed again: the old session is intact.
+async fn cycle_across_slots(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
+    let (Some(new_id), delta) = (save.new_id, save.delta) else {
+        return save_in_place(client, save).await;
+    };
+    let old_key = client.keys().session(save.id);
+    // EVAL with the source, not EVALSHA: logins are rare, and this way the first one on each node
+    // costs no NOSCRIPT round trip. A retry with the same new id is harmless (see take.lua).
+    let taken: Option<HashMap<String, Vec<u8>>> = {
+        let take = redis::cmd("EVAL")
+            .arg(TAKE_SOURCE)
+            .arg(1)
+            .arg(&old_key)
+            .arg(new_id.as_str())
+            .to_owned();
+        client
+            .run(true, |mut c| async move { take.query_async(&mut c).await })
+            .await?
+    };
+    let Some(old) = taken else {
+        return Ok(SaveOutcome::Gone);
+    };
+
+    // The old session with this request's changes applied, as a save of a brand-new session.
+    let mut merged = Delta {
+        clear: false,
+        set: Vec::with_capacity(old.len() + delta.set.len()),
+        ..delta.clone()
+    };
+    merged.remove.clear();
+    for (field, value) in old {
+        match field.strip_prefix('$') {
+            Some("o") if merged.owner.is_none() => {
+                merged.owner = Some(String::from_utf8_lossy(&value).into_owned());
+            }
+            Some("i") if merged.idle_override_ms.is_none() => {
+                merged.idle_override_ms = String::from_utf8_lossy(&value).parse().ok();
+            }
+            Some(_) => {}
+            None if delta.clear
+                || delta.remove.contains(&field)
+                || delta.set.iter().any(|(f, _)| *f == field) => {}
+            None => merged.set.push((field, value)),
+        }
+    }
+    merged.set.extend(delta.set.iter().cloned());
+
+    let outcome = save_in_place(
+        client,
+        Save {
+            mode: SaveMode::New,
+            id: new_id,
+            new_id: None,
+            delta: &merged,
+            expiry: save.expiry,
+            max_bytes: save.max_bytes,
+            index_owner: save.index_owner,
+        },
+    )
+    .await?;
+    let cleanup = match outcome {
+        SaveOutcome::Applied { .. } => redis::cmd("DEL").arg(&old_key).to_owned(),
+        // Nothing was written under the new id: the old session stays valid.
+        _ => redis::cmd("HDEL").arg(&old_key).arg("$m").to_owned(),
+    };
+    if let Err(e) = client
+        .run(true, |mut c| async move {
+            cleanup.query_async::<i64>(&mut c).await
+        })
+        .await
+    {
+        // The old key stays marked (unusable) until it expires; the new session is what counts.
+        tracing::debug!(error = %e, "herd: could not clean up the old key of a cycled session");
+    }
+    Ok(outcome)
+}
+
+/// The save script on one key (plus the new key on a single server when cycling).
+async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
     let key = client.keys().session(save.id);
     let now = now_ms();
     let mut cmd = evalsha(&SAVE);
@@ -224,6 +331,23 @@ pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOut
     let reply = match save.index_owner {
         // One command on its own: cheaper than a pipeline, and Redis errors keep their codes.
         None => run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?,
+        Some(owner) if client.is_cluster() => {
+            // The index lives in another slot: send it alongside, not in the same pipeline.
+            let mut pipe = redis::pipe();
+            let deadline = now + ms(save.expiry.absolute);
+            add_owner_index(&mut pipe, client, owner, target_id, now, deadline);
+            let query = Query::Cmd(&cmd);
+            let (reply, indexed) = tokio::join!(
+                run_with_script(client, &query, &SAVE),
+                client.run_alongside(
+                    true,
+                    |mut c| async move { pipe.query_async::<()>(&mut c).await }
+                )
+            );
+            let reply = reply?;
+            indexed?;
+            reply
+        }
         Some(owner) => {
             let mut pipe = redis::pipe();
             pipe.add_command(cmd);
@@ -323,19 +447,23 @@ pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<u
     if ids.is_empty() {
         return Ok(0);
     }
-    let mut pipe = redis::pipe();
-    for id in &ids {
-        // One DEL per key: keys of different sessions live in different cluster slots.
-        pipe.cmd("DEL").arg(client.keys().session(id));
-    }
-    pipe.cmd("ZREM")
-        .arg(&index)
-        .arg(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
-        .ignore();
-    let deleted: Vec<i64> = client
-        .run(true, |mut c| async move { pipe.query_async(&mut c).await })
-        .await?;
-    Ok(deleted.iter().filter(|&&n| n > 0).count())
+    // One DEL per key: keys of different sessions live in different cluster slots (run_each sends
+    // them as one pipeline on a single server, one command per slot at once on a cluster).
+    let mut cmds: Vec<Cmd> = ids
+        .iter()
+        .map(|id| redis::cmd("DEL").arg(client.keys().session(id)).to_owned())
+        .collect();
+    cmds.push(
+        redis::cmd("ZREM")
+            .arg(&index)
+            .arg(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
+            .to_owned(),
+    );
+    let replies = client.run_each(true, cmds).await?;
+    Ok(replies[..ids.len()]
+        .iter()
+        .filter(|v| matches!(v, Value::Int(n) if *n > 0))
+        .count())
 }
 
 /// An `EVALSHA` of `script` to which the caller appends numkeys, keys and args.

@@ -9,6 +9,10 @@
 //! Set `HERD_TEST_REDIS_SERVER` to use another `redis-server` binary.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+pub mod sentinel;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -1,0 +1,150 @@
+//! Sentinel: a multiplexed connection to the master the sentinels name, looked up again after an
+//! error.
+//!
+//! The connection is made on first use by asking the sentinels for the master's address. Any
+//! error that may mean the master moved — the connection dropped or refused, an I/O error, or
+//! `READONLY` (the old master came back as a replica) — forgets it, so the next request asks the
+//! sentinels again and connects to the promoted replica. The request that saw the error fails
+//! (`503`, or "outcome unknown" for a write); herd never re-sends it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
+
+use crate::config::Config;
+
+/// The master of one sentinel-monitored service, and the current connection to it.
+pub(crate) struct Master {
+    sentinels: tokio::sync::Mutex<SentinelClient>,
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    conn_config: AsyncConnectionConfig,
+}
+
+impl Master {
+    pub(super) fn new(
+        config: &Config,
+        sentinels: &[String],
+        master: &str,
+        node: deadpool_redis::sentinel::SentinelNodeConnectionInfo,
+    ) -> redis::RedisResult<Master> {
+        // `build` takes a String without redis' TLS feature, `impl AsRef<str>` with it.
+        #[allow(clippy::unnecessary_to_owned)]
+        let client = SentinelClient::build(
+            sentinels.to_vec(),
+            master.to_owned(),
+            Some(node.into()),
+            SentinelServerType::Master,
+        )?;
+        Ok(Master {
+            sentinels: tokio::sync::Mutex::new(client),
+            current: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            conn_config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.command_timeout)),
+        })
+    }
+
+    fn cached(self: &Arc<Self>) -> Option<MasterConnection> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().map(|(generation, conn)| MasterConnection {
+            conn: conn.clone(),
+            generation: *generation,
+            master: Arc::clone(self),
+        })
+    }
+
+    /// The current connection, or a new one to the master the sentinels name now.
+    pub(super) async fn connection(self: &Arc<Self>) -> redis::RedisResult<MasterConnection> {
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let mut sentinels = self.sentinels.lock().await;
+        if let Some(conn) = self.cached() {
+            return Ok(conn); // another request reconnected meanwhile
+        }
+        let conn = sentinels
+            .get_async_connection_with_config(&self.conn_config)
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, conn.clone()));
+        tracing::debug!(
+            generation,
+            "herd: connected to the master named by Sentinel"
+        );
+        Ok(MasterConnection {
+            conn,
+            generation,
+            master: Arc::clone(self),
+        })
+    }
+
+    /// Drops the connection of `generation` (if still current) so the next request asks again.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(&*current, Some((g, _)) if *g == generation) {
+            *current = None;
+            tracing::info!("herd: Redis master connection lost; asking the sentinels again");
+        }
+    }
+}
+
+/// A clone of the current master connection.
+#[derive(Clone)]
+pub(crate) struct MasterConnection {
+    conn: MultiplexedConnection,
+    generation: u64,
+    master: Arc<Master>,
+}
+
+fn master_may_have_moved(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
+        || matches!(
+            err.kind(),
+            ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        )
+        || err.to_string().contains("READONLY")
+}
+
+impl MasterConnection {
+    fn check<T>(&self, reply: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &reply {
+            if master_may_have_moved(e) {
+                self.master.forget(self.generation);
+            }
+        }
+        reply
+    }
+}
+
+impl ConnectionLike for MasterConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let reply = self.conn.req_packed_command(cmd).await;
+            self.check(reply)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let reply = self.conn.req_packed_commands(pipeline, offset, count).await;
+            self.check(reply)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}

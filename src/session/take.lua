@@ -1,0 +1,15 @@
+-- herd: first step of cycling a session id on a Redis Cluster (the new key is in another slot, so
+-- the single-server RENAME is illegal): mark the old session as moving and read it.
+--
+-- KEYS[1]  the session's key        ARGV[1] the new id (the mark)
+--
+-- Returns the session's fields and values (HGETALL), or nil when the session does not exist or is
+-- already moving to another id. Once marked ('$m'), loads see the old session as absent and the
+-- save script refuses to write into it, so the old id cannot be used any more even if the cycle
+-- stops half-way. Running it again with the same new id answers the same (a retry is harmless).
+local key = KEYS[1]
+local meta = redis.call('HMGET', key, '$c', '$m')
+if not meta[1] then return nil end
+if meta[2] and meta[2] ~= ARGV[1] then return nil end
+redis.call('HSET', key, '$m', ARGV[1])
+return redis.call('HGETALL', key)

@@ -1,0 +1,180 @@
+//! Redis Cluster specifics the session suite (`session_cluster.rs`) does not cover: slots moving
+//! under load (`ASK`, then `MOVED`, retried by herd because the server refused before running
+//! anything) and a cycle cut short after its first step (the old id is dead, never two sessions).
+//! `cargo test --features cluster --test cluster`.
+#![cfg(feature = "cluster")]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd::RedisClient;
+use http::StatusCode;
+use support::cluster::{config, counter_app, request, RedisCluster, TestRedis};
+
+/// Sessions whose slots move from one node to another while four tasks increment them: every
+/// request succeeds and every counter is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
+    let cluster = TestRedis::Cluster(RedisCluster::start());
+    // A 2 s command timeout: this test is about refusals being retried, not about a loaded CI
+    // machine stalling a round trip for 500 ms (which would rightly be "outcome unknown").
+    let client = RedisClient::connect(
+        herd::Config::builder()
+            .redis_url(cluster.url())
+            .secret_base64(support::test_secret())
+            .prefix(support::unique_prefix("reshard"))
+            .command_timeout(Duration::from_secs(2))
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("connect");
+    let prefix = client.config().prefix().to_owned();
+    let app = counter_app(&client);
+    let TestRedis::Cluster(nodes) = &cluster else {
+        unreachable!()
+    };
+
+    // Sessions until at least four live on node 0 (the one that gives slots away).
+    let mut cookies = Vec::new();
+    let mut moving = Vec::new();
+    while moving.len() < 4 {
+        let (status, _, cookie) = request(&app, "GET", "/incr", None).await;
+        assert_eq!(status, StatusCode::OK);
+        cookies.push(cookie.expect("cookie"));
+        let keys = cluster.keys(&format!("{prefix}:s:*"));
+        moving = keys
+            .iter()
+            .map(|k| nodes.slot_of(k))
+            .filter(|s| nodes.owner_of(*s) == 0)
+            .collect();
+    }
+    let cookies = Arc::new(cookies);
+    let expected: Arc<Vec<AtomicU64>> =
+        Arc::new(cookies.iter().map(|_| AtomicU64::new(1)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (app, cookies, expected, stop) =
+            (app.clone(), cookies.clone(), expected.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let n = i % cookies.len();
+                // Every third request a read (a pipeline: HGETALL + PTTL), else an increment (a script).
+                let path = if i % 3 == 2 { "/get" } else { "/incr" };
+                let (status, body, _) = request(&app, "GET", path, Some(&cookies[n])).await;
+                if status == StatusCode::OK {
+                    if path == "/incr" {
+                        expected[n].fetch_add(1, Ordering::Relaxed);
+                    }
+                } else {
+                    failures.push(format!("{status}: {body}"));
+                }
+                i += 1;
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = client.round_trips();
+    let slots = moving.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        if let TestRedis::Cluster(nodes) = &cluster {
+            for slot in slots {
+                nodes.migrate_slot(slot, 0, 1, Duration::from_millis(150));
+            }
+        }
+        cluster
+    })
+    .await
+    .expect("migration");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.expect("task"));
+    }
+    let requests = client.round_trips() - before;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let TestRedis::Cluster(nodes) = &cluster else {
+        unreachable!()
+    };
+    for slot in &moving {
+        assert_eq!(nodes.owner_of(*slot), 1, "slot {slot} moved");
+    }
+    for (n, cookie) in cookies.iter().enumerate() {
+        let (status, body, _) = request(&app, "GET", "/get", Some(cookie)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            expected[n].load(Ordering::Relaxed).to_string(),
+            "session {n}"
+        );
+    }
+    println!(
+        "{} slots moved under load: {requests} round trips, 0 failures, counters exact",
+        moving.len()
+    );
+}
+
+/// A cycle that stops after marking the old key (a crash between its steps): the old cookie is
+/// anonymous and cannot write into the old session; nothing is resurrected.
+#[tokio::test]
+async fn a_cycle_cut_after_the_mark_leaves_the_old_id_dead() {
+    let cluster = TestRedis::Cluster(RedisCluster::start());
+    let client = RedisClient::connect(config(&cluster, "cut"))
+        .await
+        .expect("connect");
+    let prefix = client.config().prefix().to_owned();
+    let app = counter_app(&client);
+    let (_, _, cookie) = request(&app, "GET", "/incr", None).await;
+    let cookie = cookie.expect("cookie");
+    let key = cluster
+        .keys(&format!("{prefix}:s:*"))
+        .pop()
+        .expect("the session key");
+    // What step 1 of a cycle leaves behind when the process dies right after it.
+    let _: i64 = cluster.cmd(&["HSET", &key, "$m", "0123456789abcdef0123456789abcdef"]);
+    let (status, body, _) = request(&app, "GET", "/get", Some(&cookie)).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "0"),
+        "the old id reads as empty"
+    );
+    let (status, _, new_cookie) = request(&app, "GET", "/incr", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        new_cookie.is_some(),
+        "a write with the dead id starts a new session"
+    );
+    let n: Option<String> = cluster.cmd(&["HGET", &key, "n"]);
+    assert_eq!(
+        n.as_deref(),
+        Some("1"),
+        "the marked session was not written to"
+    );
+    // A full cycle on a cluster: three round trips, the old key gone, the data moved.
+    let (_, _, c) = request(&app, "GET", "/incr", None).await;
+    let c = c.expect("cookie");
+    let before = client.round_trips();
+    let (status, _, cycled) = request(&app, "POST", "/login", Some(&c)).await;
+    assert_eq!(status, StatusCode::OK);
+    println!(
+        "cycle_id on a cluster (blind write + cycle): {} round trips",
+        client.round_trips() - before
+    );
+    let (_, body, _) = request(&app, "GET", "/get", Some(&cycled.expect("new cookie"))).await;
+    assert_eq!(body, "1");
+    let (_, body, _) = request(&app, "GET", "/get", Some(&c)).await;
+    assert_eq!(body, "0", "the old id is dead");
+}

@@ -1,0 +1,399 @@
+//! A private 3-primary Redis Cluster on free loopback ports, and [`TestRedis`], the backend the
+//! session suite runs on: one server, or this cluster when the test binary's name contains
+//! `_cluster` (`tests/session_cluster.rs`) or `HERD_TEST_TOPOLOGY=cluster` is set.
+//!
+//! The cluster is three [`RedisServer`]s started with `--cluster-enabled yes`, joined by
+//! `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`; [`RedisCluster::start`]
+//! returns once every node reports `cluster_state:ok`. Each node keeps its `nodes.conf` in its own
+//! temp dir, so [`RedisCluster::restart`] brings the same cluster back (empty). Nodes are killed on
+//! drop and their logs printed when the test is failing.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{unique_prefix, RedisServer};
+
+/// Three cluster-enabled primaries holding all 16384 slots.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+const NODE_ARGS: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "2000",
+];
+
+impl RedisCluster {
+    /// Starts three nodes and creates the cluster; panics with the logs if that fails.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(&NODE_ARGS))
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (it comes with redis-server) must be on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node says `cluster_state:ok` and knows all three primaries.
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                let Ok(mut c) = redis::Client::open(n.url())
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                else {
+                    return false;
+                };
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut c)
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The nodes (all primaries).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Runs one command on the node owning its key (`args[1]`), following `MOVED`.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut port = self.nodes[0].port();
+        for _ in 0..4 {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            let url = format!("redis://127.0.0.1:{port}");
+            let mut conn = redis::Client::open(url)
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+                .expect("connect to a cluster node");
+            match cmd.query::<T>(&mut conn) {
+                Ok(v) => return v,
+                Err(e) => match e.redirect_node() {
+                    Some((addr, _)) => {
+                        port = addr
+                            .rsplit_once(':')
+                            .and_then(|(_, p)| p.parse().ok())
+                            .expect("MOVED address")
+                    }
+                    None => panic!("{args:?} failed: {e}"),
+                },
+            }
+        }
+        panic!("{args:?}: too many redirects");
+    }
+
+    /// The node (index) that owns `slot` now, as node 0 sees it.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let slots: Vec<(u16, u16, Vec<redis::Value>)> = self.nodes[0].cmd(&["CLUSTER", "SLOTS"]);
+        let port = slots
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .and_then(|(_, _, primary)| match primary.get(1) {
+                Some(redis::Value::Int(port)) => Some(*port as u16),
+                _ => None,
+            })
+            .expect("every slot is served");
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a known node")
+    }
+
+    /// The slot of a key.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0].cmd::<u16>(&["CLUSTER", "KEYSLOT", key])
+    }
+
+    /// Moves `slot` and its keys from node `from` to node `to` the way `redis-cli --cluster reshard`
+    /// does (`IMPORTING`/`MIGRATING`, `MIGRATE`, `SETSLOT NODE`), pausing `pause` after each step so
+    /// that clients meet `ASK` (keys already moved, slot not yet handed over) and then `MOVED`.
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize, pause: Duration) {
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let src_id: String = src.cmd(&["CLUSTER", "MYID"]);
+        let dst_id: String = dst.cmd(&["CLUSTER", "MYID"]);
+        let slot = slot.to_string();
+        let _: () = dst.cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]);
+        let _: () = src.cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]);
+        std::thread::sleep(pause);
+        loop {
+            let keys: Vec<String> = src.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port().to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = src.cmd(&args);
+        }
+        std::thread::sleep(pause);
+        for node in [dst, src] {
+            let _: () = node.cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+        }
+        for node in &self.nodes {
+            // The third node learns it by gossip; tell it at once.
+            let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(&slot)
+                .arg("NODE")
+                .arg(&dst_id)
+                .query(&mut node.conn());
+        }
+    }
+
+    /// Keys matching a pattern, from every node.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.nodes.iter().flat_map(|n| n.keys(pattern)).collect()
+    }
+
+    /// Keys in all nodes.
+    pub fn dbsize(&self) -> i64 {
+        self.nodes.iter().map(RedisServer::dbsize).sum()
+    }
+
+    /// `INFO commandstats` summed over the nodes.
+    pub fn command_calls(&self) -> HashMap<String, u64> {
+        let mut all = HashMap::new();
+        for n in &self.nodes {
+            for (k, v) in n.command_calls() {
+                *all.entry(k).or_insert(0) += v;
+            }
+        }
+        all
+    }
+
+    /// Resets `INFO commandstats` on every node.
+    pub fn reset_stats(&self) {
+        self.nodes.iter().for_each(RedisServer::reset_stats);
+    }
+
+    /// Kills every node.
+    pub fn kill(&mut self) {
+        self.nodes.iter_mut().for_each(RedisServer::kill);
+    }
+
+    /// Starts every node again on its port with its `nodes.conf`: the same cluster, empty.
+    pub fn restart(&mut self) {
+        self.nodes.iter_mut().for_each(RedisServer::restart);
+        self.wait_ok();
+    }
+}
+
+/// What the session suite runs on: one server, or a 3-primary cluster (see the module docs).
+pub enum TestRedis {
+    /// One `redis-server`.
+    Single(RedisServer),
+    /// A 3-primary cluster.
+    Cluster(RedisCluster),
+}
+
+/// True when this test binary runs its suite on a cluster.
+pub fn on_cluster() -> bool {
+    if let Ok(t) = std::env::var("HERD_TEST_TOPOLOGY") {
+        return t == "cluster";
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.contains("_cluster"))
+}
+
+impl TestRedis {
+    /// A fresh backend of the kind this binary runs on.
+    pub fn start() -> TestRedis {
+        if on_cluster() {
+            TestRedis::Cluster(RedisCluster::start())
+        } else {
+            TestRedis::Single(RedisServer::start())
+        }
+    }
+
+    /// True on a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, TestRedis::Cluster(_))
+    }
+
+    /// The URL herd connects with.
+    pub fn url(&self) -> String {
+        match self {
+            TestRedis::Single(s) => s.url(),
+            TestRedis::Cluster(c) => c.url(),
+        }
+    }
+
+    /// One command (on the key's node on a cluster).
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        match self {
+            TestRedis::Single(s) => s.cmd(args),
+            TestRedis::Cluster(c) => c.cmd(args),
+        }
+    }
+
+    /// Keys matching a pattern.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        match self {
+            TestRedis::Single(s) => s.keys(pattern),
+            TestRedis::Cluster(c) => c.keys(pattern),
+        }
+    }
+
+    /// Number of keys.
+    pub fn dbsize(&self) -> i64 {
+        match self {
+            TestRedis::Single(s) => s.dbsize(),
+            TestRedis::Cluster(c) => c.dbsize(),
+        }
+    }
+
+    /// `INFO commandstats` (summed over the nodes).
+    pub fn command_calls(&self) -> HashMap<String, u64> {
+        match self {
+            TestRedis::Single(s) => s.command_calls(),
+            TestRedis::Cluster(c) => c.command_calls(),
+        }
+    }
+
+    /// Resets `INFO commandstats`.
+    pub fn reset_stats(&self) {
+        match self {
+            TestRedis::Single(s) => s.reset_stats(),
+            TestRedis::Cluster(c) => c.reset_stats(),
+        }
+    }
+
+    /// Kills the server (every node).
+    pub fn kill(&mut self) {
+        match self {
+            TestRedis::Single(s) => s.kill(),
+            TestRedis::Cluster(c) => c.kill(),
+        }
+    }
+
+    /// Starts it again, empty.
+    pub fn restart(&mut self) {
+        match self {
+            TestRedis::Single(s) => s.restart(),
+            TestRedis::Cluster(c) => c.restart(),
+        }
+    }
+}
+
+/// A herd config pointing at `redis`, with a fixed secret and a unique prefix (as
+/// [`super::config`]).
+pub fn config(redis: &TestRedis, name: &str) -> herd::Config {
+    herd::Config::builder()
+        .redis_url(redis.url())
+        .secret_base64(super::test_secret())
+        .prefix(unique_prefix(name))
+        .command_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .pool_wait_timeout(Duration::from_millis(500))
+        .build()
+        .expect("test config")
+}
+
+/// Sends one request with an optional cookie through `app`; returns the status, the body as text
+/// and the `name=value` of a cookie it sets.
+pub async fn request(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (http::StatusCode, String, Option<String>) {
+    use tower::ServiceExt;
+    let mut req = http::Request::builder().method(method).uri(path);
+    if let Some(c) = cookie {
+        req = req.header(http::header::COOKIE, c);
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(axum::body::Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let status = res.status();
+    let set_cookie = res
+        .headers()
+        .get(http::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        set_cookie,
+    )
+}
+
+/// A small app for load tests: `GET /incr` increments the session counter `n` and answers its
+/// value, `GET /get` answers it (0 when absent), `POST /login` writes `user` and cycles the id.
+pub fn counter_app(client: &herd::RedisClient) -> axum::Router {
+    use axum::routing::{get, post};
+    use herd::{Session, SessionLayer};
+    axum::Router::new()
+        .route(
+            "/incr",
+            get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
+        )
+        .route(
+            "/get",
+            get(|s: Session| async move {
+                s.get::<i64>("n").await.map(|n| n.unwrap_or(0).to_string())
+            }),
+        )
+        .route(
+            "/login",
+            post(|s: Session| async move {
+                s.insert("user", "carol").await?;
+                s.cycle_id().await;
+                Ok::<_, herd::Error>("ok")
+            }),
+        )
+        .layer(SessionLayer::new(client.clone()).with_secure(false))
+}

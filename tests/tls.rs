@@ -1,0 +1,107 @@
+//! TLS (`rediss://`): a server with certificates made for this run; the right CA connects and
+//! serves sessions, a wrong CA (or none: the system roots) fails clearly and quickly.
+//! `cargo test --features tls --test tls`.
+#![cfg(feature = "tls")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use herd::{Config, RedisClient, Session, SessionLayer};
+use support::tls::TlsRedis;
+
+fn config(server: &TlsRedis, ca: Option<std::path::PathBuf>) -> herd::Result<Config> {
+    let mut b = Config::builder()
+        .redis_url(server.url())
+        .secret_base64(support::test_secret())
+        .prefix(support::unique_prefix("tls"))
+        .command_timeout(Duration::from_millis(1000))
+        .connect_timeout(Duration::from_millis(1000));
+    if let Some(ca) = ca {
+        b = b.ca_file(ca);
+    }
+    b.build()
+}
+
+#[tokio::test]
+async fn the_right_ca_connects_and_serves_sessions() {
+    use axum::routing::get;
+    use tower::ServiceExt;
+    let server = TlsRedis::start();
+    let client = RedisClient::connect(config(&server, Some(server.ca_file())).expect("config"))
+        .await
+        .expect("TLS with the right CA must connect");
+    let app = axum::Router::new()
+        .route(
+            "/incr",
+            get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
+        )
+        .layer(SessionLayer::new(client.clone()).with_secure(false));
+    let res = app
+        .clone()
+        .oneshot(
+            http::Request::get("/incr")
+                .body(axum::body::Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), http::StatusCode::OK);
+    let cookie = res.headers()[http::header::SET_COOKIE]
+        .to_str()
+        .expect("ascii")
+        .split(';')
+        .next()
+        .expect("cookie")
+        .to_owned();
+    let res = app
+        .oneshot(
+            http::Request::get("/incr")
+                .header(http::header::COOKIE, cookie)
+                .body(axum::body::Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("infallible");
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&body[..], b"2", "the session lives on the TLS server");
+}
+
+#[tokio::test]
+async fn a_wrong_ca_or_no_ca_fails_clearly() {
+    let server = TlsRedis::start();
+    for (what, ca) in [
+        ("a wrong CA", Some(server.wrong_ca_file())),
+        ("the system roots", None),
+    ] {
+        let start = Instant::now();
+        let err = RedisClient::connect(config(&server, ca).expect("config"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: connected to a server it must not trust"));
+        let took = start.elapsed();
+        assert!(err.is_unavailable(), "{what}: {err:?}");
+        let chain = format!("{err} / {:?}", std::error::Error::source(&err));
+        println!("{what}: {chain} ({took:?})");
+        assert!(
+            chain.to_lowercase().contains("certificate"),
+            "{what}: the error must say it is about the certificate: {chain}"
+        );
+        assert!(took < Duration::from_secs(2), "{what}: took {took:?}");
+    }
+}
+
+#[test]
+fn a_missing_ca_file_is_a_startup_error() {
+    let err = Config::builder()
+        .redis_url("rediss://127.0.0.1:1")
+        .ca_file("/nonexistent/ca.pem")
+        .build()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("cannot read the Redis CA file"), "{err}");
+}
