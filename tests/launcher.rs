@@ -524,7 +524,10 @@ fn workers_are_recycled_by_memory_and_request_limits() {
         // A replacement, not a crash: same generation, no restart counted.
         assert_eq!(replaced.workers[0].generation, 1);
         assert_eq!(replaced.workers[0].restarts, 0);
-        assert!(m.output().contains("recycle"), "{}", m.output());
+        // The master's log is read by another thread: give it a moment to arrive.
+        wait_until("the recycle line in the master's log", Duration::from_secs(5), || {
+            m.output().contains("recycle").then_some(())
+        });
         kill(m.pid(), "TERM");
         assert!(m.wait_exit(START).success());
     }
