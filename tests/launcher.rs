@@ -525,9 +525,11 @@ fn workers_are_recycled_by_memory_and_request_limits() {
         assert_eq!(replaced.workers[0].generation, 1);
         assert_eq!(replaced.workers[0].restarts, 0);
         // The master's log is read by another thread: give it a moment to arrive.
-        wait_until("the recycle line in the master's log", Duration::from_secs(5), || {
-            m.output().contains("recycle").then_some(())
-        });
+        wait_until(
+            "the recycle line in the master's log",
+            Duration::from_secs(5),
+            || m.output().contains("recycle").then_some(()),
+        );
         kill(m.pid(), "TERM");
         assert!(m.wait_exit(START).success());
     }
