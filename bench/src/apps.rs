@@ -30,7 +30,11 @@ const HERD_SECRET: [u8; 64] = [7u8; 64];
 /// Idle timeout of every app's sessions (herd's default: 24 h).
 const IDLE_SECS: u64 = 24 * 3600;
 
-pub async fn serve(app: &str, port: u16, redis_url: &str) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn serve(
+    app: &str,
+    port: u16,
+    redis_url: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let router = match app {
         "herd" => herd_app(redis_url).await?,
         "tower-sessions" => tower_sessions_app(redis_url).await?,
@@ -143,7 +147,8 @@ fn sid(headers: &HeaderMap) -> Option<String> {
             if let Some((k, v)) = pair.split_once('=') {
                 if k.trim() == SID {
                     let v = v.trim();
-                    let ok = v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                    let ok =
+                        v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
                     return ok.then(|| v.to_owned());
                 }
             }
@@ -174,7 +179,9 @@ fn unavailable(e: redis::RedisError) -> Response {
 type Conn = redis::aio::MultiplexedConnection;
 
 async fn connect(redis_url: &str) -> Result<Conn, Box<dyn std::error::Error>> {
-    Ok(redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?)
+    Ok(redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?)
 }
 
 /// The limit: the least Redis work a session counter can do. A hash per session (like herd);
@@ -190,8 +197,14 @@ async fn limit_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>
         let key = format!("limit:s:{id}");
         let mut c = (*conn).clone();
         let r: Result<(i64,), _> = redis::pipe()
-            .cmd("HINCRBY").arg(&key).arg("counter").arg(1)
-            .cmd("EXPIRE").arg(&key).arg(IDLE_SECS).ignore()
+            .cmd("HINCRBY")
+            .arg(&key)
+            .arg("counter")
+            .arg(1)
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(IDLE_SECS)
+            .ignore()
             .query_async(&mut c)
             .await;
         match r {
@@ -200,7 +213,9 @@ async fn limit_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>
         }
     }
     async fn read(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
-        let Some(id) = sid(&headers) else { return "0".into_response() };
+        let Some(id) = sid(&headers) else {
+            return "0".into_response();
+        };
         let mut c = (*conn).clone();
         let r: Result<std::collections::HashMap<String, Vec<u8>>, _> = redis::cmd("HGETALL")
             .arg(format!("limit:s:{id}"))
@@ -232,7 +247,11 @@ async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error
     let conn = Arc::new(connect(redis_url).await?);
 
     async fn load(c: &mut Conn, key: &str) -> Result<Map<String, Value>, Response> {
-        let blob: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(c).await.map_err(unavailable)?;
+        let blob: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(c)
+            .await
+            .map_err(unavailable)?;
         Ok(blob
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default())
@@ -244,7 +263,9 @@ async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error
         };
         let key = format!("getset:s:{id}");
         let mut c = conn.clone();
-        let mut data = if new { Map::new() } else {
+        let mut data = if new {
+            Map::new()
+        } else {
             match load(&mut c, &key).await {
                 Ok(d) => d,
                 Err(res) => return res,
@@ -253,7 +274,13 @@ async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error
         let n = data.get(field).and_then(Value::as_i64).unwrap_or(0) + 1;
         data.insert(field.to_owned(), n.into());
         let blob = serde_json::to_vec(&data).unwrap_or_default();
-        let r: Result<(), _> = redis::cmd("SET").arg(&key).arg(blob).arg("EX").arg(IDLE_SECS).query_async(&mut c).await;
+        let r: Result<(), _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(blob)
+            .arg("EX")
+            .arg(IDLE_SECS)
+            .query_async(&mut c)
+            .await;
         match r {
             Ok(()) => with_cookie(n.to_string(), new.then_some(id.as_str())),
             Err(e) => unavailable(e),
@@ -266,10 +293,17 @@ async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error
         bump(&conn, &headers, "n").await
     }
     async fn read(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
-        let Some(id) = sid(&headers) else { return "0".into_response() };
+        let Some(id) = sid(&headers) else {
+            return "0".into_response();
+        };
         let mut c = (*conn).clone();
         match load(&mut c, &format!("getset:s:{id}")).await {
-            Ok(data) => data.get("counter").and_then(Value::as_i64).unwrap_or(0).to_string().into_response(),
+            Ok(data) => data
+                .get("counter")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                .to_string()
+                .into_response(),
             Err(res) => res,
         }
     }

@@ -85,13 +85,20 @@ impl Options {
             }
             let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             explicit.push(flag.clone());
-            let list = |v: &str| v.split(',').map(|s| s.trim().to_owned()).collect::<Vec<_>>();
+            let list = |v: &str| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .collect::<Vec<_>>()
+            };
             match flag.as_str() {
                 "--rounds" => o.rounds = v.parse()?,
                 "--duration" => o.duration = v.parse()?,
                 "--warmup" => o.warmup = v.parse()?,
                 "--connections" => {
-                    o.connections = list(v).iter().map(|s| s.parse()).collect::<Result<_, _>>()?
+                    o.connections = list(v)
+                        .iter()
+                        .map(|s| s.parse())
+                        .collect::<Result<_, _>>()?
                 }
                 "--apps" => o.apps = list(v),
                 "--routes" => o.routes = list(v),
@@ -195,13 +202,24 @@ impl Redis {
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("cannot start `{binary}` (install redis-server): {e}"))?;
-            let mut redis = Redis { proc: Proc { name: "redis-server".into(), child }, port, dir: dir.clone() };
+            let mut redis = Redis {
+                proc: Proc {
+                    name: "redis-server".into(),
+                    child,
+                },
+                port,
+                dir: dir.clone(),
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if redis.proc.check_alive().is_err() {
                     break;
                 }
-                if redis.conn().and_then(|mut c| Ok(redis::cmd("PING").query::<String>(&mut c)?)).is_ok() {
+                if redis
+                    .conn()
+                    .and_then(|mut c| Ok(redis::cmd("PING").query::<String>(&mut c)?))
+                    .is_ok()
+                {
                     return Ok(redis);
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -221,12 +239,18 @@ impl Redis {
 
     /// `INFO commandstats`: calls per command (commands run by scripts included).
     fn command_calls(&self) -> Result<BTreeMap<String, u64>, Error> {
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()?)?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn()?)?;
         Ok(info
             .lines()
             .filter_map(|line| {
                 let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+                let calls = stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))?
+                    .parse()
+                    .ok()?;
                 Some((name.to_owned(), calls))
             })
             .collect())
@@ -243,10 +267,21 @@ fn start_app(app: &str, redis_url: &str) -> Result<(Proc, u16), Error> {
     let exe = std::env::current_exe()?;
     let port = free_port()?;
     let child = Command::new(exe)
-        .args(["serve", "--app", app, "--port", &port.to_string(), "--redis", redis_url])
+        .args([
+            "serve",
+            "--app",
+            app,
+            "--port",
+            &port.to_string(),
+            "--redis",
+            redis_url,
+        ])
         .stdin(Stdio::null())
         .spawn()?;
-    let mut proc = Proc { name: format!("app {app}"), child };
+    let mut proc = Proc {
+        name: format!("app {app}"),
+        child,
+    };
     wait_http(&mut proc, port, "/untouched")?;
     Ok((proc, port))
 }
@@ -278,8 +313,13 @@ struct Reply {
 fn http_get(port: u16, path: &str, cookie: Option<&str>) -> Result<Reply, Error> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}Connection: close\r\n\r\n")?;
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}Connection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or("malformed HTTP reply")?;
@@ -294,7 +334,11 @@ fn http_get(port: u16, path: &str, cookie: Option<&str>) -> Result<Reply, Error>
         k.eq_ignore_ascii_case("set-cookie")
             .then(|| v.trim().split(';').next().unwrap_or("").to_owned())
     });
-    Ok(Reply { status, set_cookie, body: body.to_owned() })
+    Ok(Reply {
+        status,
+        set_cookie,
+        body: body.to_owned(),
+    })
 }
 
 /// Makes `n` sessions by calling `path` without a cookie; returns the `name=value` cookies.
@@ -303,9 +347,12 @@ fn make_sessions(port: u16, path: &str, n: usize) -> Result<Vec<String>, Error> 
         .map(|_| {
             let r = http_get(port, path, None)?;
             if r.status != 200 {
-                return Err(format!("GET {path} without cookie: status {} {}", r.status, r.body).into());
+                return Err(
+                    format!("GET {path} without cookie: status {} {}", r.status, r.body).into(),
+                );
             }
-            r.set_cookie.ok_or_else(|| format!("GET {path} without cookie set no cookie").into())
+            r.set_cookie
+                .ok_or_else(|| format!("GET {path} without cookie set no cookie").into())
         })
         .collect()
 }
@@ -339,7 +386,12 @@ fn check_app(app: &str, port: u16, cookie: &str, routes: &[String]) -> Result<()
 // wrk
 
 /// A wrk script giving each thread its own slice of the session cookies, used round-robin.
-fn write_script(dir: &Path, name: &str, cookies: &[String], threads: usize) -> Result<PathBuf, Error> {
+fn write_script(
+    dir: &Path,
+    name: &str,
+    cookies: &[String],
+    threads: usize,
+) -> Result<PathBuf, Error> {
     let path = dir.join(format!("{name}.lua"));
     let list: Vec<String> = cookies.iter().map(|c| format!("{c:?}")).collect();
     let script = format!(
@@ -383,7 +435,14 @@ struct WrkResult {
     p99_us: f64,
 }
 
-fn run_wrk(o: &Options, script: &Path, port: u16, path: &str, conns: usize, secs: u64) -> Result<WrkResult, Error> {
+fn run_wrk(
+    o: &Options,
+    script: &Path,
+    port: u16,
+    path: &str,
+    conns: usize,
+    secs: u64,
+) -> Result<WrkResult, Error> {
     let out = Command::new(&o.wrk)
         .arg(format!("-t{}", o.threads.min(conns)))
         .arg(format!("-c{conns}"))
@@ -400,8 +459,16 @@ fn run_wrk(o: &Options, script: &Path, port: u16, path: &str, conns: usize, secs
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("RESULT "))
-        .ok_or_else(|| format!("wrk gave no result: {stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
-    let v: Vec<f64> = line.split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN)).collect();
+        .ok_or_else(|| {
+            format!(
+                "wrk gave no result: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN))
+        .collect();
     if v.len() != 9 {
         return Err(format!("bad wrk result line: {line}").into());
     }
@@ -441,17 +508,44 @@ struct Target<'a> {
 }
 
 fn herd_round_trips(port: u16) -> Option<u64> {
-    http_get(port, "/__round_trips", None).ok()?.body.trim().parse().ok()
+    http_get(port, "/__round_trips", None)
+        .ok()?
+        .body
+        .trim()
+        .parse()
+        .ok()
 }
 
-fn measure(o: &Options, redis: &Redis, t: &Target<'_>, route: &str, conns: usize, secs: u64, tick_us: f64) -> Result<Sample, Error> {
-    let cpu = |pid: u32| if t.tree { proc_stat::tree_cpu_ticks(pid) } else { proc_stat::cpu_ticks(pid) };
+fn measure(
+    o: &Options,
+    redis: &Redis,
+    t: &Target<'_>,
+    route: &str,
+    conns: usize,
+    secs: u64,
+    tick_us: f64,
+) -> Result<Sample, Error> {
+    let cpu = |pid: u32| {
+        if t.tree {
+            proc_stat::tree_cpu_ticks(pid)
+        } else {
+            proc_stat::cpu_ticks(pid)
+        }
+    };
     let calls0 = redis.command_calls()?;
-    let rt0 = if t.herd_counter { herd_round_trips(t.port) } else { None };
+    let rt0 = if t.herd_counter {
+        herd_round_trips(t.port)
+    } else {
+        None
+    };
     let (app0, redis0) = (cpu(t.root_pid), proc_stat::cpu_ticks(redis.proc.pid()));
     let w = run_wrk(o, t.script, t.port, &format!("/{route}"), conns, secs)?;
     let (app1, redis1) = (cpu(t.root_pid), proc_stat::cpu_ticks(redis.proc.pid()));
-    let rt1 = if t.herd_counter { herd_round_trips(t.port) } else { None };
+    let rt1 = if t.herd_counter {
+        herd_round_trips(t.port)
+    } else {
+        None
+    };
     let calls1 = redis.command_calls()?;
     let n = w.requests.max(1.0);
     let mut breakdown = BTreeMap::new();
@@ -490,7 +584,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
 }
 
 type Key = (usize, String, String); // (connections, route, app)
@@ -501,7 +599,11 @@ pub fn run(o: Options) -> Result<(), Error> {
     let started = Instant::now();
     let tick_us = 1e6 / proc_stat::ticks_per_second() as f64;
     let redis = Redis::start(&o.redis_server)?;
-    eprintln!("bench: redis-server on port {} (pid {})", redis.port, redis.proc.pid());
+    eprintln!(
+        "bench: redis-server on port {} (pid {})",
+        redis.port,
+        redis.proc.pid()
+    );
 
     let mut procs: Vec<(String, Proc, u16)> = Vec::new();
     for app in &o.apps {
@@ -518,7 +620,9 @@ pub fn run(o: Options) -> Result<(), Error> {
         }
     }
     let plain_cookies = cookies.get("herd").cloned().unwrap_or_else(|| {
-        (0..o.sessions).map(|i| format!("herd_session=plain{i:028}")).collect()
+        (0..o.sessions)
+            .map(|i| format!("herd_session=plain{i:028}"))
+            .collect()
     });
     cookies.insert("plain".into(), plain_cookies);
     for (app, _, port) in &procs {
@@ -530,20 +634,35 @@ pub fn run(o: Options) -> Result<(), Error> {
 
     let mut scripts = HashMap::new();
     for app in &o.apps {
-        scripts.insert(app.clone(), write_script(&redis.dir, app, &cookies[app], o.threads)?);
+        scripts.insert(
+            app.clone(),
+            write_script(&redis.dir, app, &cookies[app], o.threads)?,
+        );
     }
 
     let plan: Vec<(String, String)> = o
         .routes
         .iter()
-        .flat_map(|r| o.apps.iter().filter(|a| serves(a, r)).map(move |a| (r.clone(), a.clone())))
+        .flat_map(|r| {
+            o.apps
+                .iter()
+                .filter(|a| serves(a, r))
+                .map(move |a| (r.clone(), a.clone()))
+        })
         .collect();
     let max_conns = o.connections.iter().copied().max().unwrap_or(64);
     if o.warmup > 0 {
         eprintln!("bench: warm-up, {} s per app and route", o.warmup);
         for (route, app) in &plan {
             let (_, proc, port) = procs.iter().find(|(a, _, _)| a == app).ok_or("app")?;
-            let t = Target { name: app, port: *port, root_pid: proc.pid(), tree: false, script: &scripts[app], herd_counter: false };
+            let t = Target {
+                name: app,
+                port: *port,
+                root_pid: proc.pid(),
+                tree: false,
+                script: &scripts[app],
+                herd_counter: false,
+            };
             measure(&o, &redis, &t, route, max_conns, o.warmup, tick_us)?;
         }
     }
@@ -556,16 +675,27 @@ pub fn run(o: Options) -> Result<(), Error> {
             for route in &o.routes {
                 // Interleaved: every app on this route, back to back, then the next route.
                 for (r, app) in plan.iter().filter(|(r, _)| r == route) {
-                    let (_, proc, port) = procs.iter_mut().find(|(a, _, _)| a == app).ok_or("app")?;
+                    let (_, proc, port) =
+                        procs.iter_mut().find(|(a, _, _)| a == app).ok_or("app")?;
                     proc.check_alive()?;
-                    let t = Target { name: app, port: *port, root_pid: proc.pid(), tree: false, script: &scripts[app], herd_counter: app == "herd" };
+                    let t = Target {
+                        name: app,
+                        port: *port,
+                        root_pid: proc.pid(),
+                        tree: false,
+                        script: &scripts[app],
+                        herd_counter: app == "herd",
+                    };
                     let s = measure(&o, &redis, &t, r, conns, o.duration, tick_us)?;
                     done += 1;
                     eprintln!(
                         "bench: [{done}/{total}] round {round} c={conns} /{r} {:<14} {:>8.0} req/s  p99 {:>6.1} ms  app {:>5.1} µs/req  redis {:>5.1} µs/req  {:.2} cmds/req  errors {}",
-                        t.name, s.rps, s.p99_us / 1000.0, s.app_cpu_us, s.redis_cpu_us, s.redis_calls, s.errors
+                        t.name, s.rps, s.p99_us / 1000.0, s.app_cpu_us, s.redis_cpu_us, s.redis_calls.max(0.0), s.errors
                     );
-                    samples.entry((conns, r.clone(), app.clone())).or_default().push(s);
+                    samples
+                        .entry((conns, r.clone(), app.clone()))
+                        .or_default()
+                        .push(s);
                 }
             }
         }
@@ -573,7 +703,10 @@ pub fn run(o: Options) -> Result<(), Error> {
     let multi = match &o.multi_worker_bin {
         Some(bin) if bin.exists() => Some(run_multi_worker(&o, &redis, bin, tick_us)?),
         Some(bin) => {
-            eprintln!("bench: multi-worker binary {} not found: skipping the multi-worker runs", bin.display());
+            eprintln!(
+                "bench: multi-worker binary {} not found: skipping the multi-worker runs",
+                bin.display()
+            );
             None
         }
         None => {
@@ -603,7 +736,10 @@ pub fn run(o: Options) -> Result<(), Error> {
             }
         }
     }
-    eprintln!("bench: finished in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     if failures.is_empty() {
         Ok(())
     } else {
@@ -615,24 +751,45 @@ type MultiSamples = BTreeMap<(usize, usize), Vec<Sample>>; // (connections, work
 
 /// The multi-worker example (`--workers N --port P`, env `REDIS_URL`) with 1, 2 and 4 workers on
 /// `/counter`; CPU is the launcher's whole process tree.
-fn run_multi_worker(o: &Options, redis: &Redis, bin: &Path, tick_us: f64) -> Result<MultiSamples, Error> {
+fn run_multi_worker(
+    o: &Options,
+    redis: &Redis,
+    bin: &Path,
+    tick_us: f64,
+) -> Result<MultiSamples, Error> {
     let mut out: MultiSamples = BTreeMap::new();
     for round in 1..=o.rounds {
         for workers in [1usize, 2, 4] {
             let port = free_port()?;
             let child = Command::new(bin)
-                .args(["--workers", &workers.to_string(), "--port", &port.to_string()])
+                .args([
+                    "--workers",
+                    &workers.to_string(),
+                    "--port",
+                    &port.to_string(),
+                ])
                 .env("REDIS_URL", redis.url())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()?;
-            let mut proc = Proc { name: format!("multi-worker ({workers} workers)"), child };
+            let mut proc = Proc {
+                name: format!("multi-worker ({workers} workers)"),
+                child,
+            };
             let result = (|| -> Result<(), Error> {
                 wait_http(&mut proc, port, "/counter")?;
                 let cookies = make_sessions(port, "/counter", o.sessions)?;
-                let script = write_script(&redis.dir, &format!("multi{workers}"), &cookies, o.threads)?;
+                let script =
+                    write_script(&redis.dir, &format!("multi{workers}"), &cookies, o.threads)?;
                 for &conns in &o.connections {
-                    let t = Target { name: "multi", port, root_pid: proc.pid(), tree: true, script: &script, herd_counter: false };
+                    let t = Target {
+                        name: "multi",
+                        port,
+                        root_pid: proc.pid(),
+                        tree: true,
+                        script: &script,
+                        herd_counter: false,
+                    };
                     let s = measure(o, redis, &t, "counter", conns, o.duration, tick_us)?;
                     eprintln!(
                         "bench: round {round} multi-worker w={workers} c={conns} /counter {:>8.0} req/s  app {:>5.1} µs/req  errors {}",
@@ -643,7 +800,9 @@ fn run_multi_worker(o: &Options, redis: &Redis, bin: &Path, tick_us: f64) -> Res
                 Ok(())
             })();
             // Graceful stop (SIGTERM) so the launcher stops its workers; SIGKILL on drop after that.
-            let _ = Command::new("kill").args(["-TERM", &proc.pid().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &proc.pid().to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline && matches!(proc.child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
@@ -657,10 +816,17 @@ fn run_multi_worker(o: &Options, redis: &Redis, bin: &Path, tick_us: f64) -> Res
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn report(o: &Options, samples: &BTreeMap<Key, Vec<Sample>>, multi: Option<&MultiSamples>, took: Duration) -> String {
+fn report(
+    o: &Options,
+    samples: &BTreeMap<Key, Vec<Sample>>,
+    multi: Option<&MultiSamples>,
+    took: Duration,
+) -> String {
     let mut s = String::new();
     let mode = if o.smoke { "smoke" } else { "full" };
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     s += &format!(
         "## herd benchmark ({mode}): {} round(s) × {} s per app, route and connection count, interleaved; wrk -t{}; {} sessions per app; {cpus} CPUs; took {:.0} s\n\n",
         o.rounds, o.duration, o.threads, o.sessions, took.as_secs_f64()
@@ -669,7 +835,10 @@ fn report(o: &Options, samples: &BTreeMap<Key, Vec<Sample>>, multi: Option<&Mult
     // machine's state, so the ratio is steadier than either figure).
     let ratio = |key: &Key, against: &str, f: &dyn Fn(&Sample) -> f64| -> f64 {
         let (c, r, _) = key;
-        let (Some(a), Some(b)) = (samples.get(key), samples.get(&(*c, r.clone(), against.to_owned()))) else {
+        let (Some(a), Some(b)) = (
+            samples.get(key),
+            samples.get(&(*c, r.clone(), against.to_owned())),
+        ) else {
             return f64::NAN;
         };
         median(a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect())
@@ -693,7 +862,10 @@ fn report(o: &Options, samples: &BTreeMap<Key, Vec<Sample>>, multi: Option<&Mult
                 cmds.entry(k.clone()).or_default().push(*v);
             }
         }
-        let breakdown: Vec<String> = cmds.iter().map(|(k, v)| format!("{k} {:.2}", median(v.clone()))).collect();
+        let breakdown: Vec<String> = cmds
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", median(v.clone())))
+            .collect();
         let total = median(ss.iter().map(|x| x.redis_calls).collect());
         let rt = median(ss.iter().filter_map(|x| x.herd_round_trips).collect());
         s += &format!(
@@ -713,21 +885,41 @@ fn report(o: &Options, samples: &BTreeMap<Key, Vec<Sample>>, multi: Option<&Mult
     s += "\n### Targets (herd, ratios of req/s in the same run: median of per-round ratios)\n\n";
     s += "| target | conns | reached | req/s ratio | app CPU/req ratio | met |\n|---|---:|---:|---:|---:|---|\n";
     let targets: [(&str, &str, &str, f64); 5] = [
-        ("counter via incr ≥ 0.90× limit (HINCRBY+EXPIRE)", "counter", "limit", 0.90),
-        ("counter via incr ≥ 1.6× tower-sessions", "counter", "tower-sessions", 1.6),
+        (
+            "counter via incr ≥ 0.90× limit (HINCRBY+EXPIRE)",
+            "counter",
+            "limit",
+            0.90,
+        ),
+        (
+            "counter via incr ≥ 1.6× tower-sessions",
+            "counter",
+            "tower-sessions",
+            1.6,
+        ),
         ("read-then-write ≥ 1.0× GET+SET", "rmw", "getset", 1.0),
         ("read-only ≥ 0.95× limit (HGETALL)", "read", "limit", 0.95),
-        ("cookie, session untouched ≥ 0.90× plain axum", "untouched", "plain", 0.90),
+        (
+            "cookie, session untouched ≥ 0.90× plain axum",
+            "untouched",
+            "plain",
+            0.90,
+        ),
     ];
     for &c in &o.connections {
         for (name, route, against, goal) in targets {
             let key = (c, route.to_owned(), "herd".to_owned());
-            if !samples.contains_key(&key) || !samples.contains_key(&(c, route.to_owned(), against.to_owned())) {
+            if !samples.contains_key(&key)
+                || !samples.contains_key(&(c, route.to_owned(), against.to_owned()))
+            {
                 continue;
             }
             let r = ratio(&key, against, &|x| x.rps);
             let cpu = ratio(&key, against, &|x| x.app_cpu_us);
-            s += &format!("| {name} | {c} | {r:.2}× | goal {goal:.2}× | {cpu:.2}× | {} |\n", if r >= goal { "yes" } else { "**no**" });
+            s += &format!(
+                "| {name} | {c} | {r:.2}× | goal {goal:.2}× | {cpu:.2}× | {} |\n",
+                if r >= goal { "yes" } else { "**no**" }
+            );
         }
         for route in ROUTES {
             if let Some(ss) = samples.get(&(c, route.to_owned(), "herd".to_owned())) {

@@ -33,7 +33,9 @@ fn serve(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (mut app, mut port, mut redis) = (None, None, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--app" => app = Some(value.clone()),
             "--port" => port = Some(value.parse::<u16>()?),

@@ -35,7 +35,11 @@ pub fn tree_cpu_ticks(root: u32) -> u64 {
     let mut parent: HashMap<u32, (u32, u64)> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 if let Some(s) = stat(pid) {
                     parent.insert(pid, s);
                 }
