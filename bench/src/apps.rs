@@ -1,0 +1,324 @@
+//! The apps under test: one axum app shape, five ways of keeping a session counter.
+//!
+//! Every app serves the same routes (absent routes answer 404 and are never loaded):
+//!
+//! | route | herd | tower-sessions | limit | getset | plain |
+//! |---|---|---|---|---|---|
+//! | `GET /counter` (read + write) | `incr` (1 RT) | get + insert (2 RT) | `HINCRBY`+`EXPIRE` pipelined (1 RT) | `GET` blob + `SET` blob (2 RT) | – |
+//! | `GET /rmw` (generic read-modify-write) | get + insert (2 RT) | get + insert (2 RT) | – | `GET` + `SET` (2 RT) | – |
+//! | `GET /read` (read-only) | get (1 RT) | get (1 RT) | `HGETALL` (1 RT) | `GET` (1 RT) | – |
+//! | `GET /untouched` (cookie sent, session not used) | 0 RT | 0 RT | 0 RT | 0 RT | 0 RT |
+//!
+//! A request without a cookie on `/counter` creates a session (the driver uses this to make its pool
+//! of sessions). Each app checks the cookie the way its real counterpart does:
+//! * herd: HMAC-signed cookie, verified on first use (herd's default).
+//! * tower-sessions 0.14 + tower-sessions-redis-store 0.16 with the README's setup (fred pool of 6,
+//!   default unsigned id cookie, default expiry): the peer's cheapest out-of-the-box configuration.
+//! * limit / getset: a plain random 128-bit id cookie (`sid`), format-checked, **not signed** — the
+//!   floor of what any session layer can cost, not a secure design.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+/// The fixed signing secret of the herd app (base64 of 64 bytes): a benchmark, not a deployment.
+const HERD_SECRET: [u8; 64] = [7u8; 64];
+/// Idle timeout of every app's sessions (herd's default: 24 h).
+const IDLE_SECS: u64 = 24 * 3600;
+
+pub async fn serve(
+    app: &str,
+    port: u16,
+    redis_url: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let router = match app {
+        "herd" => herd_app(redis_url).await?,
+        "tower-sessions" => tower_sessions_app(redis_url).await?,
+        "limit" => limit_app(redis_url).await?,
+        "getset" => getset_app(redis_url).await?,
+        "plain" => plain_app(),
+        other => return Err(format!("unknown app `{other}`").into()),
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
+async fn untouched() -> &'static str {
+    "ok"
+}
+
+// ---------------------------------------------------------------------------------------------
+// herd
+
+async fn herd_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+    use base64::Engine as _;
+    use herd::{Config, RedisClient, Session, SessionLayer};
+
+    let config = Config::builder()
+        .redis_url(redis_url)
+        .secret_base64(base64::engine::general_purpose::STANDARD.encode(HERD_SECRET))
+        .prefix("bench")
+        .build()?;
+    let redis = RedisClient::connect(config).await?;
+
+    async fn counter(session: Session) -> herd::Result<String> {
+        Ok(session.incr("counter", 1).await?.to_string())
+    }
+    async fn rmw(session: Session) -> herd::Result<String> {
+        let n: i64 = session.get("n").await?.unwrap_or(0);
+        session.insert("n", n + 1).await?;
+        Ok((n + 1).to_string())
+    }
+    async fn read(session: Session) -> herd::Result<String> {
+        let n: Option<i64> = session.get("counter").await?;
+        Ok(n.unwrap_or(0).to_string())
+    }
+    async fn stats(State(redis): State<RedisClient>) -> String {
+        redis.round_trips().to_string()
+    }
+
+    Ok(Router::new()
+        .route("/counter", get(counter))
+        .route("/rmw", get(rmw))
+        .route("/read", get(read))
+        .route("/untouched", get(untouched))
+        .layer(SessionLayer::new(redis.clone()).with_secure(false))
+        // Outside the layer: the driver reads herd's own round-trip counter here.
+        .route("/__round_trips", get(stats))
+        .with_state(redis))
+}
+
+// ---------------------------------------------------------------------------------------------
+// tower-sessions
+
+async fn tower_sessions_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+    use tower_sessions::{Session, SessionManagerLayer};
+    use tower_sessions_redis_store::fred::prelude::{ClientLike, Config, Pool};
+    use tower_sessions_redis_store::RedisStore;
+
+    // As in tower-sessions-redis-store's README: a fred pool of 6 connections.
+    let pool = Pool::new(Config::from_url(redis_url)?, None, None, None, 6)?;
+    let _task = pool.connect();
+    pool.wait_for_connect().await?;
+    let layer = SessionManagerLayer::new(RedisStore::new(pool)).with_secure(false);
+
+    fn internal(e: impl std::fmt::Display) -> Response {
+        (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+    }
+    async fn counter(session: Session) -> Result<String, Response> {
+        let n: i64 = session.get("counter").await.map_err(internal)?.unwrap_or(0);
+        session.insert("counter", n + 1).await.map_err(internal)?;
+        Ok((n + 1).to_string())
+    }
+    async fn rmw(session: Session) -> Result<String, Response> {
+        let n: i64 = session.get("n").await.map_err(internal)?.unwrap_or(0);
+        session.insert("n", n + 1).await.map_err(internal)?;
+        Ok((n + 1).to_string())
+    }
+    async fn read(session: Session) -> Result<String, Response> {
+        let n: Option<i64> = session.get("counter").await.map_err(internal)?;
+        Ok(n.unwrap_or(0).to_string())
+    }
+
+    Ok(Router::new()
+        .route("/counter", get(counter))
+        .route("/rmw", get(rmw))
+        .route("/read", get(read))
+        .route("/untouched", get(untouched))
+        .layer(layer))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written handlers: a plain `sid` cookie (format-checked, NOT signed), one multiplexed
+// redis-rs connection.
+
+const SID: &str = "sid";
+
+/// The `sid` cookie's value if it is 32 lowercase hex digits.
+fn sid(headers: &HeaderMap) -> Option<String> {
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in text.split(';') {
+            if let Some((k, v)) = pair.split_once('=') {
+                if k.trim() == SID {
+                    let v = v.trim();
+                    let ok =
+                        v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                    return ok.then(|| v.to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+fn new_sid() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn with_cookie(body: String, id: Option<&str>) -> Response {
+    let mut res = body.into_response();
+    if let Some(id) = id {
+        let value = format!("{SID}={id}; HttpOnly; SameSite=Lax; Path=/");
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
+}
+
+fn unavailable(e: redis::RedisError) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+}
+
+type Conn = redis::aio::MultiplexedConnection;
+
+async fn connect(redis_url: &str) -> Result<Conn, Box<dyn std::error::Error>> {
+    Ok(redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// The limit: the least Redis work a session counter can do. A hash per session (like herd);
+/// `/counter` = `HINCRBY` + `EXPIRE` in one pipeline (1 round trip), `/read` = `HGETALL`.
+async fn limit_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+    let conn = Arc::new(connect(redis_url).await?);
+
+    async fn counter(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
+        let (id, new) = match sid(&headers) {
+            Some(id) => (id, false),
+            None => (new_sid(), true),
+        };
+        let key = format!("limit:s:{id}");
+        let mut c = (*conn).clone();
+        let r: Result<(i64,), _> = redis::pipe()
+            .cmd("HINCRBY")
+            .arg(&key)
+            .arg("counter")
+            .arg(1)
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(IDLE_SECS)
+            .ignore()
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok((n,)) => with_cookie(n.to_string(), new.then_some(id.as_str())),
+            Err(e) => unavailable(e),
+        }
+    }
+    async fn read(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
+        let Some(id) = sid(&headers) else {
+            return "0".into_response();
+        };
+        let mut c = (*conn).clone();
+        let r: Result<std::collections::HashMap<String, Vec<u8>>, _> = redis::cmd("HGETALL")
+            .arg(format!("limit:s:{id}"))
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(fields) => {
+                let n: i64 = fields
+                    .get("counter")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0);
+                n.to_string().into_response()
+            }
+            Err(e) => unavailable(e),
+        }
+    }
+
+    Ok(Router::new()
+        .route("/counter", get(counter))
+        .route("/read", get(read))
+        .route("/untouched", get(untouched))
+        .with_state(conn))
+}
+
+/// The generic pattern of blob-based session stores: the whole session as one JSON string;
+/// read-modify-write = `GET` + `SET ... EX` (2 round trips), read = `GET`.
+async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+    use serde_json::{Map, Value};
+    let conn = Arc::new(connect(redis_url).await?);
+
+    async fn load(c: &mut Conn, key: &str) -> Result<Map<String, Value>, Response> {
+        let blob: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(c)
+            .await
+            .map_err(unavailable)?;
+        Ok(blob
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default())
+    }
+    async fn bump(conn: &Conn, headers: &HeaderMap, field: &str) -> Response {
+        let (id, new) = match sid(headers) {
+            Some(id) => (id, false),
+            None => (new_sid(), true),
+        };
+        let key = format!("getset:s:{id}");
+        let mut c = conn.clone();
+        let mut data = if new {
+            Map::new()
+        } else {
+            match load(&mut c, &key).await {
+                Ok(d) => d,
+                Err(res) => return res,
+            }
+        };
+        let n = data.get(field).and_then(Value::as_i64).unwrap_or(0) + 1;
+        data.insert(field.to_owned(), n.into());
+        let blob = serde_json::to_vec(&data).unwrap_or_default();
+        let r: Result<(), _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(blob)
+            .arg("EX")
+            .arg(IDLE_SECS)
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(()) => with_cookie(n.to_string(), new.then_some(id.as_str())),
+            Err(e) => unavailable(e),
+        }
+    }
+    async fn counter(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
+        bump(&conn, &headers, "counter").await
+    }
+    async fn rmw(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
+        bump(&conn, &headers, "n").await
+    }
+    async fn read(State(conn): State<Arc<Conn>>, headers: HeaderMap) -> Response {
+        let Some(id) = sid(&headers) else {
+            return "0".into_response();
+        };
+        let mut c = (*conn).clone();
+        match load(&mut c, &format!("getset:s:{id}")).await {
+            Ok(data) => data
+                .get("counter")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                .to_string()
+                .into_response(),
+            Err(res) => res,
+        }
+    }
+
+    Ok(Router::new()
+        .route("/counter", get(counter))
+        .route("/rmw", get(rmw))
+        .route("/read", get(read))
+        .route("/untouched", get(untouched))
+        .with_state(conn))
+}
+
+// ---------------------------------------------------------------------------------------------
+// plain axum
+
+fn plain_app() -> Router {
+    Router::new().route("/untouched", get(untouched))
+}
