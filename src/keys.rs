@@ -60,7 +60,13 @@ impl Keys {
 
     /// The hash holding one session.
     pub(crate) fn session(&self, id: &SessionId) -> String {
-        format!("{}:s:{{{}}}", self.prefix, id.as_str())
+        // Built by hand: `format!` costs several times as much, on every request that uses Redis.
+        let mut key = String::with_capacity(self.prefix.len() + 5 + id.as_str().len());
+        key.push_str(&self.prefix);
+        key.push_str(":s:{");
+        key.push_str(id.as_str());
+        key.push('}');
+        key
     }
 
     /// The sorted set indexing the sessions of one owner.

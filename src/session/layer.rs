@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use super::cookie as codec;
 use super::store::Expiry;
-use super::{CookieAction, Session, SessionStore, Settings};
+use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
 use crate::client::RedisClient;
 
 /// A tower [`Layer`] that gives every request a lazy [`Session`] stored in Redis. See the
@@ -51,6 +51,9 @@ impl SessionLayer {
             base_name: cookie.name.clone(),
             host_prefix: false,
             settings: Arc::new(Settings {
+                verifier: codec::Verifier::new(
+                    std::iter::once(&client.config().key).chain(client.config().old_keys.iter()),
+                ),
                 client,
                 cookie,
                 expiry: Expiry {
@@ -266,15 +269,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let raw = codec::find(req.headers(), &self.settings.cookie.name);
-        let session = Session::new(self.settings.clone(), raw);
+        // Only the `Cookie` headers are kept (a reference-counted clone, no copy); finding and
+        // verifying our cookie waits until the handler first uses the session.
+        let mut all = req.headers().get_all(header::COOKIE).iter();
+        let cookies = CookieHeaders {
+            first: all.next().cloned(),
+            rest: all.cloned().collect(), // HTTP/2 may split cookies; empty (no allocation) otherwise
+        };
+        let session = Session::new(self.settings.clone(), cookies);
         req.extensions_mut().insert(session.clone());
-        // The clone that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The service polled ready is called here, at once: its future owns what it needs, so no
+        // clone of the inner service (for axum a boxed route: an allocation) is made per request.
+        let fut = self.inner.call(req);
         let settings = self.settings.clone();
         Box::pin(async move {
-            let mut res = inner.call(req).await?;
+            let mut res = fut.await?;
             match session.commit().await {
                 Ok(action) => apply_cookie(&settings, &mut res, action),
                 Err(e) => {

@@ -89,6 +89,8 @@ use crate::keys::{self, SessionId};
 pub(crate) struct Settings {
     pub(crate) client: RedisClient,
     pub(crate) cookie: cookie::CookieConfig,
+    /// Keyed HMAC states of the client's current and old keys.
+    pub(crate) verifier: cookie::Verifier,
     pub(crate) expiry: Expiry,
     pub(crate) max_value_bytes: usize,
     pub(crate) max_session_bytes: usize,
@@ -132,10 +134,16 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// A request's `Cookie` header values (reference-counted clones, not copies).
+pub(crate) struct CookieHeaders {
+    pub(crate) first: Option<http::HeaderValue>,
+    pub(crate) rest: Vec<http::HeaderValue>,
+}
+
 struct Inner {
     settings: Arc<Settings>,
-    /// The raw cookie value, verified on first use.
-    raw_cookie: Option<String>,
+    /// The request's `Cookie` headers; ours is found and verified on first use.
+    cookies: CookieHeaders,
     /// Set by every method; an untouched session costs nothing after the handler either.
     touched: AtomicBool,
     state: tokio::sync::Mutex<State>,
@@ -183,11 +191,11 @@ pub(crate) enum CookieAction {
 }
 
 impl Session {
-    pub(crate) fn new(settings: Arc<Settings>, raw_cookie: Option<String>) -> Session {
+    pub(crate) fn new(settings: Arc<Settings>, cookies: CookieHeaders) -> Session {
         Session {
             inner: Arc::new(Inner {
                 settings,
-                raw_cookie,
+                cookies,
                 touched: AtomicBool::new(false),
                 state: tokio::sync::Mutex::new(State::default()),
             }),
@@ -208,13 +216,13 @@ impl Session {
         let mut state = self.inner.state.lock().await;
         if !state.resolved {
             state.resolved = true;
-            state.id = self.inner.raw_cookie.as_deref().and_then(|raw| {
-                let config = self.client().config();
-                let mut keys = Vec::with_capacity(1 + config.old_keys.len());
-                keys.push(&config.key);
-                keys.extend(config.old_keys.iter());
-                cookie::verify(&self.settings().cookie.name, raw, &keys)
-            });
+            let settings = self.settings();
+            let cookies = &self.inner.cookies;
+            state.id = cookie::find_in(
+                cookies.first.iter().chain(&cookies.rest),
+                &settings.cookie.name,
+            )
+            .and_then(|raw| settings.verifier.verify(&raw));
             if state.id.is_none() {
                 state.load = LoadState::Missing;
             }
@@ -512,9 +520,17 @@ impl Session {
             LoadState::Present(_) | LoadState::Missing => {
                 (0, matches!(state.load, LoadState::Present(_)))
             }
+            // Nothing set: removals and meta shrink or keep the size, an increment adds one integer
+            // at most. No need to read the whole hash in the script.
+            LoadState::NotLoaded if delta.set.is_empty() => (usize::MAX, false),
             LoadState::NotLoaded => (settings.max_session_bytes, false),
         };
-        if max_bytes == 0 {
+        let max_bytes = if max_bytes == usize::MAX {
+            0
+        } else {
+            max_bytes
+        };
+        if max_bytes == 0 && !matches!(state.load, LoadState::NotLoaded) {
             let size = projected_size(state, None);
             if size > settings.max_session_bytes {
                 return Err(Error::TooLarge {

@@ -54,7 +54,11 @@ for i = first_set, first_del - 1, 2 do sets[ARGV[i]] = ARGV[i + 1] end
 local dels = {}
 for i = first_del, #ARGV do dels[ARGV[i]] = true end
 
-if incr_field ~= '' then
+-- An increment of a stored field that this save does not otherwise touch runs as the first write,
+-- checked by HINCRBY itself (it refuses a non-integer and writes nothing): no HGET beforehand.
+local incr_first = incr_field ~= '' and mode == 'existing' and sets[incr_field] == nil
+  and not dels[incr_field] and not clear
+if incr_field ~= '' and not incr_first then
   local current = sets[incr_field]
   if current == nil and not dels[incr_field] and not clear and mode ~= 'new' then
     current = redis.call('HGET', key, incr_field)
@@ -78,6 +82,17 @@ if max_bytes > 0 then
 end
 
 -- Checks done: write.
+local n = 0
+if incr_first then
+  local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
+  if type(r) == 'table' and r.err then
+    -- Only "not an integer" is the caller's mistake; anything else (READONLY, OOM, ...) goes back
+    -- to the client as the error it is. Nothing has been written either way.
+    if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false} end
+    return redis.error_reply(r.err)
+  end
+  n = r
+end
 if mode == 'cycle' then
   redis.call('RENAME', key, KEYS[2])
   key = KEYS[2]
@@ -98,7 +113,6 @@ if owner ~= '' then
   current_owner = owner
 end
 if idle_override ~= '' then redis.call('HSET', key, '$i', idle_override) end
-local n = 0
-if incr_field ~= '' then n = redis.call('HINCRBY', key, incr_field, incr_by) end
+if incr_field ~= '' and not incr_first then n = redis.call('HINCRBY', key, incr_field, incr_by) end
 redis.call('PEXPIRE', key, ttl)
 return {1, n, current_owner}

@@ -112,7 +112,8 @@ pub(crate) async fn load(
     expiry: Expiry,
 ) -> Result<Option<Loaded>> {
     let key = client.keys().session(id);
-    let (raw, pttl): (HashMap<String, Vec<u8>>, i64) = client
+    // Pairs, not a map: they are sorted into `Loaded` right below (one map built, not two).
+    let (raw, pttl): (Vec<(String, Vec<u8>)>, i64) = client
         .run(false, |mut c| async move {
             redis::pipe()
                 .cmd("HGETALL")
@@ -123,11 +124,14 @@ pub(crate) async fn load(
                 .await
         })
         .await?;
-    if raw.is_empty() || raw.contains_key("$m") {
+    if raw.is_empty() || raw.iter().any(|(k, _)| k == "$m") {
         // Absent, or being cycled to a new id on a cluster (the old id is no longer valid).
         return Ok(None);
     }
-    let mut loaded = Loaded::default();
+    let mut loaded = Loaded {
+        fields: HashMap::with_capacity(raw.len()),
+        ..Loaded::default()
+    };
     for (field, value) in raw {
         if let Some(meta) = field.strip_prefix('$') {
             let text = String::from_utf8_lossy(&value);
