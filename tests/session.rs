@@ -925,3 +925,37 @@ async fn round_trip_budget() {
     let calls = server.command_calls();
     assert_eq!(calls.get("del"), Some(&1));
 }
+
+/// `incr` on a session that has ended starts a fresh one and leaves no stray hash under the old id;
+/// its TTL never runs past the absolute deadline.
+#[tokio::test]
+async fn incr_never_resurrects_and_respects_the_absolute_deadline() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "incr-dead", |l| {
+        l.with_idle_timeout(Duration::from_secs(60))
+            .with_absolute_timeout(Duration::from_secs(5))
+    });
+    let cookie = new_session(&app).await;
+    let old_key = app.session_keys(&server).pop().expect("key");
+    let r = app.send("GET", "/incr/n", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": 1 }));
+    let ttl: i64 = server.cmd(&["PTTL", &old_key]);
+    assert!(
+        ttl > 0 && ttl <= 5000,
+        "TTL {ttl} runs past the absolute deadline"
+    );
+    // Logged out elsewhere, then the old cookie increments.
+    let _: i64 = server.cmd(&["DEL", &old_key]);
+    let r = app.send("GET", "/incr/n", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.body,
+        json!({ "value": 1 }),
+        "a fresh session counts from 1"
+    );
+    let fresh = r.cookie().expect("a fresh session gets a cookie");
+    assert_ne!(fresh, cookie);
+    let keys = app.session_keys(&server);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_ne!(keys[0], old_key, "the ended session came back");
+}

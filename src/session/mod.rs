@@ -545,6 +545,44 @@ impl Session {
             _ => None,
         });
 
+        // The common counter: an increment alone on an existing session needs no script. Not on a
+        // cluster, where a session being moved to a new id (marked `$m`) must not be written to.
+        let scriptless = !state.cycle && !self.client().is_cluster();
+        if let (Some(id), Some((field, by)), true) = (&state.id, &delta.incr, scriptless) {
+            let only_incr = !delta.clear
+                && delta.set.is_empty()
+                && delta.remove.is_empty()
+                && delta.owner.is_none()
+                && delta.idle_override_ms.is_none();
+            if only_incr {
+                let known = match &state.load {
+                    LoadState::Present(l) => Some((l.created_ms, l.idle_override_ms)),
+                    _ => None,
+                };
+                match store::incr_existing(self.client(), id, field, *by, settings.expiry, known)
+                    .await?
+                {
+                    store::IncrOutcome::Applied(n) => {
+                        if let LoadState::Present(view) = &mut state.load {
+                            view.fields
+                                .insert(field.clone(), n.to_string().into_bytes());
+                            view.needs_refresh = None;
+                        }
+                        return Ok(Some(n));
+                    }
+                    store::IncrOutcome::NotAnInteger => {
+                        return Err(Error::NotAnInteger { key: field.clone() })
+                    }
+                    store::IncrOutcome::Gone if read_before => return Err(Error::SessionGone),
+                    store::IncrOutcome::Gone => {
+                        // Ended before this request: the increment starts a fresh session below.
+                        state.id = None;
+                        state.load = LoadState::Missing;
+                    }
+                }
+            }
+        }
+
         let mut mode = match (&state.id, state.cycle) {
             (None, _) => SaveMode::New,
             (Some(_), true) => SaveMode::Cycle,
