@@ -178,6 +178,9 @@ pub(crate) async fn refresh(client: &RedisClient, id: &SessionId, ttl_ms: u64) -
     Ok(())
 }
 
+/// `$c`, `$i`, `$m` of a session hash.
+type Meta = (Option<u64>, Option<u64>, Option<String>);
+
 /// What [`incr_existing`] found.
 #[derive(Debug)]
 pub(crate) enum IncrOutcome {
@@ -221,7 +224,7 @@ pub(crate) async fn incr_existing(
         None => ms(expiry.idle),
     };
     let key = client.keys().session(id);
-    let reply: redis::RedisResult<(i64, i64, (Option<u64>, Option<u64>, Option<String>))> = {
+    let reply: redis::RedisResult<(i64, i64, Meta)> = {
         let key = key.clone();
         client
             .run(true, |mut c| async move {
