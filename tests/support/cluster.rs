@@ -228,6 +228,20 @@ pub enum TestRedis {
     Single(RedisServer),
     /// A 3-primary cluster.
     Cluster(RedisCluster),
+    /// A primary, a replica and three sentinels; herd connects through the sentinels.
+    Sentinel(Box<super::sentinel::SentinelSetup>),
+}
+
+/// True when this test binary runs its suite through Sentinel (`_sentinel` in its name, or
+/// `HERD_TEST_TOPOLOGY=sentinel`).
+pub fn on_sentinel() -> bool {
+    if let Ok(t) = std::env::var("HERD_TEST_TOPOLOGY") {
+        return t == "sentinel";
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.contains("_sentinel"))
 }
 
 /// True when this test binary runs its suite on a cluster.
@@ -246,6 +260,8 @@ impl TestRedis {
     pub fn start() -> TestRedis {
         if on_cluster() {
             TestRedis::Cluster(RedisCluster::start())
+        } else if on_sentinel() {
+            TestRedis::Sentinel(Box::new(super::sentinel::SentinelSetup::start()))
         } else {
             TestRedis::Single(RedisServer::start())
         }
@@ -261,6 +277,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.url(),
             TestRedis::Cluster(c) => c.url(),
+            TestRedis::Sentinel(t) => t.url(),
         }
     }
 
@@ -269,6 +286,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.cmd(args),
             TestRedis::Cluster(c) => c.cmd(args),
+            TestRedis::Sentinel(t) => t.primary.cmd(args),
         }
     }
 
@@ -277,6 +295,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.keys(pattern),
             TestRedis::Cluster(c) => c.keys(pattern),
+            TestRedis::Sentinel(t) => t.primary.keys(pattern),
         }
     }
 
@@ -285,6 +304,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.dbsize(),
             TestRedis::Cluster(c) => c.dbsize(),
+            TestRedis::Sentinel(t) => t.primary.dbsize(),
         }
     }
 
@@ -293,6 +313,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.command_calls(),
             TestRedis::Cluster(c) => c.command_calls(),
+            TestRedis::Sentinel(t) => t.primary.command_calls(),
         }
     }
 
@@ -301,6 +322,7 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.reset_stats(),
             TestRedis::Cluster(c) => c.reset_stats(),
+            TestRedis::Sentinel(t) => t.primary.reset_stats(),
         }
     }
 
@@ -309,6 +331,10 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.kill(),
             TestRedis::Cluster(c) => c.kill(),
+            TestRedis::Sentinel(t) => {
+                t.primary.kill();
+                t.replica.kill();
+            }
         }
     }
 
@@ -317,6 +343,10 @@ impl TestRedis {
         match self {
             TestRedis::Single(s) => s.restart(),
             TestRedis::Cluster(c) => c.restart(),
+            TestRedis::Sentinel(t) => {
+                t.primary.restart();
+                t.replica.restart();
+            }
         }
     }
 }
