@@ -144,7 +144,8 @@ impl RedisClient {
     {
         self.count_round_trip();
         let timeout = self.inner.config.command_timeout;
-        match tokio::time::timeout(timeout, f(self.inner.conn.clone())).await {
+        let started = std::time::Instant::now(); // observe: latency histogram, error counter
+        let result = match tokio::time::timeout(timeout, f(self.inner.conn.clone())).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
@@ -152,12 +153,17 @@ impl RedisClient {
                 reason: format!("no reply from Redis within {timeout:?}"),
                 source: None,
             }),
-        }
+        };
+        crate::observe::redis_round_trip(started.elapsed(), result.is_ok());
+        result
     }
 
     /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
     pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
-        self.inner.pool.get().await.map_err(|e| {
+        let started = std::time::Instant::now(); // observe: pool wait histogram
+        let conn = self.inner.pool.get().await;
+        crate::observe::pool_wait(started.elapsed());
+        conn.map_err(|e| {
             let reason = match &e {
                 deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
                     format!(
@@ -178,5 +184,6 @@ impl RedisClient {
     /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        crate::observe::round_trip();
     }
 }

@@ -230,6 +230,7 @@ impl Group {
                     return Err(exec_aborted(e, client.config().command_timeout()).into());
                 }
             }
+            crate::observe::update_conflict(attempt < settings.max_attempts);
             if attempt >= settings.max_attempts {
                 return Err(Error::Conflict { attempts: attempt }.into());
             }
