@@ -93,7 +93,10 @@ mod recorder {
                 Unit::Seconds,
                 "Redis round-trip latency on the shared connection."
             );
-            describe_counter!(names::REDIS_ERRORS, "Failed or timed-out Redis round trips.");
+            describe_counter!(
+                names::REDIS_ERRORS,
+                "Failed or timed-out Redis round trips."
+            );
             describe_histogram!(
                 names::POOL_WAIT_SECONDS,
                 Unit::Seconds,
