@@ -206,6 +206,15 @@ impl Observer {
         snap.workers = workers;
     }
 
+    /// CPU percent and requests per second of each worker pid at the latest sample.
+    pub(crate) fn latest(&self) -> HashMap<u32, (Option<f64>, Option<f64>)> {
+        let snap = self.lock();
+        snap.history
+            .back()
+            .map(|s| s.workers.iter().map(|w| (w.pid, (w.cpu, w.rps))).collect())
+            .unwrap_or_default()
+    }
+
     /// Every worker's series with a `worker` label, then the master's own, in the text format.
     pub(crate) fn render_metrics(&self) -> String {
         let snap = self.lock();

@@ -829,6 +829,11 @@ impl Master {
 
     fn status(&self) -> Status {
         let mut workers = Vec::new();
+        let live = self
+            .observer
+            .as_ref()
+            .map(|o| o.latest())
+            .unwrap_or_default();
         let row = |p: &Proc, state: &str, s: Option<&Slot>| WorkerStatus {
             index: p.slot,
             pid: Some(p.pid),
@@ -838,6 +843,8 @@ impl Master {
             memory_bytes: rss(p.pid),
             state: state.into(),
             last_exit: s.and_then(|s| s.last_exit.clone()),
+            cpu_percent: live.get(&p.pid).and_then(|l| l.0),
+            requests_per_sec: live.get(&p.pid).and_then(|l| l.1),
         };
         for (&index, s) in &self.slots {
             match s.current.and_then(|id| self.procs.get(&id)) {
@@ -858,6 +865,8 @@ impl Master {
                     memory_bytes: None,
                     state: if s.errored { "errored" } else { "waiting" }.into(),
                     last_exit: s.last_exit.clone(),
+                    cpu_percent: None,
+                    requests_per_sec: None,
                 }),
             }
         }
