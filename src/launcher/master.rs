@@ -557,7 +557,7 @@ impl Master {
         }
         p.ready = true;
         let (slot, role, pid) = (p.slot, p.role, p.pid);
-        tracing::debug!("herd: worker {slot} (pid {pid}) ready");
+        tracing::info!("herd: worker {slot} (pid {pid}) ready");
         match role {
             Role::Candidate => {
                 let is_candidate = self
