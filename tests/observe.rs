@@ -393,6 +393,15 @@ fn dashboard_shows_every_worker_in_chromium_and_follows_a_restart() {
     let pids = herd.wait_online(None);
     assert_eq!(pids.len(), 3);
     let url = format!("http://127.0.0.1:{dport}/");
+    // The master samples once a second: wait for a sample with every worker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids
+        .iter()
+        .all(|p| get(dport, "/api/status").contains(&format!("\"pid\":{p},")))
+    {
+        assert!(Instant::now() < deadline, "no sample with every worker");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dom = dump_dom(&chromium, &url);
     for pid in &pids {
         assert!(
