@@ -44,6 +44,7 @@
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
 //! | cookie key | `HERD_SECRET`: passed through from the master's environment, or 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
+//! | metrics | `HERD_METRICS=1` when the master runs with [`Launcher::metrics`] or [`Launcher::dashboard`]: a worker built with the `metrics` feature then writes `METRICS "<Prometheus text as a JSON string>"` on fd 4 once a second (see [`crate::observe`]); other lines are ignored by the master, so programs that do not send it still work |
 //!
 //! Each worker runs in its own process group; stdout and stderr lines are prefixed with
 //! `[worker N]` by the master. Workers also get `PR_SET_PDEATHSIG=SIGTERM` on Linux, so even a
