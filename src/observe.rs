@@ -8,7 +8,7 @@
 //! restart (with the backoff) and every step of a reload at `INFO`.
 //!
 //! **Metrics** (cargo feature `metrics`) go through the [`metrics`](https://docs.rs/metrics) facade,
-//! so any recorder works; [`install_prometheus`] installs the Prometheus one. Under the launcher
+//! so any recorder works; `install_prometheus` (feature `metrics`) installs the Prometheus one. Under the launcher
 //! with `--metrics ADDR` or `--dashboard`, each worker installs it by itself and sends its rendered
 //! series to the master every second; the master serves them all, each labelled `worker="N"`.
 //!
