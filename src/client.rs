@@ -455,8 +455,9 @@ impl RedisClient {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.inner.config.command_timeout;
+        let started = std::time::Instant::now(); // observe: latency histogram, error counter
         let round_trip = async move { f(self.connection().await?).await };
-        match tokio::time::timeout(timeout, round_trip).await {
+        let result = match tokio::time::timeout(timeout, round_trip).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
@@ -464,7 +465,9 @@ impl RedisClient {
                 reason: format!("no reply from Redis within {timeout:?}"),
                 source: None,
             }),
-        }
+        };
+        crate::observe::redis_round_trip(started.elapsed(), result.is_ok());
+        result
     }
 
     /// Sends commands that may belong to different hash slots: one pipeline on a single server or
@@ -498,9 +501,9 @@ impl RedisClient {
     /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
     /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
-    #[allow(dead_code)] // used by the globals module
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
         let pool_wait = self.inner.config.pool_wait_timeout;
+        let started = std::time::Instant::now(); // observe: pool wait histogram
         let unavailable = |e: deadpool_redis::PoolError| {
             let reason = match &e {
                 deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
@@ -514,7 +517,7 @@ impl RedisClient {
             };
             Error::Unavailable { reason, source }
         };
-        match &self.inner.pool {
+        let conn = match &self.inner.pool {
             DedicatedPool::Single(pool) => pool
                 .get()
                 .await
@@ -531,7 +534,9 @@ impl RedisClient {
                 "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
                     .into(),
             )),
-        }
+        };
+        crate::observe::pool_wait(started.elapsed());
+        conn
     }
 
     /// Optimistic write that works on every topology (single server, Sentinel, Redis Cluster): sets
@@ -549,7 +554,6 @@ impl RedisClient {
     /// # Errors
     /// [`Error::Unavailable`], [`Error::OutcomeUnknown`], or [`Error::Redis`] (a key holds a
     /// non-string value, `CROSSSLOT`).
-    #[allow(dead_code)] // used by the globals module
     pub(crate) async fn compare_and_swap(
         &self,
         keys: &[String],
@@ -580,6 +584,7 @@ impl RedisClient {
     /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        crate::observe::round_trip();
     }
 }
 

@@ -8,6 +8,7 @@ pub mod globals;
 pub(crate) mod keys;
 #[cfg(feature = "launcher")]
 pub mod launcher;
+pub mod observe;
 pub mod session;
 pub(crate) mod topology;
 

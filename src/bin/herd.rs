@@ -29,6 +29,12 @@ enum Command {
         /// Print the raw JSON answer.
         #[arg(long)]
         json: bool,
+        /// Redraw the table every interval until Ctrl-C (like `pm2 monit`).
+        #[arg(short, long)]
+        watch: bool,
+        /// Seconds between two redraws of `--watch`.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
     },
     /// Rolling reload: replace every worker, one by one, without dropping a request.
     Reload {
@@ -96,6 +102,23 @@ struct RunArgs {
     /// Recycle a worker after this many requests (counted by apps built with herd::launcher).
     #[arg(long)]
     max_requests: Option<u64>,
+    /// Serve every worker's metrics (Prometheus text) on http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", env = "HERD_METRICS_BIND")]
+    metrics: Option<String>,
+    /// Serve a live dashboard of the workers on http://ADDR/ (default address 127.0.0.1:9615).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9615")]
+    dashboard: Option<String>,
+    /// Enable the dashboard's reload/scale buttons for requests carrying this token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HERD_DASHBOARD_TOKEN",
+        hide_env_values = true
+    )]
+    dashboard_token: Option<String>,
+    /// Allow the dashboard and metrics on a non-loopback address without a token.
+    #[arg(long)]
+    dashboard_allow_remote: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     program: Vec<OsString>,
@@ -141,7 +164,16 @@ impl RunArgs {
         if let Some(n) = self.max_requests {
             l = l.max_requests(n);
         }
-        l
+        if let Some(addr) = &self.metrics {
+            l = l.metrics(addr.clone());
+        }
+        if let Some(addr) = &self.dashboard {
+            l = l.dashboard(addr.clone());
+        }
+        if let Some(token) = &self.dashboard_token {
+            l = l.dashboard_token(token.clone());
+        }
+        l.dashboard_allow_remote(self.dashboard_allow_remote)
     }
 }
 
@@ -237,6 +269,34 @@ fn control(target: &Target, request: &Request, timeout: Duration) -> ExitCode {
     }
 }
 
+/// `herd status --watch`: clear the terminal and redraw the table every `interval`, until Ctrl-C
+/// (which ends the process: nothing to clean up).
+fn watch_status(target: &Target, interval: Duration) -> ExitCode {
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        let screen = match launcher::request(&socket, &Request::Status, Duration::from_secs(10)) {
+            Ok(r) => match r.status {
+                Some(status) => status.to_string(),
+                None => format!("herd: {}\n", r.message),
+            },
+            Err(e) => format!("herd: {e} (retrying)\n"),
+        };
+        // Home, clear screen, then the table: one write, so it does not flicker.
+        print!(
+            "\x1b[H\x1b[2J{screen}\nevery {:.1}s, Ctrl-C to quit\n",
+            interval.as_secs_f64()
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        std::thread::sleep(interval);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -259,7 +319,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { target, json } => {
+        Command::Status {
+            target,
+            json,
+            watch,
+            interval,
+        } => {
+            if watch {
+                return watch_status(&target, secs(interval.max(0.1)));
+            }
             if json {
                 let socket = match target.socket() {
                     Ok(s) => s,
@@ -317,6 +385,13 @@ fn main() -> ExitCode {
             }
             if let Some(n) = run.max_requests {
                 words.extend(["--max-requests".into(), n.to_string()]);
+            }
+            // The token is never written into the unit: pass it with HERD_DASHBOARD_TOKEN.
+            if let Some(addr) = &run.metrics {
+                words.extend(["--metrics".into(), addr.clone()]);
+            }
+            if let Some(addr) = &run.dashboard {
+                words.extend(["--dashboard".into(), addr.clone()]);
             }
             words.push("--".into());
             words.extend(run.program.iter().map(|w| w.to_string_lossy().into_owned()));

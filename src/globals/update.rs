@@ -233,6 +233,7 @@ impl Group {
                     return Err(exec_aborted(e, client.config().command_timeout()).into());
                 }
             }
+            crate::observe::update_conflict(attempt < settings.max_attempts);
             if attempt >= settings.max_attempts {
                 return Err(Error::Conflict { attempts: attempt }.into());
             }
@@ -297,6 +298,7 @@ impl Group {
             if client.compare_and_swap(keys, &expected, &new).await? {
                 return Ok(result);
             }
+            crate::observe::update_conflict(attempt < settings.max_attempts);
             if attempt >= settings.max_attempts {
                 return Err(Error::Conflict { attempts: attempt }.into());
             }

@@ -98,6 +98,13 @@ pub struct WorkerStatus {
     /// How the last worker of this slot ended, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// CPU use over the last second, in percent of one core (when the master runs with
+    /// `--metrics` or `--dashboard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Requests per second over the last second (same condition, and the worker reports metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_sec: Option<f64>,
 }
 
 fn human_duration(secs: u64) -> String {
@@ -132,13 +139,13 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} state",
-            "index", "pid", "gen", "uptime", "restarts", "memory"
+            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} state",
+            "index", "pid", "gen", "uptime", "restarts", "memory", "cpu", "req/s"
         )?;
         for w in &self.workers {
             writeln!(
                 f,
-                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {}",
+                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} {}",
                 w.index,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -149,6 +156,8 @@ impl fmt::Display for Status {
                 },
                 w.restarts,
                 human_bytes(w.memory_bytes),
+                w.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+                w.requests_per_sec.map_or("-".into(), |r| format!("{r:.1}")),
                 match &w.last_exit {
                     Some(exit) if w.state == "errored" || w.state == "waiting" =>
                         format!("{} ({exit})", w.state),
@@ -240,6 +249,8 @@ mod tests {
                 memory_bytes: None,
                 state: "errored".into(),
                 last_exit: Some("exit code 1".into()),
+                cpu_percent: None,
+                requests_per_sec: None,
             }],
         };
         let table = status.to_string();

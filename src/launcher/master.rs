@@ -11,6 +11,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -20,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use super::control::{Request, Response, Status, WorkerStatus};
+use super::dashboard::{self, ControlMsg, Observer, WorkerSnapshot};
 use super::{spawn, systemd, Config, Error, Result};
 
 /// Cap of the restart backoff.
@@ -49,10 +51,10 @@ pub(crate) fn run(config: Config, program: PathBuf, args: Vec<OsString>) -> Resu
 enum Event {
     Ready(u64),
     Recycle(u64),
+    /// The worker's latest metrics, Prometheus text.
+    Metrics(u64, String),
     Exited(u64, std::io::Result<ExitStatus>),
 }
-
-type ControlMsg = (Request, oneshot::Sender<Response>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -119,6 +121,11 @@ struct Master {
     events: mpsc::UnboundedSender<Event>,
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
     last_memory_check: Instant,
+    /// Metrics / dashboard, when enabled.
+    observer: Option<Arc<Observer>>,
+    /// Latest metrics text of each worker process.
+    worker_metrics: HashMap<u64, String>,
+    last_sample: Instant,
 }
 
 fn describe(status: &std::io::Result<ExitStatus>) -> String {
@@ -270,7 +277,14 @@ async fn read_channel(
         let event = match line.trim() {
             "READY" | "READY=1" => Event::Ready(id),
             "RECYCLE" => Event::Recycle(id),
-            _ => continue,
+            // `METRICS "<Prometheus text as a JSON string>"`, once a second (feature `metrics`).
+            other => match other.strip_prefix("METRICS ") {
+                Some(json) => match serde_json::from_str::<String>(json) {
+                    Ok(text) => Event::Metrics(id, text),
+                    Err(_) => continue,
+                },
+                None => continue,
+            },
         };
         if events.send(event).is_err() {
             return;
@@ -328,6 +342,9 @@ impl Master {
             events,
             events_rx: Some(events_rx),
             last_memory_check: Instant::now(),
+            observer: None,
+            worker_metrics: HashMap::new(),
+            last_sample: Instant::now(),
             config,
         })
     }
@@ -335,6 +352,7 @@ impl Master {
     async fn run(mut self) -> Result<()> {
         let control = bind_control(&self.socket_path, &self.name)?;
         let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+        let observer_tasks = self.start_observer(&control_tx)?;
         let control_task = tokio::spawn(serve_control(control, control_tx));
         let sig = |kind| signal(kind).map_err(|e| Error::io("cannot install signal handler", e));
         let mut hup = sig(SignalKind::hangup())?;
@@ -369,6 +387,9 @@ impl Master {
             }
         }
         control_task.abort();
+        for task in observer_tasks {
+            task.abort();
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         if self.unclean > 0 {
             tracing::error!(
@@ -394,6 +415,9 @@ impl Master {
         ];
         if let Some(n) = self.config.max_requests {
             env.push((super::ENV_MAX_REQUESTS, n.to_string()));
+        }
+        if self.observer.is_some() {
+            env.push((super::ENV_METRICS, "1".to_owned()));
         }
         let spawn::Spawned { mut child, channel } =
             spawn::spawn_worker(&self.program, &self.args, &self.listener, &env)?;
@@ -515,6 +539,11 @@ impl Master {
                     }
                 }
             }
+            Event::Metrics(id, text) => {
+                if self.procs.contains_key(&id) {
+                    self.worker_metrics.insert(id, text);
+                }
+            }
             Event::Exited(id, status) => self.on_exit(id, &status),
         }
     }
@@ -528,7 +557,7 @@ impl Master {
         }
         p.ready = true;
         let (slot, role, pid) = (p.slot, p.role, p.pid);
-        tracing::debug!("herd: worker {slot} (pid {pid}) ready");
+        tracing::info!("herd: worker {slot} (pid {pid}) ready");
         match role {
             Role::Candidate => {
                 let is_candidate = self
@@ -591,6 +620,7 @@ impl Master {
         let Some(p) = self.procs.remove(&id) else {
             return;
         };
+        self.worker_metrics.remove(&id);
         let why = describe(status);
         let uptime = p.started.elapsed();
         if self.stopping {
@@ -632,6 +662,11 @@ impl Master {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.observer.is_some() && now.duration_since(self.last_sample) >= Duration::from_secs(1)
+        {
+            self.last_sample = now;
+            self.sample();
+        }
         // Drain deadlines.
         for p in self.procs.values_mut() {
             if !p.killed && p.kill_at.is_some_and(|at| at <= now) {
@@ -701,6 +736,68 @@ impl Master {
         }
     }
 
+    /// Bind the metrics and dashboard addresses (so that a bad one fails the start) and serve them.
+    fn start_observer(
+        &mut self,
+        control: &mpsc::UnboundedSender<ControlMsg>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+        let c = &self.config;
+        if c.metrics.is_none() && c.dashboard.is_none() {
+            return Ok(Vec::new());
+        }
+        let remote = c.dashboard_allow_remote || c.dashboard_token.is_some();
+        let observer = Observer::new(c.dashboard_token.clone(), control.clone());
+        let mut tasks = Vec::new();
+        if let Some(addr) = &c.metrics {
+            let listener = dashboard::bind(addr, "metrics", c.dashboard_allow_remote)?;
+            tracing::info!("herd: metrics on http://{addr}/metrics");
+            tasks.push(tokio::spawn(dashboard::serve_metrics(
+                listener,
+                observer.clone(),
+            )));
+        }
+        if let Some(addr) = &c.dashboard {
+            let listener = dashboard::bind(addr, "dashboard", remote)?;
+            tracing::info!(
+                "herd: dashboard on http://{addr}/ ({})",
+                if c.dashboard_token.is_some() {
+                    "reload and scale enabled with the token"
+                } else {
+                    "read-only"
+                }
+            );
+            tasks.push(tokio::spawn(dashboard::serve_dashboard(
+                listener,
+                observer.clone(),
+            )));
+        }
+        self.observer = Some(observer);
+        Ok(tasks)
+    }
+
+    /// Hand the current state to the dashboard / metrics server.
+    fn sample(&self) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let workers = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.role == Role::Current)
+            .map(|(id, p)| WorkerSnapshot {
+                slot: p.slot,
+                pid: p.pid,
+                restarts: self.slots.get(&p.slot).map_or(0, |s| s.restarts),
+                rss: rss(p.pid),
+                cpu_secs: dashboard::cpu_seconds(p.pid),
+                text: self.worker_metrics.get(id).cloned(),
+            })
+            .collect::<Vec<_>>();
+        let mut workers = workers;
+        workers.sort_by_key(|w| w.slot);
+        observer.sample(self.status(), workers);
+    }
+
     fn on_control(&mut self, request: Request, reply: oneshot::Sender<Response>) {
         match request {
             Request::Status => {
@@ -732,6 +829,11 @@ impl Master {
 
     fn status(&self) -> Status {
         let mut workers = Vec::new();
+        let live = self
+            .observer
+            .as_ref()
+            .map(|o| o.latest())
+            .unwrap_or_default();
         let row = |p: &Proc, state: &str, s: Option<&Slot>| WorkerStatus {
             index: p.slot,
             pid: Some(p.pid),
@@ -741,6 +843,8 @@ impl Master {
             memory_bytes: rss(p.pid),
             state: state.into(),
             last_exit: s.and_then(|s| s.last_exit.clone()),
+            cpu_percent: live.get(&p.pid).and_then(|l| l.0),
+            requests_per_sec: live.get(&p.pid).and_then(|l| l.1),
         };
         for (&index, s) in &self.slots {
             match s.current.and_then(|id| self.procs.get(&id)) {
@@ -761,6 +865,8 @@ impl Master {
                     memory_bytes: None,
                     state: if s.errored { "errored" } else { "waiting" }.into(),
                     last_exit: s.last_exit.clone(),
+                    cpu_percent: None,
+                    requests_per_sec: None,
                 }),
             }
         }

@@ -44,6 +44,7 @@
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
 //! | cookie key | `HERD_SECRET`: passed through from the master's environment, or 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
+//! | metrics | `HERD_METRICS=1` when the master runs with [`Launcher::metrics`] or [`Launcher::dashboard`]: a worker built with the `metrics` feature then writes `METRICS "<Prometheus text as a JSON string>"` on fd 4 once a second (see [`crate::observe`]); other lines are ignored by the master, so programs that do not send it still work |
 //!
 //! Each worker runs in its own process group; stdout and stderr lines are prefixed with
 //! `[worker N]` by the master. Workers also get `PR_SET_PDEATHSIG=SIGTERM` on Linux, so even a
@@ -58,6 +59,7 @@
 //! | `SIGTTIN` / `SIGTTOU` | one more / one fewer worker |
 
 mod control;
+mod dashboard;
 mod master;
 mod spawn;
 mod systemd;
@@ -84,6 +86,9 @@ pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
 pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
 /// Environment variable carrying the request limit after which a worker asks to be recycled.
 pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+/// Environment variable set to `1` when the master collects metrics: the worker (built with the
+/// `metrics` feature) installs the Prometheus recorder and sends its series on the master channel.
+pub const ENV_METRICS: &str = "HERD_METRICS";
 
 /// Errors of the launcher.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +154,10 @@ pub(crate) struct Config {
     pub(crate) max_requests: Option<u64>,
     pub(crate) worker_threads: Option<usize>,
     pub(crate) ready_after: Option<Duration>,
+    pub(crate) metrics: Option<String>,
+    pub(crate) dashboard: Option<String>,
+    pub(crate) dashboard_token: Option<String>,
+    pub(crate) dashboard_allow_remote: bool,
 }
 
 /// Builder of the pre-fork launcher. See the [module docs](self).
@@ -185,6 +194,10 @@ impl Launcher {
                 max_requests: None,
                 worker_threads: None,
                 ready_after: None,
+                metrics: None,
+                dashboard: None,
+                dashboard_token: None,
+                dashboard_allow_remote: false,
             },
         }
     }
@@ -286,6 +299,54 @@ impl Launcher {
     /// Threads of each worker's tokio runtime. Default: CPUs divided by workers, at least 1.
     pub fn worker_threads(mut self, n: usize) -> Self {
         self.config.worker_threads = Some(n.max(1));
+        self
+    }
+
+    /// Serve every worker's metrics in the Prometheus text format on `GET http://ADDR/metrics`,
+    /// aggregated by the master (each series labelled `worker="N"`). Workers built with the
+    /// `metrics` feature send their series over the master channel once a second; see
+    /// [`herd::observe`](crate::observe). Loopback addresses only, unless
+    /// [`dashboard_allow_remote`](Self::dashboard_allow_remote). Default: off.
+    ///
+    /// ```no_run
+    /// let launcher = herd::launcher::Launcher::new().metrics("127.0.0.1:9616");
+    /// ```
+    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
+        self.config.metrics = Some(addr.into());
+        self
+    }
+
+    /// Serve a live dashboard of the workers on `http://ADDR/` (and `/metrics`, `/api/status`).
+    /// Read-only unless [`dashboard_token`](Self::dashboard_token) is set. Loopback addresses
+    /// only, unless a token is set or [`dashboard_allow_remote`](Self::dashboard_allow_remote).
+    /// Default: off.
+    ///
+    /// ```no_run
+    /// let launcher = herd::launcher::Launcher::new().dashboard("127.0.0.1:9615");
+    /// ```
+    pub fn dashboard(mut self, addr: impl Into<String>) -> Self {
+        self.config.dashboard = Some(addr.into());
+        self
+    }
+
+    /// Enable the dashboard's reload and scale buttons for requests carrying this token in the
+    /// `x-herd-token` header (compared in constant time).
+    ///
+    /// ```no_run
+    /// let launcher = herd::launcher::Launcher::new()
+    ///     .dashboard("127.0.0.1:9615")
+    ///     .dashboard_token(std::env::var("HERD_DASHBOARD_TOKEN").unwrap_or_default());
+    /// ```
+    pub fn dashboard_token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        self.config.dashboard_token = (!token.is_empty()).then_some(token);
+        self
+    }
+
+    /// Allow the dashboard and metrics on a non-loopback address without a token (read-only
+    /// pages, visible to anyone who can reach the address). Default: refused.
+    pub fn dashboard_allow_remote(mut self, allow: bool) -> Self {
+        self.config.dashboard_allow_remote = allow;
         self
     }
 

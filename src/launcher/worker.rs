@@ -41,6 +41,8 @@ pub struct Worker {
     shutdown_tx: Option<watch::Sender<bool>>,
     drain_timeout: Duration,
     requests: RequestCounter,
+    /// The master collects metrics: `serve` counts requests.
+    observed: bool,
 }
 
 /// The way back to whoever started us.
@@ -167,6 +169,7 @@ impl Worker {
             shutdown: rx,
             shutdown_tx: Some(tx),
             drain_timeout,
+            observed: false,
         }))
     }
 
@@ -207,6 +210,11 @@ impl Worker {
         let listener = StopAccepting {
             inner: self.listener()?,
             stop: self.shutdown.clone(),
+        };
+        let app = if self.observed {
+            app.layer(crate::observe::CountRequests)
+        } else {
+            app
         };
         self.ready();
         let stop = self.shutdown();
@@ -451,8 +459,43 @@ where
         .is_none_or(|s| s.as_raw_fd() != MASTER_FD));
     let result = runtime.block_on(async move {
         tokio::spawn(watch_shutdown(tx, watch_stream, drain));
+        worker.observed = send_metrics(&worker.channel);
         app(worker).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result.map_err(|e| Error::App(e.into()))
+}
+
+/// When the master asks for metrics (`HERD_METRICS=1`): install the Prometheus recorder and send
+/// the rendered series every second as one `METRICS "<text as a JSON string>"` line. Masters that
+/// do not know the line ignore it. Returns whether metrics are collected.
+#[cfg(feature = "metrics")]
+fn send_metrics(channel: &Arc<Channel>) -> bool {
+    if channel.master.is_none() || std::env::var(super::ENV_METRICS).as_deref() != Ok("1") {
+        return false;
+    }
+    let handle = match crate::observe::install_prometheus() {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!("herd worker: metrics disabled: {e}");
+            return false;
+        }
+    };
+    let channel = channel.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+            if let Ok(text) = serde_json::to_string(&handle.render()) {
+                channel.send(&format!("METRICS {text}\n"));
+            }
+        }
+    });
+    true
+}
+
+#[cfg(not(feature = "metrics"))]
+fn send_metrics(_channel: &Arc<Channel>) -> bool {
+    false
 }

@@ -278,12 +278,23 @@ where
         };
         let session = Session::new(self.settings.clone(), cookies);
         req.extensions_mut().insert(session.clone());
+        // observe: one span per request; never the cookie, the session id or the query string.
+        let span = tracing::debug_span!(
+            "herd.request",
+            worker = crate::observe::worker_index(),
+            method = %req.method(),
+            path = req.uri().path(),
+            session_loaded = tracing::field::Empty,
+            redis_round_trips = tracing::field::Empty,
+            redis_ms = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
         // The service polled ready is called here, at once: its future owns what it needs, so no
         // clone of the inner service (for axum a boxed route: an allocation) is made per request.
-        let fut = self.inner.call(req);
+        let inner = self.inner.call(req);
         let settings = self.settings.clone();
-        Box::pin(async move {
-            let mut res = fut.await?;
+        let fut = async move {
+            let mut res = inner.await?;
             match session.commit().await {
                 Ok(action) => apply_cookie(&settings, &mut res, action),
                 Err(e) => {
@@ -295,8 +306,36 @@ where
                 }
             }
             Ok(res)
-        })
+        };
+        if span.is_disabled() {
+            return Box::pin(fut);
+        }
+        Box::pin(observed(span, fut))
     }
+}
+
+/// Runs a request inside its span, with per-request Redis figures recorded at the end.
+async fn observed<E>(
+    span: tracing::Span,
+    fut: impl Future<Output = Result<Response, E>>,
+) -> Result<Response, E> {
+    use tracing::Instrument as _;
+    let stats = crate::observe::RequestStats::default();
+    crate::observe::REQUEST
+        .scope(stats, async move {
+            let result = fut.instrument(span.clone()).await;
+            let _ = crate::observe::REQUEST.try_with(|s| {
+                span.record("session_loaded", s.loaded.get());
+                span.record("redis_round_trips", s.round_trips.get());
+                span.record("redis_ms", s.redis_nanos.get() as f64 / 1e6);
+            });
+            if let Ok(res) = &result {
+                span.record("status", res.status().as_u16());
+            }
+            span.in_scope(|| tracing::debug!("herd: request done"));
+            result
+        })
+        .await
 }
 
 fn apply_cookie(settings: &Settings, res: &mut Response, action: CookieAction) {

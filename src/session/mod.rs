@@ -233,7 +233,9 @@ impl Session {
     /// Loads the session if this request has not yet; afterwards `state.load` is Missing or Present.
     async fn ensure_loaded(&self, state: &mut State) -> Result<()> {
         if let (LoadState::NotLoaded, Some(id)) = (&state.load, &state.id) {
-            match store::load(self.client(), id, self.settings().expiry).await? {
+            let loaded = store::load(self.client(), id, self.settings().expiry).await?;
+            crate::observe::session_loaded();
+            match loaded {
                 Some(loaded) => state.load = LoadState::Present(loaded),
                 None => {
                     // Unknown, expired or destroyed id: never adopted; a write gets a fresh id.
@@ -475,6 +477,7 @@ impl Session {
     async fn flush(&self, state: &mut State, incr: Option<(String, i64)>) -> Result<Option<i64>> {
         for id in std::mem::take(&mut state.destroy) {
             store::destroy(self.client(), &id).await?;
+            crate::observe::session_destroyed();
             // A session created later in this request replaces this with `Set`.
             state.cookie = CookieAction::Remove;
         }
@@ -563,6 +566,7 @@ impl Session {
                     .await?
                 {
                     store::IncrOutcome::Applied(n) => {
+                        crate::observe::session_saved(false);
                         if let LoadState::Present(view) = &mut state.load {
                             view.fields
                                 .insert(field.clone(), n.to_string().into_bytes());
@@ -634,6 +638,7 @@ impl Session {
         };
         let n = match outcome {
             SaveOutcome::Applied { incr, owner } => {
+                crate::observe::session_saved(mode == SaveMode::New);
                 if let (SaveMode::Cycle, None, Some(owner)) = (mode, &known_owner, &owner) {
                     // A blind cycle of an owned session: index the new id too (rare: a second round trip).
                     let now = store::now_ms();
