@@ -132,3 +132,52 @@ async fn redis_killed_under_atomic_groups_then_back() {
     let ab: Vec<Option<i64>> = group.get_many(&["a", "b"]).await.expect("snapshot");
     assert_eq!(ab, vec![Some(7), Some(7)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_under_updates_neither_deadlocks_nor_leaks_the_pool() {
+    let server = RedisServer::start();
+    let config = herd::Config::builder()
+        .redis_url(server.url())
+        .secret_base64(support::test_secret())
+        .prefix(support::unique_prefix("freeze"))
+        .pool_size(4)
+        .pool_wait_timeout(Duration::from_millis(300))
+        .command_timeout(Duration::from_millis(400))
+        .build()
+        .expect("config");
+    let client = RedisClient::new(config).expect("client");
+    // Many attempts: after the thaw, 20 updates of one variable race on 4 connections.
+    let group = Globals::new(client)
+        .with_max_attempts(100)
+        .group("g")
+        .expect("group");
+    group.set("x", &0_i64).await.expect("seed");
+    let add = |group: herd::globals::Group| async move {
+        let t = Instant::now();
+        let r = group
+            .update(&["x"], |v: &mut [Option<i64>]| {
+                v[0] = Some(v[0].unwrap_or(0) + 1);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await;
+        (t.elapsed(), r.is_ok())
+    };
+    server.freeze();
+    let tasks: Vec<_> = (0..20).map(|_| tokio::spawn(add(group.clone()))).collect();
+    for t in tasks {
+        let (took, ok) = t.await.expect("task");
+        assert!(!ok, "an update succeeded against a frozen Redis");
+        assert!(took < Duration::from_secs(3), "an update hung for {took:?}");
+    }
+    server.thaw();
+    // Every pooled connection works again: more concurrent updates than the pool has connections.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tasks: Vec<_> = (0..20).map(|_| tokio::spawn(add(group.clone()))).collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += i64::from(t.await.expect("task").1);
+    }
+    assert_eq!(ok, 20, "updates failed after the thaw");
+    let x: i64 = group.get("x").await.expect("get").expect("x");
+    assert_eq!(x, 20, "an update was lost or applied twice");
+}

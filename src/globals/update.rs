@@ -186,16 +186,7 @@ impl Group {
             let mut read = redis::pipe();
             read.cmd("WATCH").arg(&keys).ignore().cmd("MGET").arg(&keys);
             let (raw,): (Vec<Option<String>>,) = conn.query(client, &read, false).await?;
-            if raw.len() != keys.len() {
-                return Err(
-                    super::unexpected_reply("MGET returned a different number of values").into(),
-                );
-            }
-            let mut values = names
-                .iter()
-                .zip(&raw)
-                .map(|(name, raw)| raw.as_deref().map(|raw| decode::<T>(name, raw)).transpose())
-                .collect::<Result<Vec<Option<T>>>>()?;
+            let mut values = decode_read::<T>(names, &raw)?;
 
             let result = f(&mut values).map_err(UpdateError::Aborted)?;
 
@@ -272,16 +263,7 @@ impl Group {
                     })
                     .await?
             };
-            if raw.len() != keys.len() {
-                return Err(
-                    super::unexpected_reply("MGET returned a different number of values").into(),
-                );
-            }
-            let mut values = names
-                .iter()
-                .zip(&raw)
-                .map(|(name, raw)| raw.as_deref().map(|raw| decode::<T>(name, raw)).transpose())
-                .collect::<Result<Vec<Option<T>>>>()?;
+            let mut values = decode_read::<T>(names, &raw)?;
             let result = f(&mut values).map_err(UpdateError::Aborted)?;
             let mut new = Vec::with_capacity(keys.len());
             let mut changed = false;
@@ -315,6 +297,23 @@ fn backoff(settings: &Settings, attempt: u32) -> Duration {
         .min(settings.backoff_max);
     let micros = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
     Duration::from_micros(rand::rng().random_range(0..=micros))
+}
+
+/// Decodes what `MGET` read for an update, one value per name.
+fn decode_read<T: DeserializeOwned>(
+    names: &[&str],
+    raw: &[Option<String>],
+) -> Result<Vec<Option<T>>> {
+    if raw.len() != names.len() {
+        return Err(super::unexpected_reply(
+            "MGET returned a different number of values",
+        ));
+    }
+    names
+        .iter()
+        .zip(raw)
+        .map(|(name, raw)| raw.as_deref().map(|raw| decode::<T>(name, raw)).transpose())
+        .collect()
 }
 
 /// A pooled connection that goes back to the pool only in a clean state.
