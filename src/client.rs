@@ -223,11 +223,9 @@ impl RedisClient {
         let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
             crate::topology::Topology::Single(url) => vec![url],
             crate::topology::Topology::Cluster(nodes) => nodes,
-            crate::topology::Topology::Sentinel { .. } => {
-                return Err(Error::Config(
-                    "broadcast channels are not supported through Sentinel yet".into(),
-                ))
-            }
+            // Through Sentinel the master is asked for at each (re)connection: see
+            // `pubsub_master_client`.
+            crate::topology::Topology::Sentinel { .. } => Vec::new(),
         };
         urls.iter()
             .map(|url| {
@@ -235,6 +233,30 @@ impl RedisClient {
                     .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
             })
             .collect()
+    }
+}
+
+impl RedisClient {
+    /// Through Sentinel: a client for the current master (asked of the sentinels now), for a
+    /// pub/sub connection. `None` for other topologies.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no sentinel names a reachable master.
+    pub(crate) async fn pubsub_master_client(&self) -> Result<Option<redis::Client>> {
+        match &self.inner.shared {
+            #[cfg(feature = "sentinel")]
+            Shared::Sentinel(master) => {
+                master
+                    .client_now()
+                    .await
+                    .map(Some)
+                    .map_err(|e| Error::Unavailable {
+                        reason: "no master named by the sentinels".into(),
+                        source: Some(e),
+                    })
+            }
+            _ => Ok(None),
+        }
     }
 }
 

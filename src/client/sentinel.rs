@@ -83,6 +83,12 @@ impl Master {
         })
     }
 
+    /// A client for the master the sentinels name now (for pub/sub connections, which are not
+    /// multiplexed).
+    pub(super) async fn client_now(&self) -> redis::RedisResult<redis::Client> {
+        self.sentinels.lock().await.async_get_client().await
+    }
+
     /// Drops the connection of `generation` (if still current) so the next request asks again.
     fn forget(&self, generation: u64) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());

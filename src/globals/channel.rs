@@ -145,6 +145,7 @@ impl<T: DeserializeOwned + Send + 'static> Channel<T> {
         let client = Nodes {
             clients: self.globals.client.pubsub_clients()?,
             next: AtomicUsize::new(0),
+            redis: self.globals.client.clone(),
         };
         let timeouts = Timeouts {
             connect: config.connect_timeout,
@@ -214,13 +215,25 @@ struct Timeouts {
 }
 
 /// Where subscriptions connect: one server, or the nodes of a cluster tried in turn.
+/// Through Sentinel `clients` is empty and the current master is asked for at each connection.
 struct Nodes {
     clients: Vec<redis::Client>,
     next: AtomicUsize,
+    redis: crate::client::RedisClient,
 }
 
 async fn connect(nodes: &Nodes, channel: &str, timeouts: Timeouts) -> Result<redis::aio::PubSub> {
-    let i = nodes.next.load(Ordering::Relaxed) % nodes.clients.len().max(1);
+    if nodes.clients.is_empty() {
+        let master = tokio::time::timeout(timeouts.connect, nodes.redis.pubsub_master_client())
+            .await
+            .map_err(|_| Error::Unavailable {
+                reason: "pub/sub: the sentinels did not answer in time".into(),
+                source: None,
+            })??
+            .ok_or_else(|| Error::Config("pub/sub: no Redis to connect to".into()))?;
+        return connect_to(&master, channel, timeouts).await;
+    }
+    let i = nodes.next.load(Ordering::Relaxed) % nodes.clients.len();
     let result = connect_to(&nodes.clients[i], channel, timeouts).await;
     if result.is_err() {
         // Next time, the next node (a cluster node may be the one that is down).
