@@ -7,7 +7,6 @@
 //! requests to the loop over the same channel as the control socket.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -419,16 +418,11 @@ async fn api_scale(
 /// Bind `addr` now (so that a bad address fails the start), refusing a non-loopback address
 /// unless `allow_remote`.
 pub(crate) fn bind(addr: &str, what: &str, allow_remote: bool) -> Result<std::net::TcpListener> {
-    use std::net::ToSocketAddrs;
     let bind_err = |source| Error::Bind {
         addr: addr.to_owned(),
         source,
     };
-    let sockaddr: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(bind_err)?
-        .next()
-        .ok_or_else(|| bind_err(std::io::Error::other("the address resolves to nothing")))?;
+    let sockaddr = super::spawn::resolve(addr)?;
     if !sockaddr.ip().is_loopback() && !allow_remote {
         return Err(bind_err(std::io::Error::other(format!(
             "refusing to serve the {what} on a non-loopback address without a dashboard token \

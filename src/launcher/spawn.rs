@@ -15,17 +15,25 @@ use super::{Error, Result};
 /// Backlog of the shared listening socket: connections wait here while workers are replaced.
 const BACKLOG: i32 = 1024;
 
+/// The first socket address `addr` resolves to; a failure is an [`Error::Bind`] naming `addr`.
+pub(crate) fn resolve(addr: &str) -> Result<SocketAddr> {
+    let bind_err = |source| Error::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    addr.to_socket_addrs()
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| bind_err(std::io::Error::other("the address resolves to nothing")))
+}
+
 /// Bind `addr` once, with `SO_REUSEADDR` and a large backlog.
 pub(crate) fn bind(addr: &str) -> Result<TcpListener> {
     let bind_err = |source| Error::Bind {
         addr: addr.to_owned(),
         source,
     };
-    let sockaddr: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(bind_err)?
-        .next()
-        .ok_or_else(|| bind_err(std::io::Error::other("the address resolves to nothing")))?;
+    let sockaddr = resolve(addr)?;
     let socket = Socket::new(
         Domain::for_address(sockaddr),
         Type::STREAM,
