@@ -71,6 +71,29 @@ impl Sentinel {
         }
     }
 
+    /// [`start`](Self::start), retried on another port when the sentinel does not come up (its
+    /// free port can be taken by another test between the probe and the bind).
+    fn start_answering(primary_port: u16) -> Sentinel {
+        for _ in 0..5 {
+            let mut sentinel = Sentinel::start(primary_port);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if query::<String>(sentinel.port, &["PING"]).is_ok() {
+                    return sentinel;
+                }
+                let exited = sentinel
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if exited || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("no sentinel came up in 5 attempts");
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
     }
@@ -103,11 +126,13 @@ impl SentinelSetup {
             query::<String>(replica.port(), &["INFO", "replication"])
                 .is_ok_and(|i| i.contains("master_link_status:up"))
         });
-        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.port())).collect();
+        let sentinels: Vec<Sentinel> = (0..3)
+            .map(|_| Sentinel::start_answering(primary.port()))
+            .collect();
         for s in &sentinels {
             wait(
                 "a sentinel to see its peers",
-                Duration::from_secs(20),
+                Duration::from_secs(40),
                 || {
                     let peers =
                         query::<Vec<redis::Value>>(s.port, &["SENTINEL", "SENTINELS", MASTER])
