@@ -17,31 +17,38 @@ use std::fmt;
 use crate::error::{Error, Result};
 
 /// A session id: 32 lowercase hex digits of a random (v4) UUID, 122 random bits from the OS generator.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct SessionId(String);
+/// Kept inline (no allocation): one is made or parsed on every request that uses its session.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionId([u8; 32]);
 
 impl SessionId {
     /// A fresh id from the operating system's random generator.
     pub(crate) fn generate() -> SessionId {
-        SessionId(uuid::Uuid::new_v4().simple().to_string())
+        let mut id = [0u8; 32];
+        uuid::Uuid::new_v4().simple().encode_lower(&mut id);
+        SessionId(id)
     }
 
     /// Accepts exactly the format [`generate`](Self::generate) makes; anything else is refused before any
     /// key is built from it.
     pub(crate) fn parse(s: &str) -> Option<SessionId> {
-        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        ok.then(|| SessionId(s.to_owned()))
+        let bytes: [u8; 32] = s.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            .then_some(SessionId(bytes))
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        // Only ASCII hex digits ever get in (`generate`, `parse`), so this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or("")
     }
 }
 
 impl fmt::Debug for SessionId {
     // Ids are credentials (with the signing key); keep them out of logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionId({}…)", &self.0[..4])
+        write!(f, "SessionId({}…)", &self.as_str()[..4])
     }
 }
 

@@ -295,7 +295,14 @@ where
         let settings = self.settings.clone();
         let fut = async move {
             let mut res = inner.await?;
-            match session.commit().await {
+            // Untouched or read-only: settled without a future. Otherwise the save, boxed: its
+            // state machine is large, and inlined it would make every request's future (moved and
+            // boxed below) that large, writing or not.
+            let committed = match session.commit_if_clean() {
+                Some(action) => Ok(action),
+                None => Box::pin(session.commit()).await,
+            };
+            match committed {
                 Ok(action) => apply_cookie(&settings, &mut res, action),
                 Err(e) => {
                     let gone = e.is_session_gone();

@@ -22,7 +22,7 @@
 //! # How it works
 //! * **Lazy.** The layer puts a handle in the request and does nothing else: a request whose handler
 //!   never touches the session costs no Redis round trip and, even with a cookie, no signature check.
-//! * **One read.** The first read loads the whole session (`HGETALL` + `PTTL`, one round trip).
+//! * **One read.** The first read loads the whole session (one `HGETALL`).
 //! * **Buffered writes.** [`insert`](Session::insert), [`remove`](Session::remove),
 //!   [`clear`](Session::clear), [`cycle_id`](Session::cycle_id), [`destroy`](Session::destroy),
 //!   [`set_owner`](Session::set_owner) only record a change. After the handler, the changes are applied
@@ -161,10 +161,22 @@ struct State {
     owner: Option<String>,
     idle_override_ms: Option<u64>,
     cycle: bool,
-    /// Ids to delete at save time (destroyed in this request).
-    destroy: Vec<SessionId>,
+    /// Sessions to delete at save time (destroyed in this request), with their owner when known.
+    destroy: Vec<(SessionId, Option<String>)>,
     /// What the response must tell the browser.
     cookie: CookieAction,
+}
+
+impl State {
+    /// Nothing buffered: no write, no destroy, no new id.
+    fn is_clean(&self) -> bool {
+        self.destroy.is_empty()
+            && self.changes.is_empty()
+            && !self.clear
+            && self.owner.is_none()
+            && self.idle_override_ms.is_none()
+            && !self.cycle
+    }
 }
 
 #[derive(Default)]
@@ -182,7 +194,7 @@ enum Change {
 }
 
 /// What the response must say about the cookie.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum CookieAction {
     #[default]
     None,
@@ -222,7 +234,7 @@ impl Session {
                 cookies.first.iter().chain(&cookies.rest),
                 &settings.cookie.name,
             )
-            .and_then(|raw| settings.verifier.verify(&raw));
+            .and_then(|raw| settings.verifier.verify(raw));
             if state.id.is_none() {
                 state.load = LoadState::Missing;
             }
@@ -255,20 +267,21 @@ impl Session {
     /// Redis does not answer in time.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let mut state = self.state().await;
+        if !state.clear && !state.changes.contains_key(key) {
+            self.ensure_loaded(&mut state).await?;
+        }
+        // Decoded from the buffer in place (under the lock): no copy of the stored bytes.
         let raw = match state.changes.get(key) {
-            Some(Change::Set(v)) => Some(v.clone()),
+            Some(Change::Set(v)) => Some(v.as_slice()),
             Some(Change::Remove) => None,
             None if state.clear => None,
-            None => {
-                self.ensure_loaded(&mut state).await?;
-                match &state.load {
-                    LoadState::Present(loaded) => loaded.fields.get(key).cloned(),
-                    _ => None,
-                }
-            }
+            None => match &state.load {
+                LoadState::Present(loaded) => loaded.fields.get(key).map(Vec::as_slice),
+                _ => None,
+            },
         };
         raw.map(|bytes| {
-            serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            serde_json::from_slice(bytes).map_err(|source| Error::Decode {
                 key: key.to_owned(),
                 source,
             })
@@ -401,7 +414,11 @@ impl Session {
     pub async fn destroy(&self) {
         let mut state = self.state().await;
         if let Some(id) = state.id.take() {
-            state.destroy.push(id);
+            let owner = match &state.load {
+                LoadState::Present(l) => l.owner.clone(),
+                _ => None,
+            };
+            state.destroy.push((id, owner));
         }
         state.load = LoadState::Missing;
         state.changes.clear();
@@ -462,10 +479,30 @@ impl Session {
         SessionStore::new(self.client().clone())
     }
 
+    /// Whether the handler used the session at all (if not, there is nothing to commit).
+    pub(crate) fn is_touched(&self) -> bool {
+        self.inner.touched.load(Ordering::Relaxed)
+    }
+
+    /// What the layer must do after the handler when nothing is buffered (the common read-only
+    /// request): `Some(cookie action)` without any future to await, or `None` if there are writes
+    /// to apply with [`commit`](Self::commit).
+    pub(crate) fn commit_if_clean(&self) -> Option<CookieAction> {
+        if !self.is_touched() {
+            return Some(CookieAction::None);
+        }
+        let mut state = self.inner.state.try_lock().ok()?;
+        if !state.is_clean() {
+            return None;
+        }
+        self.refresh_if_due(&mut state);
+        Some(std::mem::take(&mut state.cookie))
+    }
+
     /// Applies the buffered changes (called by the layer after the handler). Returns what the response
     /// must say about the cookie.
     pub(crate) async fn commit(&self) -> Result<CookieAction> {
-        if !self.inner.touched.load(Ordering::Relaxed) {
+        if !self.is_touched() {
             return Ok(CookieAction::None);
         }
         let mut state = self.inner.state.lock().await;
@@ -473,15 +510,57 @@ impl Session {
         Ok(std::mem::take(&mut state.cookie))
     }
 
+    /// Pushes the idle timeout (and the owner's index) forward if the load found it due, off the
+    /// request's path: a late refresh loses nothing.
+    fn refresh_if_due(&self, state: &mut State) {
+        if let (LoadState::Present(loaded), Some(id)) = (&mut state.load, state.id) {
+            if std::mem::take(&mut loaded.index_due) {
+                // Refreshes the idle timeout too.
+                loaded.needs_refresh = false;
+                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing);
+            } else if std::mem::take(&mut loaded.needs_refresh) {
+                let client = self.client().clone();
+                let expiry = self.settings().expiry;
+                tokio::spawn(async move {
+                    if let Err(e) = store::touch(&client, &id, expiry).await {
+                        tracing::debug!(error = %e, "herd: session TTL refresh failed");
+                    }
+                });
+            }
+        }
+    }
+
     /// Writes everything buffered (plus an increment) in one round trip where possible.
+    ///
+    /// When the outcome is unknown (no reply in time) or the session ended, the buffered changes are
+    /// dropped: sending them again later (at commit, after a failed `incr`) would be a blind retry of
+    /// a write that may have been applied, or a write into a session that is gone. When Redis
+    /// refused the write before applying anything (not an integer, too large, unavailable), they stay
+    /// buffered, as the handler may go on.
     async fn flush(&self, state: &mut State, incr: Option<(String, i64)>) -> Result<Option<i64>> {
-        for id in std::mem::take(&mut state.destroy) {
-            store::destroy(self.client(), &id).await?;
+        let result = self.flush_once(state, incr).await;
+        if let Err(Error::OutcomeUnknown { .. } | Error::SessionGone) = &result {
+            state.changes.clear();
+            state.clear = false;
+            state.owner = None;
+            state.idle_override_ms = None;
+            state.cycle = false;
+        }
+        result
+    }
+
+    async fn flush_once(
+        &self,
+        state: &mut State,
+        incr: Option<(String, i64)>,
+    ) -> Result<Option<i64>> {
+        for (id, owner) in std::mem::take(&mut state.destroy) {
+            store::destroy(self.client(), &id, owner.as_deref()).await?;
             crate::observe::session_destroyed();
             // A session created later in this request replaces this with `Set`.
             state.cookie = CookieAction::Remove;
         }
-        let delta = Delta {
+        let mut delta = Delta {
             clear: state.clear,
             set: Vec::new(),
             remove: Vec::new(),
@@ -489,7 +568,6 @@ impl Session {
             idle_override_ms: state.idle_override_ms,
             incr,
         };
-        let mut delta = delta;
         for (field, change) in &state.changes {
             match change {
                 Change::Set(v) => delta.set.push((field.clone(), v.clone())),
@@ -497,18 +575,7 @@ impl Session {
             }
         }
         if delta.is_empty() && !state.cycle {
-            if let (LoadState::Present(loaded), Some(id)) = (&mut state.load, &state.id) {
-                if let Some(ttl) = loaded.needs_refresh.take() {
-                    // Off the request's path: a late TTL refresh loses nothing.
-                    let client = self.client().clone();
-                    let id = id.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = store::refresh(&client, &id, ttl).await {
-                            tracing::debug!(error = %e, "herd: session TTL refresh failed");
-                        }
-                    });
-                }
-            }
+            self.refresh_if_due(state);
             return Ok(None);
         }
         if state.id.is_none() && !has_content(&delta) {
@@ -519,21 +586,15 @@ impl Session {
         }
 
         let settings = self.settings();
-        let (max_bytes, read_before) = match &state.load {
-            LoadState::Present(_) | LoadState::Missing => {
-                (0, matches!(state.load, LoadState::Present(_)))
-            }
-            // Nothing set: removals and meta shrink or keep the size, an increment adds one integer
-            // at most. No need to read the whole hash in the script.
-            LoadState::NotLoaded if delta.set.is_empty() => (usize::MAX, false),
-            LoadState::NotLoaded => (settings.max_session_bytes, false),
+        let expiry = settings.expiry;
+        let read_before = matches!(state.load, LoadState::Present(_));
+        // Check the whole session's size in Redis only when it was not read here and fields are
+        // set (removals and meta shrink or keep the size; an increment adds one integer at most).
+        let max_bytes = match &state.load {
+            LoadState::NotLoaded if !delta.set.is_empty() => settings.max_session_bytes,
+            _ => 0,
         };
-        let max_bytes = if max_bytes == usize::MAX {
-            0
-        } else {
-            max_bytes
-        };
-        if max_bytes == 0 && !matches!(state.load, LoadState::NotLoaded) {
+        if !matches!(state.load, LoadState::NotLoaded) {
             let size = projected_size(state, None);
             if size > settings.max_session_bytes {
                 return Err(Error::TooLarge {
@@ -543,34 +604,34 @@ impl Session {
                 });
             }
         }
-        let known_owner = state.owner.clone().or_else(|| match &state.load {
+        let loaded_owner = match &state.load {
             LoadState::Present(l) => l.owner.clone(),
             _ => None,
-        });
+        };
+        let known_owner = state.owner.clone().or_else(|| loaded_owner.clone());
 
-        // The common counter: an increment alone on an existing session needs no script. Not on a
-        // cluster, where a session being moved to a new id (marked `$m`) must not be written to.
+        // Without a script where the request's knowledge makes one unnecessary (not on a cluster,
+        // where a session being moved to a new id, marked `$m`, must not be written to).
         let scriptless = !state.cycle && !self.client().is_cluster();
-        if let (Some(id), Some((field, by)), true) = (&state.id, &delta.incr, scriptless) {
-            let only_incr = !delta.clear
-                && delta.set.is_empty()
-                && delta.remove.is_empty()
-                && delta.owner.is_none()
-                && delta.idle_override_ms.is_none();
-            if only_incr {
+        let plain = !delta.clear && delta.owner.is_none() && delta.idle_override_ms.is_none();
+        // The common counter: an increment alone on an existing session.
+        if let (Some(id), Some((field, by)), true) = (state.id, &delta.incr, scriptless && plain) {
+            if delta.set.is_empty() && delta.remove.is_empty() {
                 let known = match &state.load {
-                    LoadState::Present(l) => Some((l.created_ms, l.idle_override_ms)),
+                    LoadState::Present(l) => Some(l.timing),
                     _ => None,
                 };
-                match store::incr_existing(self.client(), id, field, *by, settings.expiry, known)
-                    .await?
-                {
-                    store::IncrOutcome::Applied(n) => {
+                match store::incr_existing(self.client(), &id, field, *by, expiry, known).await? {
+                    store::IncrOutcome::Applied(n, timing) => {
                         crate::observe::session_saved(false);
+                        if timing.index_due(store::now_ms(), expiry) {
+                            self.spawn_index_bump(id, loaded_owner, timing);
+                        }
                         if let LoadState::Present(view) = &mut state.load {
                             view.fields
                                 .insert(field.clone(), n.to_string().into_bytes());
-                            view.needs_refresh = None;
+                            view.needs_refresh = false;
+                            view.index_due = false;
                         }
                         return Ok(Some(n));
                     }
@@ -586,25 +647,62 @@ impl Session {
                 }
             }
         }
+        // Read, then write (the generic read-modify-write): the load gave the timing record and
+        // the size, so no script is needed (see `store::save_loaded`).
+        if let (LoadState::Present(loaded), Some(id), true) =
+            (&mut state.load, state.id, scriptless && plain && delta.incr.is_none())
+        {
+            let outcome =
+                store::save_loaded(self.client(), &id, &delta, loaded.timing, expiry).await?;
+            if outcome == store::WriteOutcome::Gone {
+                return Err(Error::SessionGone);
+            }
+            crate::observe::session_saved(false);
+            if std::mem::take(&mut loaded.index_due) {
+                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing);
+            }
+            for (k, v) in delta.set {
+                loaded.fields.insert(k, v);
+            }
+            for k in delta.remove {
+                loaded.fields.remove(&k);
+            }
+            loaded.needs_refresh = false;
+            state.changes.clear();
+            return Ok(None);
+        }
 
         let mut mode = match (&state.id, state.cycle) {
             (None, _) => SaveMode::New,
             (Some(_), true) => SaveMode::Cycle,
             (Some(_), false) => SaveMode::Existing,
         };
+        // The idle timeout the session will have, as far as this request knows (for the index).
+        let idle_ms = delta
+            .idle_override_ms
+            .or(match &state.load {
+                LoadState::Present(l) => l.timing.idle,
+                _ => None,
+            })
+            .unwrap_or(store::ms(expiry.idle));
         let mut attempts = 0;
         let (final_id, outcome) = loop {
             attempts += 1;
             // Fresh ids only where needed: each costs a call to the OS random generator.
-            let (id, new_id) = match (mode, &state.id) {
+            let (id, new_id) = match (mode, state.id) {
                 (SaveMode::New, _) | (_, None) => (SessionId::generate(), None),
-                (SaveMode::Cycle, Some(id)) => (id.clone(), Some(SessionId::generate())),
-                (SaveMode::Existing, Some(id)) => (id.clone(), None),
+                (SaveMode::Cycle, Some(id)) => (id, Some(SessionId::generate())),
+                (SaveMode::Existing, Some(id)) => (id, None),
             };
+            // A new id, or a new owner, goes into the owner's index (with the save, index first).
             let index_owner = match mode {
                 SaveMode::New | SaveMode::Cycle => known_owner.as_deref(),
                 SaveMode::Existing => state.owner.as_deref(),
             };
+            let index = index_owner.map(|owner| store::IndexUpdate {
+                owner,
+                until: store::index_target(store::now_ms(), idle_ms),
+            });
             let outcome = store::save(
                 self.client(),
                 Save {
@@ -612,9 +710,9 @@ impl Session {
                     id: &id,
                     new_id: new_id.as_ref(),
                     delta: &delta,
-                    expiry: settings.expiry,
+                    expiry,
                     max_bytes,
-                    index_owner,
+                    index,
                 },
             )
             .await?;
@@ -637,26 +735,56 @@ impl Session {
             }
         };
         let n = match outcome {
-            SaveOutcome::Applied { incr, owner } => {
+            SaveOutcome::Applied {
+                incr,
+                owner,
+                indexed,
+            } => {
                 crate::observe::session_saved(mode == SaveMode::New);
-                if let (SaveMode::Cycle, None, Some(owner)) = (mode, &known_owner, &owner) {
-                    // A blind cycle of an owned session: index the new id too (rare: a second round trip).
-                    let now = store::now_ms();
-                    let mut pipe = redis::pipe();
-                    store::add_owner_index(
-                        &mut pipe,
-                        self.client(),
-                        owner,
-                        &final_id,
-                        now,
-                        now + settings.expiry.absolute.as_millis() as u64,
-                    );
-                    self.client()
-                        .run(
-                            true,
-                            |mut c| async move { pipe.query_async::<()>(&mut c).await },
-                        )
-                        .await?;
+                match (mode, &known_owner, &owner, indexed) {
+                    (SaveMode::Cycle, None, Some(owner), Some(indexed))
+                        if !self.client().is_cluster() =>
+                    {
+                        // A blind cycle of an owned session on one server: the script moved the
+                        // data (owner and index coverage included) to the new id; list the new id
+                        // too (rare: a second round trip). If that fails, the new session must not
+                        // live unlisted: it is removed, and the error reported.
+                        let mut pipe = redis::pipe();
+                        let now = store::now_ms();
+                        store::add_owner_index(
+                            &mut pipe,
+                            self.client(),
+                            owner,
+                            &final_id,
+                            now,
+                            indexed,
+                        );
+                        let listed = self
+                            .client()
+                            .run(
+                                true,
+                                |mut c| async move { pipe.query_async::<()>(&mut c).await },
+                            )
+                            .await;
+                        if let Err(e) = listed {
+                            let _ = store::destroy(self.client(), &final_id, None).await;
+                            state.cookie = CookieAction::Remove;
+                            return Err(e);
+                        }
+                    }
+                    (_, _, Some(owner), Some(indexed))
+                        if index_due(indexed, idle_ms, store::now_ms()) =>
+                    {
+                        self.spawn_index_bump(
+                            final_id,
+                            Some(owner.clone()),
+                            store::Timing {
+                                idle: Some(idle_ms),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    _ => {}
                 }
                 incr
             }
@@ -683,7 +811,7 @@ impl Session {
 
         // Bring the in-memory view up to date with what is now stored.
         if matches!(mode, SaveMode::New | SaveMode::Cycle) {
-            state.cookie = CookieAction::Set(final_id.clone(), settings.expiry.absolute);
+            state.cookie = CookieAction::Set(final_id, expiry.absolute);
         }
         let mut view = match std::mem::take(&mut state.load) {
             LoadState::Present(l) => Some(l),
@@ -706,7 +834,8 @@ impl Session {
             if let Some(owner) = delta.owner {
                 view.owner = Some(owner);
             }
-            view.needs_refresh = None;
+            view.needs_refresh = false;
+            view.index_due = false;
         }
         state.load = match view {
             Some(v) => LoadState::Present(v),
@@ -720,6 +849,24 @@ impl Session {
         state.idle_override_ms = None;
         Ok(Some(n))
     }
+
+    /// Pushes the owner's index forward off the request's path (see `store::bump_index`).
+    fn spawn_index_bump(&self, id: SessionId, owner: Option<String>, timing: store::Timing) {
+        let client = self.client().clone();
+        let expiry = self.settings().expiry;
+        let idle_ms = timing.idle.unwrap_or(store::ms(expiry.idle));
+        tokio::spawn(async move {
+            if let Err(e) = store::bump_index(&client, &id, expiry, owner, idle_ms).await {
+                tracing::debug!(error = %e, "herd: pushing a session's owner index forward failed");
+            }
+        });
+    }
+}
+
+/// Whether an index coverage running until `indexed` should be pushed forward at `now` (less than
+/// `5/4` of the idle timeout left; see `store::Timing::index_due`).
+fn index_due(indexed: u64, idle_ms: u64, now: u64) -> bool {
+    indexed < now.saturating_add(idle_ms + idle_ms / 4)
 }
 
 /// Whether a delta would put anything into a session that does not exist yet.

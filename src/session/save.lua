@@ -8,10 +8,18 @@
 -- ARGV[6]  '1' to clear every user field first
 -- ARGV[7]  owner to set ('' = unchanged)     ARGV[8] per-session idle timeout, ms ('' = unchanged)
 -- ARGV[9]  field to increment ('' = none)    ARGV[10] increment
--- ARGV[11] n, the number of fields to set; then n field/value pairs; then the fields to delete.
+-- ARGV[11] the time (unix ms) until which the owner's index lists this session ('' = unchanged); the
+--          caller has updated the index before (same pipeline, or an earlier round trip)
+-- ARGV[12] n, the number of fields to set; then n field/value pairs; then the fields to delete.
 --
--- Returns {status, n, owner}: status 1 = applied (n = the incremented value), 0 = the session is gone
--- (destroyed or expired: never resurrected), 2 = the id is taken, 3 = too large (n = size),
+-- The meta field '$c' is the session's timing record 'created:touched:idle:indexed' (see store.rs):
+-- created = start of the absolute timeout, touched = when the TTL was last pushed back, idle = the
+-- per-session idle timeout ('' = the layer's), indexed = until when the owner's index lists it ('' =
+-- no owner). An owned session's TTL never runs past 'indexed', so "log out everywhere" always finds
+-- every live session.
+--
+-- Returns {status, n, owner, indexed}: status 1 = applied (n = the incremented value), 0 = the session
+-- is gone (destroyed or expired: never resurrected), 2 = the id is taken, 3 = too large (n = size),
 -- 4 = the incremented field is not an integer. Every check runs before the first write, so a refused
 -- save writes nothing.
 local key = KEYS[1]
@@ -25,29 +33,43 @@ local owner = ARGV[7]
 local idle_override = ARGV[8]
 local incr_field = ARGV[9]
 local incr_by = ARGV[10]
-local nset = tonumber(ARGV[11])
-local first_set = 12
+local index_until = ARGV[11]
+local nset = tonumber(ARGV[12])
+local first_set = 13
 local first_del = first_set + 2 * nset
 
+local gone = {0, 0, false, false}
 local created = now
+local session_idle = nil
+local indexed = nil
 local current_owner = false
 if mode == 'new' then
-  if redis.call('EXISTS', key) == 1 then return {2, 0, false} end
+  if redis.call('EXISTS', key) == 1 then return {2, 0, false, false} end
 else
-  local meta = redis.call('HMGET', key, '$c', '$i', '$o', '$m')
+  local meta = redis.call('HMGET', key, '$c', '$o', '$m')
   -- '$m': the id is being cycled to another slot on a cluster (store.rs): gone for everyone else.
-  if not meta[1] or meta[4] then return {0, 0, false} end
-  if meta[2] then idle = tonumber(meta[2]) end
-  current_owner = meta[3]
+  if not meta[1] or meta[3] then return gone end
+  local c, _, i, x = string.match(meta[1], '^(%d+):?(%d*):?(%d*):?(%d*)$')
+  if not c then return gone end
+  if i ~= '' then session_idle = tonumber(i) end
+  if x ~= '' then indexed = tonumber(x) end
+  current_owner = meta[2]
   if mode == 'cycle' then
-    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false} end
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false} end
   else
-    created = tonumber(meta[1])
+    created = tonumber(c)
   end
 end
-if idle_override ~= '' then idle = tonumber(idle_override) end
+if idle_override ~= '' then session_idle = tonumber(idle_override) end
+if session_idle then idle = session_idle end
+if index_until ~= '' then
+  local until_ms = tonumber(index_until)
+  -- A new owner's index starts over; the same owner's only ever grows (concurrent bumps).
+  if owner ~= '' or not indexed or until_ms > indexed then indexed = until_ms end
+end
 local ttl = math.min(idle, created + absolute - now)
-if ttl <= 0 then return {0, 0, false} end
+if (owner ~= '' or current_owner) and indexed then ttl = math.min(ttl, indexed - now) end
+if ttl <= 0 then return gone end
 
 local sets = {}
 for i = first_set, first_del - 1, 2 do sets[ARGV[i]] = ARGV[i + 1] end
@@ -63,7 +85,7 @@ if incr_field ~= '' and not incr_first then
   if current == nil and not dels[incr_field] and not clear and mode ~= 'new' then
     current = redis.call('HGET', key, incr_field)
   end
-  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false} end
+  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false, false} end
 end
 
 if max_bytes > 0 then
@@ -78,7 +100,7 @@ if max_bytes > 0 then
     end
   end
   for f, v in pairs(sets) do total = total + #f + #v end
-  if total > max_bytes then return {3, total, false} end
+  if total > max_bytes then return {3, total, false, false} end
 end
 
 -- Checks done: write.
@@ -88,7 +110,7 @@ if incr_first then
   if type(r) == 'table' and r.err then
     -- Only "not an integer" is the caller's mistake; anything else (READONLY, OOM, ...) goes back
     -- to the client as the error it is. Nothing has been written either way.
-    if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false} end
+    if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false, false} end
     return redis.error_reply(r.err)
   end
   n = r
@@ -96,10 +118,9 @@ end
 if mode == 'cycle' then
   redis.call('RENAME', key, KEYS[2])
   key = KEYS[2]
-  redis.call('HSET', key, '$c', now)
-elseif mode == 'new' then
-  redis.call('HSET', key, '$c', now)
 end
+local function ms(v) if v then return string.format('%d', v) end return '' end
+redis.call('HSET', key, '$c', ms(created) .. ':' .. ms(now) .. ':' .. ms(session_idle) .. ':' .. ms(indexed))
 if clear then
   local fields = redis.call('HKEYS', key)
   for _, f in ipairs(fields) do
@@ -112,7 +133,6 @@ if owner ~= '' then
   redis.call('HSET', key, '$o', owner)
   current_owner = owner
 end
-if idle_override ~= '' then redis.call('HSET', key, '$i', idle_override) end
 if incr_field ~= '' and not incr_first then n = redis.call('HINCRBY', key, incr_field, incr_by) end
 redis.call('PEXPIRE', key, ttl)
-return {1, n, current_owner}
+return {1, n, current_owner, indexed or false}
