@@ -649,9 +649,11 @@ impl Session {
         }
         // Read, then write (the generic read-modify-write): the load gave the timing record and
         // the size, so no script is needed (see `store::save_loaded`).
-        if let (LoadState::Present(loaded), Some(id), true) =
-            (&mut state.load, state.id, scriptless && plain && delta.incr.is_none())
-        {
+        if let (LoadState::Present(loaded), Some(id), true) = (
+            &mut state.load,
+            state.id,
+            scriptless && plain && delta.incr.is_none(),
+        ) {
             let outcome =
                 store::save_loaded(self.client(), &id, &delta, loaded.timing, expiry).await?;
             if outcome == store::WriteOutcome::Gone {

@@ -102,7 +102,10 @@ impl Timing {
             return false;
         };
         let idle = self.idle(expiry);
-        indexed < now.saturating_add(idle + idle / 4).min(self.deadline(expiry))
+        indexed
+            < now
+                .saturating_add(idle + idle / 4)
+                .min(self.deadline(expiry))
     }
 }
 
@@ -318,7 +321,11 @@ pub(crate) async fn bump_index(
             let key = client.keys().session(id);
             let owner: Option<String> = client
                 .run(false, |mut c| async move {
-                    redis::cmd("HGET").arg(&key).arg("$o").query_async(&mut c).await
+                    redis::cmd("HGET")
+                        .arg(&key)
+                        .arg("$o")
+                        .query_async(&mut c)
+                        .await
                 })
                 .await?;
             match owner {
@@ -783,7 +790,10 @@ pub(crate) async fn destroy(
     match owner {
         None => {
             client
-                .run(true, |mut c| async move { del.query_async::<i64>(&mut c).await })
+                .run(
+                    true,
+                    |mut c| async move { del.query_async::<i64>(&mut c).await },
+                )
                 .await?;
         }
         Some(owner) => {
