@@ -295,12 +295,10 @@ where
         let settings = self.settings.clone();
         let fut = async move {
             let mut res = inner.await?;
-            // Untouched or read-only: settled without a future. Otherwise the save, boxed: its
-            // state machine is large, and inlined it would make every request's future (moved and
-            // boxed below) that large, writing or not.
+            // Untouched or read-only: settled without a future. (The save itself is boxed inside.)
             let committed = match session.commit_if_clean() {
                 Some(action) => Ok(action),
-                None => Box::pin(session.commit()).await,
+                None => session.commit().await,
             };
             match committed {
                 Ok(action) => apply_cookie(&settings, &mut res, action),

@@ -67,10 +67,10 @@
 //! entries and TTL end with the sessions' absolute deadlines.
 
 mod cookie;
+mod fields;
 mod layer;
 pub(crate) mod store;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +78,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use self::fields::Fields;
 pub use self::layer::{SessionLayer, SessionMissing, SessionService};
 use self::store::{Delta, Expiry, Loaded, Save, SaveMode, SaveOutcome};
 use crate::client::RedisClient;
@@ -156,7 +157,7 @@ struct State {
     /// The id whose data is (or is believed to be) in Redis. `None`: a new session.
     id: Option<SessionId>,
     load: LoadState,
-    changes: HashMap<String, Change>,
+    changes: Fields<Change>,
     clear: bool,
     owner: Option<String>,
     idle_override_ms: Option<u64>,
@@ -538,7 +539,9 @@ impl Session {
     /// refused the write before applying anything (not an integer, too large, unavailable), they stay
     /// buffered, as the handler may go on.
     async fn flush(&self, state: &mut State, incr: Option<(String, i64)>) -> Result<Option<i64>> {
-        let result = self.flush_once(state, incr).await;
+        // Boxed: the write paths make a large state machine, which would otherwise be part of (and
+        // moved with) every handler future that calls `incr`, and of the layer's.
+        let result = Box::pin(self.flush_once(state, incr)).await;
         if let Err(Error::OutcomeUnknown { .. } | Error::SessionGone) = &result {
             state.changes.clear();
             state.clear = false;
@@ -882,26 +885,25 @@ fn has_content(delta: &Delta) -> bool {
 /// The session's size (user field names + values) once the buffered changes (and `extra`) apply.
 /// Only meaningful when the session has been loaded (or is new).
 fn projected_size(state: &State, extra: Option<(&str, usize)>) -> usize {
-    let mut sizes: HashMap<&str, usize> = HashMap::new();
+    let replaced = |k: &str| state.changes.contains_key(k) || extra.is_some_and(|(e, _)| e == k);
+    let mut size = 0;
     if !state.clear {
         if let LoadState::Present(loaded) = &state.load {
-            for (k, v) in &loaded.fields {
-                sizes.insert(k, v.len());
-            }
+            size += loaded
+                .fields
+                .iter()
+                .filter(|(k, _)| !replaced(k))
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         }
     }
     for (k, change) in &state.changes {
-        match change {
-            Change::Set(v) => {
-                sizes.insert(k, v.len());
-            }
-            Change::Remove => {
-                sizes.remove(k.as_str());
-            }
+        if let (Change::Set(v), false) = (change, extra.is_some_and(|(e, _)| e == k)) {
+            size += k.len() + v.len();
         }
     }
     if let Some((k, len)) = extra {
-        sizes.insert(k, len);
+        size += k.len() + len;
     }
-    sizes.iter().map(|(k, v)| k.len() + v).sum()
+    size
 }

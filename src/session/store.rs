@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{Cmd, Pipeline, Script, Value};
 
+use super::fields::Fields;
 use crate::client::RedisClient;
 use crate::error::{Error, Result};
 use crate::keys::SessionId;
@@ -117,7 +118,7 @@ pub(crate) fn index_target(now: u64, idle_ms: u64) -> u64 {
 /// A session as read from Redis.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
-    pub(crate) fields: HashMap<String, Vec<u8>>,
+    pub(crate) fields: Fields<Vec<u8>>,
     pub(crate) timing: Timing,
     pub(crate) owner: Option<String>,
     /// The key's TTL is old enough that it should be pushed back (idle timeout refresh).
@@ -213,7 +214,7 @@ pub(crate) async fn load(
         return Ok(None);
     }
     let mut loaded = Loaded {
-        fields: HashMap::with_capacity(raw.len()),
+        fields: Fields::with_capacity(raw.len()),
         ..Loaded::default()
     };
     let mut timing = None;
@@ -227,7 +228,7 @@ pub(crate) async fn load(
                 _ => {}
             }
         } else {
-            loaded.fields.insert(field, value);
+            loaded.fields.push_unique(field, value);
         }
     }
     let Some(timing) = timing else {
