@@ -7,15 +7,19 @@
 //! cargo run --example bank
 //! ```
 //!
-//! It uses the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`); if none answers there and
-//! `redis-server` is on `PATH`, it starts a private one for the run.
+//! It uses the Redis at `REDIS_URL`; without `REDIS_URL` the one on `127.0.0.1:6379`, and if none
+//! answers there and `redis-server` is installed, a private one started for the run. Its variables
+//! live under the key prefix `bank-example` and are deleted at the end.
 //!
 //! Eight tasks stand in for eight worker processes (each could be its own process: nothing is
 //! shared but Redis). They make random transfers between three accounts at once; a transfer that
 //! would overdraw an account is refused with the bank's own error. At the end the balances still add
 //! up, read in one consistent snapshot.
 
-use std::time::Duration;
+#[path = "support/private_redis.rs"]
+mod private_redis;
+
+use std::process::ExitCode;
 
 use herd::globals::{Group, UpdateError};
 use herd::{Config, Globals, RedisClient};
@@ -58,9 +62,27 @@ async fn transfer(
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (config, _private_redis) = config().await?;
-    let redis = RedisClient::connect(config).await?;
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bank: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    // Kept until the end of `run`: a private redis-server stops when this is dropped.
+    let redis_server = private_redis::find_or_start("bank")?;
+    let config = Config::builder()
+        .redis_url(&redis_server.url)
+        .prefix("bank-example")
+        .key(herd::cookie::Key::generate()) // only sessions use the cookie key
+        .build()?;
+    let redis = RedisClient::connect(config)
+        .await
+        .map_err(|e| format!("no answer from the Redis at {}: {e}", redis_server.source))?;
     // Any two transfers between three accounts share an account, so contention is extreme here:
     // allow more optimistic attempts than the default 10.
     let globals = Globals::new(redis).with_max_attempts(25);
@@ -127,7 +149,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  {name:>5}: {}", balance.unwrap_or(0));
     }
     println!("  total: {total} (always 150)");
-    assert_eq!(total, 150);
+    if total != 150 {
+        return Err(format!("the balances add up to {total}, not 150").into());
+    }
 
     // Close the accounts (one atomic group again) so that the next run starts afresh.
     let mut close = bank.atomic();
@@ -136,57 +160,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     close.apply().await?;
     Ok(())
-}
-
-// ---- plumbing: find a Redis, or start a private one ----------------------------------------
-
-/// A private `redis-server`, killed when dropped.
-struct PrivateRedis(std::process::Child);
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn config() -> Result<(Config, Option<PrivateRedis>), Box<dyn std::error::Error>> {
-    let config = Config::builder()
-        .redis_url(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))
-        .prefix("bank-example")
-        .key(herd::cookie::Key::generate()) // only sessions use the cookie key
-        .build()?;
-    if RedisClient::connect(config.clone()).await.is_ok() {
-        return Ok((config, None));
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("no Redis at REDIS_URL and cannot start redis-server: {e}"))?;
-    let private = PrivateRedis(child);
-    let config = Config::builder()
-        .redis_url(format!("redis://127.0.0.1:{port}"))
-        .prefix("bank-example")
-        .key(herd::cookie::Key::generate()) // only sessions use the cookie key
-        .build()?;
-    for _ in 0..100 {
-        if RedisClient::connect(config.clone()).await.is_ok() {
-            println!("(started a private redis-server on port {port})");
-            return Ok((config, Some(private)));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("the private redis-server did not start".into())
 }

@@ -15,8 +15,13 @@
 //! | `HERD_POOL_WAIT_MS` | longest wait for a free pooled connection | `1000` |
 //!
 //! When `HERD_SECRET` is missing, a random key is made and a loud warning is logged: cookies then only
-//! verify in this one process and until it restarts. Under the launcher the master makes one key and
-//! hands it to every worker, so cookies verify in all of them.
+//! verify in this one process and until it restarts ([`Config::key_is_ephemeral`] says so). Under the
+//! launcher the master makes one key and hands it to every worker, so cookies verify in all of them.
+//!
+//! A variable that is set but malformed (a secret that is not base64 or too short, a URL herd cannot
+//! use, a number that does not parse or is zero, a prefix with characters outside `[A-Za-z0-9_.:-]`)
+//! is an [`Error::Config`] whose message names the variable: herd refuses to start rather than guess.
+//! A variable set to an empty or blank value counts as unset.
 
 use std::fmt;
 use std::sync::Once;
@@ -128,7 +133,11 @@ pub struct ConfigBuilder {
 
 #[derive(Clone)]
 enum Secret {
-    Base64 { source: &'static str, text: String },
+    /// `source` names where the text came from, for error messages (`HERD_SECRET`, ...).
+    Base64 {
+        source: String,
+        text: String,
+    },
     Key(Key),
 }
 
@@ -145,34 +154,38 @@ impl ConfigBuilder {
     /// A builder filled from the environment; later setters override it.
     ///
     /// # Errors
-    /// [`Error::Config`] when a numeric variable does not parse.
+    /// [`Error::Config`] naming the variable when a value is malformed: a number that does not
+    /// parse or is zero, an unknown `HERD_REDIS_MODE`, a `REDIS_URL` herd cannot use, a
+    /// `HERD_PREFIX` outside the allowed alphabet. The secrets are checked by
+    /// [`build`](Self::build), also with the variable's name in the message.
     pub fn from_env() -> Result<ConfigBuilder> {
-        let mut b = ConfigBuilder::default();
-        if let Some(url) = env("REDIS_URL") {
-            b.redis_url = Some(url);
-        }
-        if let Some(secret) = env("HERD_SECRET") {
-            b.secret = Some(Secret::Base64 {
-                source: "HERD_SECRET",
-                text: secret,
-            });
-        }
-        if let Some(old) = env("HERD_OLD_SECRETS") {
-            b.old_secrets = old
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Secret::Base64 {
-                    source: "HERD_OLD_SECRETS",
-                    text: s.to_owned(),
+        ConfigBuilder::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any source of variables: `lookup` answers the value of a
+    /// variable, `None` when it is not set. A pure function of `lookup` (the process environment is
+    /// global, which makes `from_env` itself awkward to test).
+    pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<ConfigBuilder> {
+        // Empty or blank counts as unset (`REDIS_URL= cargo run` means "the default").
+        let var = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let millis = |name: &str| -> Result<Option<Duration>> {
+            var(name)
+                .map(|v| match v.parse::<u64>() {
+                    Ok(0) => Err(Error::Config(format!("{name} must be above zero, got `0`"))),
+                    Ok(ms) => Ok(Duration::from_millis(ms)),
+                    Err(_) => Err(Error::Config(format!(
+                        "{name} must be a whole number of milliseconds, got `{v}`"
+                    ))),
                 })
-                .collect();
-        }
-        if let Some(prefix) = env("HERD_PREFIX") {
-            b.prefix = Some(prefix);
-        }
-        if let Some(mode) = env("HERD_REDIS_MODE") {
-            b.cluster_mode = match mode.trim() {
+                .transpose()
+        };
+        let mut b = ConfigBuilder::default();
+        if let Some(mode) = var("HERD_REDIS_MODE") {
+            b.cluster_mode = match mode.as_str() {
                 "cluster" => true,
                 "single" => false,
                 other => {
@@ -182,18 +195,62 @@ impl ConfigBuilder {
                 }
             };
         }
-        if let Some(path) = env("HERD_REDIS_CA_FILE") {
+        if let Some(url) = var("REDIS_URL") {
+            // Checked here too, so that a bad URL is reported even if a setter replaces it later.
+            crate::topology::Topology::parse(&url, b.cluster_mode)?;
+            b.redis_url = Some(url);
+        }
+        if let Some(secret) = var("HERD_SECRET") {
+            b.secret = Some(Secret::Base64 {
+                source: "HERD_SECRET".into(),
+                text: secret,
+            });
+        }
+        if let Some(old) = var("HERD_OLD_SECRETS") {
+            let entries: Vec<&str> = old
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let n = entries.len();
+            b.old_secrets = entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| Secret::Base64 {
+                    source: if n == 1 {
+                        "HERD_OLD_SECRETS".into()
+                    } else {
+                        format!("HERD_OLD_SECRETS (entry {} of {n})", i + 1)
+                    },
+                    text: s.to_owned(),
+                })
+                .collect();
+        }
+        if let Some(prefix) = var("HERD_PREFIX") {
+            crate::keys::validate_prefix(&prefix)
+                .map_err(|e| Error::Config(format!("HERD_PREFIX: {}", config_message(e))))?;
+            b.prefix = Some(prefix);
+        }
+        if let Some(path) = var("HERD_REDIS_CA_FILE") {
             b.ca_file = Some(path.into());
         }
-        b.command_timeout = env_millis("HERD_REDIS_TIMEOUT_MS")?;
-        b.connect_timeout = env_millis("HERD_CONNECT_TIMEOUT_MS")?;
-        b.pool_wait_timeout = env_millis("HERD_POOL_WAIT_MS")?;
-        if let Some(size) = env("HERD_POOL_SIZE") {
-            b.pool_size = Some(size.parse().map_err(|_| {
-                Error::Config(format!(
-                    "HERD_POOL_SIZE must be a whole number, got `{size}`"
-                ))
-            })?);
+        b.command_timeout = millis("HERD_REDIS_TIMEOUT_MS")?;
+        b.connect_timeout = millis("HERD_CONNECT_TIMEOUT_MS")?;
+        b.pool_wait_timeout = millis("HERD_POOL_WAIT_MS")?;
+        if let Some(size) = var("HERD_POOL_SIZE") {
+            b.pool_size = Some(match size.parse::<usize>() {
+                Ok(0) => {
+                    return Err(Error::Config(
+                        "HERD_POOL_SIZE must be at least 1, got `0`".into(),
+                    ))
+                }
+                Ok(n) => n,
+                Err(_) => {
+                    return Err(Error::Config(format!(
+                        "HERD_POOL_SIZE must be a whole number, got `{size}`"
+                    )))
+                }
+            });
         }
         Ok(b)
     }
@@ -230,7 +287,7 @@ impl ConfigBuilder {
     /// The cookie signing secret, base64 of at least 64 bytes (checked by [`build`](Self::build)).
     pub fn secret_base64(mut self, secret: impl Into<String>) -> Self {
         self.secret = Some(Secret::Base64 {
-            source: "secret",
+            source: "the secret".into(),
             text: secret.into(),
         });
         self
@@ -252,7 +309,7 @@ impl ConfigBuilder {
     /// An earlier secret (base64) still accepted when verifying cookies.
     pub fn old_secret_base64(mut self, secret: impl Into<String>) -> Self {
         self.old_secrets.push(Secret::Base64 {
-            source: "old secret",
+            source: "an old secret".into(),
             text: secret.into(),
         });
         self
@@ -306,7 +363,7 @@ impl ConfigBuilder {
             }
             Some(path) => Some(std::fs::read(path).map_err(|e| {
                 Error::Config(format!(
-                    "cannot read the Redis CA file `{}`: {e}",
+                    "cannot read the Redis CA file `{}` (HERD_REDIS_CA_FILE): {e}",
                     path.display()
                 ))
             })?),
@@ -356,7 +413,7 @@ impl Secret {
     fn into_key(self) -> Result<Key> {
         match self {
             Secret::Key(key) => Ok(key),
-            Secret::Base64 { source, text } => key_from_base64(source, &text),
+            Secret::Base64 { source, text } => key_from_base64(&source, &text),
         }
     }
 }
@@ -395,23 +452,12 @@ fn warn_ephemeral_key() {
     });
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn env_millis(name: &str) -> Result<Option<Duration>> {
-    env(name)
-        .map(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| {
-                    Error::Config(format!(
-                        "{name} must be a number of milliseconds, got `{v}`"
-                    ))
-                })
-        })
-        .transpose()
+/// The sentence inside an [`Error::Config`] (other errors as displayed).
+fn config_message(e: Error) -> String {
+    match e {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    }
 }
 
 /// The URL with any password replaced by `***`, for logs and errors.
@@ -464,6 +510,213 @@ mod tests {
             .contains("not base64"));
         let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
         assert!(key_from_base64("HERD_SECRET", &good).is_ok());
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// `from_env`'s logic over a fixed set of variables.
+    fn from_vars(vars: &[(&str, &str)]) -> Result<Config> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        ConfigBuilder::from_lookup(|name| vars.get(name).cloned())?.build()
+    }
+
+    fn config_error(vars: &[(&str, &str)]) -> String {
+        match from_vars(vars) {
+            Err(Error::Config(m)) => m,
+            other => panic!("{vars:?}: expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let secret = b64(&[1u8; 64]);
+        let old1 = b64(&[2u8; 64]);
+        let old2 = b64(&[3u8; 80]);
+        let old_list = format!(" {old1} ,, {old2},");
+        let config = from_vars(&[
+            ("REDIS_URL", "redis://user:pw@10.0.0.7:6380/2"),
+            ("HERD_SECRET", &secret),
+            ("HERD_OLD_SECRETS", &old_list),
+            ("HERD_PREFIX", "shop-1.prod:eu"),
+            ("HERD_REDIS_TIMEOUT_MS", "250"),
+            ("HERD_CONNECT_TIMEOUT_MS", " 750 "),
+            ("HERD_POOL_SIZE", "3"),
+            ("HERD_POOL_WAIT_MS", "1500"),
+        ])
+        .expect("config");
+        assert_eq!(config.redis_url(), "redis://user:pw@10.0.0.7:6380/2");
+        assert!(!config.key_is_ephemeral());
+        assert_eq!(config.key.master(), Key::from(&[1u8; 64]).master());
+        let old: Vec<&[u8]> = config.old_keys.iter().map(Key::master).collect();
+        assert_eq!(
+            old,
+            [
+                Key::from(&[2u8; 64]).master(),
+                Key::from(&[3u8; 80]).master()
+            ],
+            "old secrets in order, blanks between commas skipped"
+        );
+        assert_eq!(config.prefix(), "shop-1.prod:eu");
+        assert_eq!(config.command_timeout(), Duration::from_millis(250));
+        assert_eq!(config.connect_timeout, Duration::from_millis(750));
+        assert_eq!(config.pool_size, 3);
+        assert_eq!(config.pool_wait_timeout, Duration::from_millis(1500));
+        assert!(!config.cluster_mode);
+        assert!(config.ca_pem.is_none());
+        // The password never shows in Debug output.
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("pw@") && debug.contains("user:***@"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn unset_and_blank_variables_give_the_defaults() {
+        for vars in [
+            &[][..],
+            &[
+                ("REDIS_URL", ""),
+                ("HERD_PREFIX", "  "),
+                ("HERD_REDIS_TIMEOUT_MS", ""),
+                ("HERD_POOL_SIZE", " "),
+                ("HERD_OLD_SECRETS", ""),
+            ][..],
+        ] {
+            let config = from_vars(vars).expect("defaults");
+            assert_eq!(config.redis_url(), "redis://127.0.0.1:6379");
+            assert_eq!(config.prefix(), "herd");
+            assert_eq!(config.command_timeout(), Duration::from_secs(1));
+            assert_eq!(config.connect_timeout, Duration::from_secs(1));
+            assert_eq!(config.pool_wait_timeout, Duration::from_secs(1));
+            assert_eq!(config.pool_size, 16);
+            assert!(config.old_keys.is_empty());
+            assert!(!config.cluster_mode);
+        }
+    }
+
+    /// No secret: a random key per process, flagged, never the same twice.
+    #[test]
+    fn a_missing_secret_gives_an_ephemeral_random_key() {
+        let a = from_vars(&[]).expect("config");
+        let b = from_vars(&[("HERD_SECRET", " ")]).expect("config");
+        assert!(a.key_is_ephemeral() && b.key_is_ephemeral());
+        assert_ne!(a.key.master(), b.key.master());
+        assert_eq!(a.key.master().len(), 64);
+        let built = Config::builder().build().expect("config");
+        assert!(built.key_is_ephemeral());
+        let keyed = Config::builder()
+            .key(Key::generate())
+            .build()
+            .expect("config");
+        assert!(!keyed.key_is_ephemeral());
+    }
+
+    #[test]
+    fn malformed_variables_are_errors_that_name_the_variable() {
+        let good = b64(&[1u8; 64]);
+        let short = b64(&[1u8; 40]);
+        let long_prefix = "p".repeat(65);
+        let good_then_short = format!("{good},{short}");
+        // (variables, the variable the message must name, a detail it must give)
+        type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                vec![("HERD_SECRET", "not base64!")],
+                "HERD_SECRET",
+                "not base64",
+            ),
+            (vec![("HERD_SECRET", &short)], "HERD_SECRET", "40 bytes"),
+            (
+                vec![("HERD_SECRET", &good), ("HERD_OLD_SECRETS", "%%%")],
+                "HERD_OLD_SECRETS",
+                "not base64",
+            ),
+            (
+                vec![
+                    ("HERD_SECRET", &good),
+                    ("HERD_OLD_SECRETS", &good_then_short),
+                ],
+                "HERD_OLD_SECRETS (entry 2 of 2)",
+                "40 bytes",
+            ),
+            (vec![("REDIS_URL", "http://example.com")], "REDIS_URL", ""),
+            (vec![("REDIS_URL", "not a url")], "REDIS_URL", ""),
+            (vec![("REDIS_URL", "redis://:6379")], "REDIS_URL", ""),
+            (
+                vec![("HERD_REDIS_MODE", "sharded")],
+                "HERD_REDIS_MODE",
+                "sharded",
+            ),
+            (vec![("HERD_PREFIX", "a{b}")], "HERD_PREFIX", "a{b}"),
+            (
+                vec![("HERD_PREFIX", &long_prefix)],
+                "HERD_PREFIX",
+                "1 to 64",
+            ),
+            (
+                vec![("HERD_REDIS_TIMEOUT_MS", "1s")],
+                "HERD_REDIS_TIMEOUT_MS",
+                "`1s`",
+            ),
+            (
+                vec![("HERD_REDIS_TIMEOUT_MS", "0")],
+                "HERD_REDIS_TIMEOUT_MS",
+                "above zero",
+            ),
+            (
+                vec![("HERD_CONNECT_TIMEOUT_MS", "-5")],
+                "HERD_CONNECT_TIMEOUT_MS",
+                "`-5`",
+            ),
+            (
+                vec![("HERD_POOL_WAIT_MS", "1.5")],
+                "HERD_POOL_WAIT_MS",
+                "`1.5`",
+            ),
+            (
+                vec![("HERD_POOL_WAIT_MS", "99999999999999999999999")],
+                "HERD_POOL_WAIT_MS",
+                "whole number",
+            ),
+            (vec![("HERD_POOL_SIZE", "many")], "HERD_POOL_SIZE", "`many`"),
+            (
+                vec![("HERD_POOL_SIZE", "0")],
+                "HERD_POOL_SIZE",
+                "at least 1",
+            ),
+        ];
+        for (vars, variable, detail) in cases {
+            let message = config_error(&vars);
+            assert!(
+                message.contains(variable) && message.contains(detail),
+                "{vars:?}: `{message}` should name {variable} and say {detail:?}"
+            );
+        }
+        // A URL's password never appears in the error about it.
+        let message = config_error(&[("REDIS_URL", "ftp://u:hunter2@host")]);
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn setters_override_the_environment() {
+        let vars = [("HERD_PREFIX", "from-env"), ("HERD_POOL_SIZE", "4")];
+        let config = ConfigBuilder::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .expect("builder")
+        .prefix("from-code")
+        .build()
+        .expect("config");
+        assert_eq!(config.prefix(), "from-code");
+        assert_eq!(config.pool_size, 4);
     }
 
     #[test]

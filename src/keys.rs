@@ -5,6 +5,10 @@
 //! | a session | `{prefix}:s:{<id>}` | hash: one field per session key, plus meta fields starting with `$` |
 //! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → the session's absolute deadline (ms) |
 //! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
+//! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
+//!
+//! `{prefix}` is [`Config::prefix`](crate::Config::prefix) (`herd` by default); globals and channels
+//! may use a prefix of their own ([`Globals::with_prefix`](crate::Globals::with_prefix)).
 //!
 //! The part in braces is the Redis Cluster *hash tag*: every key of one session, or of one group of
 //! globals, hashes to the same slot, so the scripts and MULTI/EXEC blocks that touch them stay legal
@@ -93,7 +97,13 @@ impl Keys {
         format!("{}:g:{{{group}}}:{name}", self.prefix)
     }
 
-    /// The prefix (for pub/sub channel names and tests).
+    /// The pub/sub channel of a broadcast [`Channel`](crate::globals::Channel). Channels are not
+    /// keys: no hash tag (a cluster delivers `PUBLISH` to every node).
+    pub(crate) fn channel(&self, name: &str) -> String {
+        format!("{}:chan:{name}", self.prefix)
+    }
+
+    /// The prefix every name built here starts with.
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -190,6 +200,8 @@ mod tests {
         );
         assert_eq!(keys.owner_index("a}{"), "app:o:{617d7b}");
         assert_eq!(keys.global("bank", "acct-1"), "app:g:{bank}:acct-1");
+        assert_eq!(keys.channel("cache"), "app:chan:cache");
+        assert_eq!(keys.prefix(), "app");
     }
 
     #[test]

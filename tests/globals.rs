@@ -845,6 +845,175 @@ async fn pubsub_in_one_process_and_across_a_restart() {
     assert_eq!(n, 1);
 }
 
+/// `Globals::with_prefix`: variables and channels under a prefix of their own, apart from the
+/// sessions' prefix; the group is still the hash tag; a bad prefix is a clear error.
+#[tokio::test]
+async fn globals_under_their_own_prefix() {
+    let server = RedisServer::start();
+    let client = RedisClient::new(config(&server, "own-prefix")).unwrap();
+    let session_prefix = client.config().prefix().to_owned();
+    let shared = unique_prefix("shared-globals");
+    let globals = Globals::new(client.clone()).with_prefix(&shared).unwrap();
+    assert_eq!(globals.prefix(), shared);
+    assert_eq!(Globals::new(client.clone()).prefix(), session_prefix);
+
+    let stats = globals.group("stats").unwrap();
+    stats.set("motd", &"hi").await.unwrap();
+    assert_eq!(stats.incr("hits", 2).await.unwrap(), 2);
+    stats
+        .atomic()
+        .set("a", &1_i64)
+        .set("b", &1_i64)
+        .apply()
+        .await
+        .unwrap();
+    let n = stats
+        .update(&["a", "b"], |v: &mut [Option<i64>]| {
+            v[0] = Some(v[0].unwrap_or(0) + 10);
+            Ok::<_, std::convert::Infallible>(v[0])
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, Some(11));
+    assert_eq!(
+        stats.get_many::<i64>(&["a", "b", "hits"]).await.unwrap(),
+        vec![Some(11), Some(1), Some(2)]
+    );
+
+    // Every key is `<own prefix>:g:{<group>}:<name>`; nothing under the config's prefix.
+    let mut keys = server.keys(&format!("{shared}:*"));
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["a", "b", "hits", "motd"]
+            .iter()
+            .map(|n| format!("{shared}:g:{{stats}}:{n}"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        server.keys(&format!("{session_prefix}:*")).is_empty(),
+        "a global landed under the sessions' prefix"
+    );
+    let raw: String = server.cmd(&["GET", &format!("{shared}:g:{{stats}}:motd")]);
+    assert_eq!(raw, r#""hi""#);
+
+    // Another handle over the same client but the default prefix does not see these variables;
+    // one with the same own prefix over a client with another config prefix does.
+    let default = Globals::new(client.clone()).group("stats").unwrap();
+    assert_eq!(default.get::<i64>("hits").await.unwrap(), None);
+    let other_app = RedisClient::new(config(&server, "other-app")).unwrap();
+    assert_ne!(other_app.config().prefix(), session_prefix);
+    let same = Globals::new(other_app).with_prefix(&shared).unwrap();
+    assert_eq!(
+        same.group("stats")
+            .unwrap()
+            .get::<i64>("hits")
+            .await
+            .unwrap(),
+        Some(2)
+    );
+
+    // Channels follow the globals' prefix too.
+    let channel = globals.channel::<Motd>("news").unwrap();
+    assert_eq!(channel.redis_channel(), format!("{shared}:chan:news"));
+    let mut sub = same
+        .channel::<Motd>("news")
+        .unwrap()
+        .subscribe()
+        .await
+        .unwrap();
+    let msg = Motd {
+        text: "over the own prefix".into(),
+        level: 1,
+    };
+    assert_eq!(channel.publish(&msg).await.unwrap(), 1);
+    assert_eq!(next(&mut sub).await, Some(Received::Message(msg)));
+    assert_eq!(
+        Globals::new(client.clone())
+            .channel::<Motd>("news")
+            .unwrap()
+            .redis_channel(),
+        format!("{session_prefix}:chan:news")
+    );
+
+    // A prefix that could break the key scheme is refused, with the rule in the message.
+    for bad in ["", "a{b}", "a}b", "has space", "x*", &"p".repeat(65)] {
+        let err = Globals::new(client.clone()).with_prefix(bad).unwrap_err();
+        assert!(
+            matches!(err, Error::Config(ref m) if m.contains("prefix") && m.contains("_.:-")),
+            "{bad:?}: {err:?}"
+        );
+    }
+    // Settings chained before or after the prefix are kept.
+    let tuned = Globals::new(client)
+        .with_max_value_size(10)
+        .with_prefix(&shared)
+        .unwrap();
+    assert!(matches!(
+        tuned
+            .group("stats")
+            .unwrap()
+            .set("big", &"x".repeat(20))
+            .await,
+        Err(Error::TooLarge { .. })
+    ));
+}
+
+/// On a real 3-primary Redis Cluster, a group under `with_prefix` still lives in one slot: atomic
+/// groups, `get_many` and `update` (all multi-key, all refused across slots) work.
+#[cfg(feature = "cluster")]
+#[tokio::test]
+async fn own_prefix_keeps_each_group_in_one_cluster_slot() {
+    let cluster = support::cluster::RedisCluster::start();
+    let config = herd::Config::builder()
+        .redis_url(cluster.url())
+        .secret_base64(support::test_secret())
+        .prefix(unique_prefix("cluster-sessions"))
+        .command_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let shared = unique_prefix("cluster-globals");
+    let globals = Globals::new(RedisClient::new(config).unwrap())
+        .with_prefix(&shared)
+        .unwrap();
+    // Names chosen so that, without the hash tag, their keys would spread over the nodes.
+    let names: Vec<String> = (0..12).map(|i| format!("v{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let slots: std::collections::HashSet<u16> = names
+        .iter()
+        .map(|n| cluster.slot_of(&format!("{shared}:g:stats:{n}")))
+        .collect();
+    assert!(slots.len() > 1, "the names do not spread without a tag");
+    let tagged: std::collections::HashSet<u16> = names
+        .iter()
+        .map(|n| cluster.slot_of(&format!("{shared}:g:{{stats}}:{n}")))
+        .collect();
+    assert_eq!(tagged.len(), 1);
+
+    let stats = globals.group("stats").unwrap();
+    let mut writes = stats.atomic();
+    for n in &names {
+        writes = writes.set(n, &1_i64);
+    }
+    writes.apply().await.unwrap();
+    let sum = stats
+        .update(&names, |v: &mut [Option<i64>]| {
+            for x in v.iter_mut() {
+                *x = Some(x.unwrap_or(0) + 1);
+            }
+            Ok::<_, std::convert::Infallible>(v.len())
+        })
+        .await
+        .unwrap();
+    assert_eq!(sum, names.len());
+    let values = stats.get_many::<i64>(&names).await.unwrap();
+    assert_eq!(values, vec![Some(2); names.len()]);
+    assert_eq!(
+        cluster.keys(&format!("{shared}:g:{{stats}}:*")).len(),
+        names.len()
+    );
+}
+
 #[test]
 fn globals_handle_is_cheap_shared_state() {
     fn assert_state<T: Clone + Send + Sync + 'static>() {}

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -131,6 +131,78 @@ fn routes() -> Router {
                 Json(json!({ "ok": true }))
             }),
         )
+        .route(
+            "/remove/{key}",
+            post(|s: Session, Path(key): Path<String>| async move {
+                s.remove(&key).await?;
+                Ok::<_, herd::Error>(Json(json!({ "ok": true })))
+            }),
+        )
+        .route(
+            "/remove-then-get/{key}",
+            post(|s: Session, Path(key): Path<String>| async move {
+                s.remove(&key).await?;
+                let v: Option<Value> = s.get(&key).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": v })))
+            }),
+        )
+        .route(
+            "/clear",
+            post(|s: Session| async move {
+                s.clear().await;
+                Json(json!({ "ok": true }))
+            }),
+        )
+        .route(
+            "/clear-then-set/{key}/{value}",
+            post(
+                |s: Session, Path((key, value)): Path<(String, String)>| async move {
+                    s.clear().await;
+                    s.insert(&key, value).await?;
+                    Ok::<_, herd::Error>(Json(json!({ "entries": s.entries().await? })))
+                },
+            ),
+        )
+        .route(
+            "/entries",
+            get(|s: Session| async move {
+                Ok::<_, herd::Error>(Json(json!({ "entries": s.entries().await? })))
+            }),
+        )
+        .route(
+            "/change-then-entries",
+            post(|s: Session| async move {
+                s.insert("added", true).await?;
+                s.remove("seed").await?;
+                Ok::<_, herd::Error>(Json(json!({ "entries": s.entries().await? })))
+            }),
+        )
+        .route(
+            "/owner",
+            get(|s: Session| async move {
+                Ok::<_, herd::Error>(Json(json!({ "owner": s.owner().await? })))
+            }),
+        )
+        .route(
+            "/set-owner-then-read/{owner}",
+            post(|s: Session, Path(owner): Path<String>| async move {
+                s.set_owner(&owner).await?;
+                Ok::<_, herd::Error>(Json(json!({ "owner": s.owner().await? })))
+            }),
+        )
+        .route(
+            "/is-empty",
+            get(|s: Session| async move {
+                Ok::<_, herd::Error>(Json(json!({ "empty": s.is_empty().await? })))
+            }),
+        )
+        .route(
+            "/idle/{ms}",
+            post(|s: Session, Path(ms): Path<u64>| async move {
+                s.set_idle_timeout(Duration::from_millis(ms)).await;
+                Json(json!({ "ok": true }))
+            }),
+        )
 }
 
 impl App {
@@ -187,6 +259,39 @@ impl App {
     fn session_keys(&self, server: &RedisServer) -> Vec<String> {
         server.keys(&format!("{}:s:*", self.client.config().prefix()))
     }
+
+    /// The one session hash of this app, field → value as Redis holds it.
+    fn only_session(&self, server: &RedisServer) -> (String, HashMap<String, String>) {
+        let keys = self.session_keys(server);
+        assert_eq!(keys.len(), 1, "expected one session: {keys:?}");
+        let fields: HashMap<String, String> = server.cmd(&["HGETALL", &keys[0]]);
+        (keys[0].clone(), fields)
+    }
+
+    /// Sends a request and counts the client's round trips while it runs.
+    async fn counted(&self, method: &str, path: &str, cookie: Option<&str>) -> (u64, Reply) {
+        let before = self.client.round_trips();
+        let r = self.send(method, path, cookie).await;
+        (self.client.round_trips() - before, r)
+    }
+}
+
+/// Part `n` of a session's timing record `$c` (`created:touched:idle:indexed`), `None` if empty.
+fn timing_part(fields: &HashMap<String, String>, n: usize) -> Option<String> {
+    fields
+        .get("$c")
+        .and_then(|c| c.split(':').nth(n))
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
+/// The user fields of a session hash (without herd's `$` meta fields).
+fn user_fields(fields: &HashMap<String, String>) -> HashMap<&str, &str> {
+    fields
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 /// Creates a session with `key=value` and returns its cookie.
@@ -958,4 +1063,585 @@ async fn incr_never_resurrects_and_respects_the_absolute_deadline() {
     let keys = app.session_keys(&server);
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_ne!(keys[0], old_key, "the ended session came back");
+}
+
+/// `Session::remove`: deletes one field in Redis (a blind write: one round trip), nothing else;
+/// the same request sees its own removal; no session is made for a visitor without one.
+#[tokio::test]
+async fn remove_deletes_one_field_and_nothing_else() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "remove");
+    let cookie = new_session(&app).await;
+    app.send("POST", "/set/a/x", Some(&cookie)).await;
+    app.send("POST", "/set/b/y", Some(&cookie)).await;
+    let (key, before) = app.only_session(&server);
+
+    let (trips, r) = app.counted("POST", "/remove/a", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(trips, 1, "a blind remove is one round trip");
+    assert!(r.set_cookie.is_empty(), "remove must not set a cookie");
+    let (same_key, after) = app.only_session(&server);
+    assert_eq!(same_key, key, "remove must keep the session id");
+    assert_eq!(
+        user_fields(&after),
+        HashMap::from([("seed", "\"1\""), ("b", "\"y\"")])
+    );
+    for part in [0, 2, 3] {
+        assert_eq!(
+            timing_part(&after, part),
+            timing_part(&before, part),
+            "created-at, idle timeout and index coverage untouched"
+        );
+    }
+    assert_eq!(after.get("$o"), before.get("$o"), "owner untouched");
+    let r = app.send("GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+
+    // Removing a field that is not there changes nothing; removing and reading in one request
+    // sees the removal.
+    let r = app.send("POST", "/remove/nope", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.send("POST", "/remove-then-get/b", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+    let (_, after) = app.only_session(&server);
+    assert_eq!(user_fields(&after), HashMap::from([("seed", "\"1\"")]));
+
+    // A reserved name is refused before anything is sent; the meta field survives.
+    let (trips, r) = app.counted("POST", "/remove/$c", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{:?}", r.body);
+    assert_eq!(trips, 0);
+    let (_, again) = app.only_session(&server);
+    assert_eq!(again.get("$c"), after.get("$c"));
+
+    // No cookie: nothing to remove from, so no key, no cookie, no round trip.
+    let (trips, r) = app.counted("POST", "/remove/seed", None).await;
+    assert_eq!((r.status, trips), (StatusCode::OK, 0));
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(app.session_keys(&server).len(), 1);
+}
+
+/// `Session::clear`: every user field goes, the session (id, created-at, owner) stays, in one
+/// round trip; later writes land in the same session.
+#[tokio::test]
+async fn clear_empties_the_session_but_keeps_it() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "clear");
+    let cookie = app
+        .send("POST", "/login/erin", None)
+        .await
+        .cookie()
+        .expect("cookie");
+    app.send("POST", "/set/a/x", Some(&cookie)).await;
+    app.send("GET", "/incr/n", Some(&cookie)).await;
+    let (key, before) = app.only_session(&server);
+    assert_eq!(user_fields(&before).len(), 3, "{before:?}");
+
+    let (trips, r) = app.counted("POST", "/clear", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(trips, 1, "a blind clear is one round trip");
+    assert!(r.set_cookie.is_empty(), "clear keeps the id: no new cookie");
+    let (same_key, after) = app.only_session(&server);
+    assert_eq!(same_key, key);
+    assert!(user_fields(&after).is_empty(), "{after:?}");
+    assert_eq!(
+        timing_part(&after, 0),
+        timing_part(&before, 0),
+        "created-at kept"
+    );
+    assert_eq!(
+        after.get("$o").map(String::as_str),
+        Some("erin"),
+        "owner kept"
+    );
+    let ttl: i64 = server.cmd(&["PTTL", &key]);
+    assert!(ttl > 0, "the cleared session lost its TTL: {ttl}");
+
+    let r = app.send("GET", "/entries", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "entries": {} }));
+    let r = app.send("GET", "/owner", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "owner": "erin" }));
+    let r = app.send("GET", "/is-empty", Some(&cookie)).await;
+    assert_eq!(
+        r.body,
+        json!({ "empty": false }),
+        "a cleared session still exists"
+    );
+
+    // The cookie still names the session: later writes go into it.
+    let r = app.send("POST", "/set/c/z", Some(&cookie)).await;
+    assert!(r.set_cookie.is_empty());
+    let (same_key, after) = app.only_session(&server);
+    assert_eq!(same_key, key);
+    assert_eq!(user_fields(&after), HashMap::from([("c", "\"z\"")]));
+
+    // Clear then write in one request: only the new value remains.
+    let r = app.send("POST", "/clear-then-set/d/w", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "entries": { "d": "w" } }));
+    let (_, after) = app.only_session(&server);
+    assert_eq!(user_fields(&after), HashMap::from([("d", "\"w\"")]));
+
+    // Log out everywhere still finds the cleared session.
+    let store = herd::SessionStore::new(app.client.clone());
+    assert_eq!(store.destroy_owner("erin").await.expect("destroy"), 1);
+    assert!(app.session_keys(&server).is_empty());
+
+    // No cookie: nothing to clear, nothing created.
+    let (trips, r) = app.counted("POST", "/clear", None).await;
+    assert_eq!((r.status, trips), (StatusCode::OK, 0));
+    assert!(r.set_cookie.is_empty());
+    assert!(app.session_keys(&server).is_empty());
+}
+
+/// `Session::entries`: the user fields as JSON values (no meta fields), including the request's
+/// own changes; one round trip; empty for a visitor without a session, with nothing created.
+#[tokio::test]
+async fn entries_lists_the_user_fields_with_this_requests_changes() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "entries");
+    let (trips, r) = app.counted("GET", "/entries", None).await;
+    assert_eq!(r.body, json!({ "entries": {} }));
+    assert_eq!(trips, 0, "no cookie: nothing to read");
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(server.dbsize(), 0);
+
+    let cookie = app
+        .send("POST", "/login/gus", None)
+        .await
+        .cookie()
+        .expect("cookie");
+    app.send("POST", "/set/seed/1", Some(&cookie)).await;
+    app.send("GET", "/incr/n", Some(&cookie)).await;
+    app.send("GET", "/incr/n", Some(&cookie)).await;
+    let (trips, r) = app.counted("GET", "/entries", Some(&cookie)).await;
+    assert_eq!(trips, 1, "entries is one read");
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(
+        r.body,
+        json!({ "entries": { "seed": "1", "n": 2, "user": "gus" } }),
+        "user fields only, values decoded (the counter as a number)"
+    );
+
+    let r = app
+        .send("POST", "/change-then-entries", Some(&cookie))
+        .await;
+    assert_eq!(
+        r.body,
+        json!({ "entries": { "n": 2, "user": "gus", "added": true } })
+    );
+    let (_, stored) = app.only_session(&server);
+    assert_eq!(
+        user_fields(&stored),
+        HashMap::from([("n", "2"), ("user", "\"gus\""), ("added", "true")])
+    );
+}
+
+/// `Session::owner` and `set_owner`: stored as the `$o` meta field, indexed under the hex of the
+/// owner, read back in later requests (one round trip) and in the same request.
+#[tokio::test]
+async fn owner_is_stored_indexed_and_read_back() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "owner-api");
+    let prefix = app.client.config().prefix().to_owned();
+    let r = app.send("GET", "/owner", None).await;
+    assert_eq!(r.body, json!({ "owner": null }));
+    assert_eq!(server.dbsize(), 0);
+
+    let cookie = new_session(&app).await;
+    let (trips, r) = app.counted("GET", "/owner", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "owner": null }));
+    assert_eq!(trips, 1);
+
+    // An owner with characters that must never reach a key unencoded.
+    let owner = "a}{b";
+    let r = app
+        .send("POST", "/set-owner-then-read/a%7D%7Bb", Some(&cookie))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        r.body,
+        json!({ "owner": owner }),
+        "the request sees its own owner"
+    );
+    assert!(r.set_cookie.is_empty());
+    let (key, fields) = app.only_session(&server);
+    assert_eq!(fields.get("$o").map(String::as_str), Some(owner));
+    let index = format!("{prefix}:o:{{617d7b62}}");
+    assert_eq!(server.keys(&format!("{prefix}:o:*")), vec![index.clone()]);
+    let id = &key[key.len() - 33..key.len() - 1];
+    let score: Option<f64> = server.cmd(&["ZSCORE", &index, id]);
+    assert!(score.is_some(), "the session is not in its owner's index");
+
+    let (trips, r) = app.counted("GET", "/owner", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "owner": owner }));
+    assert_eq!(trips, 1);
+    let store = herd::SessionStore::new(app.client.clone());
+    assert_eq!(store.destroy_owner(owner).await.expect("destroy"), 1);
+    let r = app.send("GET", "/owner", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "owner": null }));
+}
+
+/// `Session::is_empty`: true without a stored session (no cookie, a forged one, after logout),
+/// false with one; one round trip with a cookie, none without; never creates anything.
+#[tokio::test]
+async fn is_empty_says_whether_a_session_is_stored() {
+    let server = RedisServer::start();
+    let app = App::new(&server, "is-empty");
+    let (trips, r) = app.counted("GET", "/is-empty", None).await;
+    assert_eq!((r.body.clone(), trips), (json!({ "empty": true }), 0));
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(server.dbsize(), 0);
+
+    let cookie = new_session(&app).await;
+    let (trips, r) = app.counted("GET", "/is-empty", Some(&cookie)).await;
+    assert_eq!((r.body.clone(), trips), (json!({ "empty": false }), 1));
+    assert!(r.set_cookie.is_empty());
+
+    let forged = format!("herd_session={}", "A".repeat(76));
+    let r = app.send("GET", "/is-empty", Some(&forged)).await;
+    assert_eq!(r.body, json!({ "empty": true }));
+
+    app.send("POST", "/logout", Some(&cookie)).await;
+    let r = app.send("GET", "/is-empty", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "empty": true }));
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(server.dbsize(), 0, "is_empty created something");
+}
+
+/// `Session::set_idle_timeout`: stored in the timing record `$c`, sets the TTL now (one round trip),
+/// is kept by later saves and TTL refreshes, never outlives the absolute timeout, and the session
+/// does end after it.
+#[tokio::test]
+async fn set_idle_timeout_is_per_session_and_sticks() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "idle-override", |l| {
+        l.with_idle_timeout(Duration::from_secs(60))
+            .with_absolute_timeout(Duration::from_secs(3600))
+    });
+    let cookie = new_session(&app).await;
+    let other = new_session(&app).await;
+    let keys_before = app.session_keys(&server);
+
+    let (trips, r) = app.counted("POST", "/idle/5000", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(trips, 1);
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(app.session_keys(&server).len(), keys_before.len());
+    let key = {
+        let mut found = None;
+        for k in &keys_before {
+            let fields: HashMap<String, String> = server.cmd(&["HGETALL", k]);
+            let i = timing_part(&fields, 2);
+            if i.is_some() {
+                assert!(found.is_none(), "both sessions got the override");
+                found = Some((k.clone(), i));
+            }
+        }
+        let (k, i) = found.expect("no session has its own idle timeout");
+        assert_eq!(i.as_deref(), Some("5000"));
+        k
+    };
+    let other_key = keys_before
+        .iter()
+        .find(|k| **k != key)
+        .expect("other")
+        .clone();
+    let pttl = |k: &str| server.cmd::<i64>(&["PTTL", k]);
+    assert!((1..=5000).contains(&pttl(&key)), "TTL {}", pttl(&key));
+    assert!(pttl(&other_key) > 5000, "the other session changed too");
+
+    // A later write keeps the session's own timeout (not the layer's 60 s).
+    app.send("POST", "/set/x/y", Some(&cookie)).await;
+    assert!((1..=5000).contains(&pttl(&key)), "TTL {}", pttl(&key));
+    // So does a TTL refresh after a read: age the session as if 4 s had passed, then read.
+    age_session(&server, &key, 4000);
+    let r = app.send("GET", "/get/x", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "y" }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pttl(&key) <= 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "the read did not refresh the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        (1000..=5000).contains(&pttl(&key)),
+        "refreshed to {} instead of the session's 5 s",
+        pttl(&key)
+    );
+    let _ = other;
+
+    // Never past the absolute deadline.
+    let capped = App::with(&server, "idle-capped", |l| {
+        l.with_idle_timeout(Duration::from_secs(10))
+            .with_absolute_timeout(Duration::from_secs(30))
+    });
+    let c = new_session(&capped).await;
+    capped.send("POST", "/idle/600000", Some(&c)).await;
+    let (k, fields) = capped.only_session(&server);
+    assert_eq!(timing_part(&fields, 2).as_deref(), Some("600000"));
+    assert!(
+        (1..=30_000).contains(&pttl(&k)),
+        "TTL {} runs past the absolute timeout",
+        pttl(&k)
+    );
+
+    // A short override ends the session (Redis expires it; only an upper bound is waited for).
+    let short = App::new(&server, "idle-short");
+    let c = new_session(&short).await;
+    short.send("POST", "/idle/300", Some(&c)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !short.session_keys(&server).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived its idle timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = short.send("GET", "/get/seed", Some(&c)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+}
+
+/// Makes a session look `ms` older to its idle timeout, as time passing would: its TTL `ms`
+/// shorter, and the time its TTL was last pushed back (in the timing record `$c`) `ms` earlier.
+fn age_session(server: &RedisServer, key: &str, ms: i64) {
+    let record: String = server.cmd(&["HGET", key, "$c"]);
+    let mut parts: Vec<String> = record.split(':').map(str::to_owned).collect();
+    let touched: i64 = parts[1].parse().expect("touched");
+    parts[1] = (touched - ms).to_string();
+    let _: i64 = server.cmd(&["HSET", key, "$c", &parts.join(":")]);
+    let pttl: i64 = server.cmd(&["PTTL", key]);
+    let _: i64 = server.cmd(&["PEXPIRE", key, &(pttl - ms).to_string()]);
+}
+
+/// Commands that change a session's data, or its TTL; a read-only request must send none of them.
+/// A refresh runs the save script with nothing to change: one `EVALSHA`, in which one `HSET` (of
+/// the timing record `$c` only: the test compares the data) and one `PEXPIRE`.
+const SESSION_WRITES: [&str; 11] = [
+    "hset", "hdel", "hincrby", "evalsha", "eval", "del", "unlink", "rename", "expire", "persist",
+    "zadd",
+];
+
+/// Exactly one refresh: the save script once, pushing the TTL back and recording when, and nothing
+/// else written.
+fn assert_one_refresh(calls: &HashMap<String, u64>, what: &str) {
+    assert_eq!(calls.get("pexpire"), Some(&1), "{what}: {calls:?}");
+    assert_eq!(calls.get("evalsha"), Some(&1), "{what}: {calls:?}");
+    assert_eq!(calls.get("hset"), Some(&1), "{what}: {calls:?}");
+    for cmd in SESSION_WRITES {
+        if !matches!(cmd, "hset" | "evalsha") {
+            assert_eq!(calls.get(cmd), None, "{what}: sent {cmd}: {calls:?}");
+        }
+    }
+}
+
+/// Waits up to `within` for Redis to have run at least `n` `PEXPIRE`s, then a little more, so that a
+/// second (wrong) one would show too; returns the command stats.
+async fn settle(server: &RedisServer, n: u64, within: Duration) -> HashMap<String, u64> {
+    let deadline = Instant::now() + within;
+    while server.command_calls().get("pexpire").copied().unwrap_or(0) < n
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.command_calls()
+}
+
+fn assert_no_data_write(calls: &HashMap<String, u64>, what: &str) {
+    for cmd in SESSION_WRITES {
+        assert_eq!(calls.get(cmd), None, "{what}: sent {cmd}: {calls:?}");
+    }
+}
+
+/// Idle refresh: a read-only request sends no write at all while the TTL is fresh (less than a
+/// tenth of the idle timeout has passed), and exactly one refresh (no data write) once more than
+/// a tenth has passed. "Time passing" is simulated by ageing the session ([`age_session`]), and
+/// checked with one real wait too.
+#[tokio::test]
+async fn read_only_requests_refresh_the_ttl_at_most_once_per_tenth() {
+    let server = RedisServer::start();
+    let idle = 600_000_i64; // a tenth is 60 s: "within a tenth" needs no tight timing
+    let app = App::with(&server, "refresh", |l| {
+        l.with_idle_timeout(Duration::from_millis(idle as u64))
+    });
+    let cookie = new_session(&app).await;
+    let key = app.session_keys(&server).pop().expect("key");
+    let pttl = || server.cmd::<i64>(&["PTTL", &key]);
+
+    // Within a tenth: reads send no PEXPIRE, HSET or script.
+    for _ in 0..3 {
+        server.reset_stats();
+        let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+        assert_eq!(r.body, json!({ "value": "1" }));
+        assert!(r.set_cookie.is_empty());
+        let calls = settle(&server, 1, Duration::from_millis(300)).await;
+        assert_eq!(
+            calls.get("pexpire"),
+            None,
+            "a fresh TTL was refreshed: {calls:?}"
+        );
+        assert_no_data_write(&calls, "read within a tenth");
+    }
+    assert!(pttl() > idle - idle / 10, "TTL {}", pttl());
+
+    // More than a tenth later (100 s of 600 s): one refresh back to the full timeout, no data write.
+    age_session(&server, &key, 100_000);
+    let data_before: HashMap<String, String> = server.cmd(&["HGETALL", &key]);
+    server.reset_stats();
+    let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+    assert!(r.set_cookie.is_empty(), "a refresh must not set a cookie");
+    let calls = settle(&server, 1, Duration::from_secs(5)).await;
+    assert_one_refresh(&calls, "read after a tenth");
+    let data_after: HashMap<String, String> = server.cmd(&["HGETALL", &key]);
+    assert_eq!(user_fields(&data_after), user_fields(&data_before));
+    assert!(pttl() > idle - idle / 10, "TTL not pushed back: {}", pttl());
+
+    // Right after the refresh the clock starts again: the next read sends nothing.
+    server.reset_stats();
+    app.send("GET", "/get/seed", Some(&cookie)).await;
+    let calls = settle(&server, 1, Duration::from_millis(300)).await;
+    assert_eq!(calls.get("pexpire"), None, "refreshed twice: {calls:?}");
+    assert_no_data_write(&calls, "read after the refresh");
+
+    // The same with real time: idle 10 s, a tenth is 1 s; a wait of 1.5 s is more than a tenth
+    // however slow the machine (a slow machine only waits longer; the session would need 8.5 s
+    // more to expire).
+    let app = App::with(&server, "refresh-real", |l| {
+        l.with_idle_timeout(Duration::from_secs(10))
+    });
+    let cookie = new_session(&app).await;
+    let key = app.session_keys(&server).pop().expect("key");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.reset_stats();
+    let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+    let calls = settle(&server, 1, Duration::from_secs(5)).await;
+    assert_one_refresh(&calls, "read after a real tenth");
+    let ttl: i64 = server.cmd(&["PTTL", &key]);
+    assert!(ttl > 9000, "TTL not pushed back: {ttl}");
+}
+
+/// Cookie attributes set on the layer: `Max-Age` for a persistent cookie (the absolute timeout,
+/// also after a new id; none by default), `SameSite`, `Domain`, `Path`, on the cookie that is set
+/// and on the one that removes it; the cookie still round-trips; `__Host-` overrides domain/path.
+#[tokio::test]
+async fn cookie_attributes_from_the_layer() {
+    let server = RedisServer::start();
+    let attrs = |set: &str| -> Vec<String> {
+        set.split(';')
+            .skip(1)
+            .map(|a| a.trim().to_owned())
+            .collect()
+    };
+
+    // Default: a browser-session cookie (no Max-Age, no Expires).
+    let app = App::new(&server, "cookie-default");
+    let r = app.send("POST", "/set/a/1", None).await;
+    let set = &r.set_cookie[0];
+    assert!(
+        !set.contains("Max-Age") && !set.contains("Expires"),
+        "{set}"
+    );
+
+    // Persistent: Max-Age = the absolute timeout, on creation and after a new id; no Set-Cookie
+    // on later requests (the absolute timeout does not move, so neither does the cookie's end).
+    let app = App::with(&server, "cookie-persistent", |l| {
+        l.with_persistent_cookie(true)
+            .with_absolute_timeout(Duration::from_secs(7200))
+    });
+    let r = app.send("POST", "/set/a/1", None).await;
+    let a = attrs(&r.set_cookie[0]);
+    assert!(a.contains(&"Max-Age=7200".to_owned()), "{a:?}");
+    let cookie = r.cookie().expect("cookie");
+    let r = app.send("GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+    assert!(r.set_cookie.is_empty(), "{:?}", r.set_cookie);
+    let r = app.send("POST", "/cycle", Some(&cookie)).await;
+    assert!(attrs(&r.set_cookie[0]).contains(&"Max-Age=7200".to_owned()));
+    let cookie = r.cookie().expect("cycled cookie");
+    let r = app.send("POST", "/logout", Some(&cookie)).await;
+    assert!(
+        attrs(&r.set_cookie[0]).contains(&"Max-Age=0".to_owned()),
+        "{:?}",
+        r.set_cookie
+    );
+
+    // SameSite, Domain, Path.
+    let app = App::with(&server, "cookie-attrs", |l| {
+        l.with_same_site(cookie::SameSite::Strict)
+            .with_domain("example.com")
+            .with_path("/app")
+            .with_cookie_name("sid")
+    });
+    let r = app.send("POST", "/set/a/1", None).await;
+    let set = &r.set_cookie[0];
+    assert!(set.starts_with("sid="), "{set}");
+    let a = attrs(set);
+    for want in [
+        "SameSite=Strict",
+        "Domain=example.com",
+        "Path=/app",
+        "HttpOnly",
+    ] {
+        assert!(a.contains(&want.to_owned()), "{want} missing: {set}");
+    }
+    assert!(
+        !a.iter().any(|x| x == "SameSite=Lax" || x == "Path=/"),
+        "{set}"
+    );
+    // The cookie round-trips under its own name; the default name is not ours any more.
+    let cookie = r.cookie().expect("cookie");
+    let r = app.send("GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "1" }));
+    let renamed = cookie.replacen("sid=", "herd_session=", 1);
+    let r = app.send("GET", "/get/a", Some(&renamed)).await;
+    assert_eq!(r.body, json!({ "value": null }));
+    // The removal must carry the same Domain and Path, or the browser keeps the cookie.
+    let r = app.send("POST", "/logout", Some(&cookie)).await;
+    let a = attrs(&r.set_cookie[0]);
+    for want in ["Domain=example.com", "Path=/app", "Max-Age=0"] {
+        assert!(
+            a.contains(&want.to_owned()),
+            "{want} missing: {:?}",
+            r.set_cookie
+        );
+    }
+
+    // SameSite=None (cross-site use) keeps Secure, which browsers require with it.
+    let app = App::with(&server, "cookie-none", |l| {
+        l.with_secure(true).with_same_site(cookie::SameSite::None)
+    });
+    let r = app.send("POST", "/set/a/1", None).await;
+    let a = attrs(&r.set_cookie[0]);
+    assert!(
+        a.contains(&"SameSite=None".to_owned()) && a.contains(&"Secure".to_owned()),
+        "{a:?}"
+    );
+
+    // `__Host-` wins over a domain and a path, whichever order they are set in.
+    for order in [0, 1] {
+        let app = App::with(&server, "cookie-host", |l| {
+            if order == 0 {
+                l.with_host_prefix(true)
+                    .with_domain("example.com")
+                    .with_path("/app")
+            } else {
+                l.with_domain("example.com")
+                    .with_path("/app")
+                    .with_host_prefix(true)
+            }
+        });
+        let r = app.send("POST", "/set/a/1", None).await;
+        let set = &r.set_cookie[0];
+        let a = attrs(set);
+        assert!(set.starts_with("__Host-herd_session="), "{set}");
+        assert!(
+            a.contains(&"Path=/".to_owned())
+                && a.contains(&"Secure".to_owned())
+                && !set.contains("Domain"),
+            "order {order}: {set}"
+        );
+    }
 }

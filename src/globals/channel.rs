@@ -29,8 +29,9 @@ const BUFFER: usize = 1024;
 /// A typed broadcast channel: every [`Subscription`] connected when a message is
 /// [`publish`](Self::publish)ed receives it, in every process. Made by [`Globals::channel`].
 ///
-/// The Redis channel is `{prefix}:chan:{name}`. Messages are JSON. Delivery is Redis pub/sub's: at
-/// most once, only to subscribers connected at that moment, in publication order per publisher.
+/// The Redis channel is `<prefix>:chan:<name>` ([`Globals::prefix`]). Messages are JSON. Delivery
+/// is Redis pub/sub's: at most once, only to subscribers connected at that moment, in publication
+/// order per publisher.
 ///
 /// ```no_run
 /// use futures_util::StreamExt as _;
@@ -79,7 +80,7 @@ impl<T> fmt::Debug for Channel<T> {
 
 impl<T> Channel<T> {
     pub(super) fn new(globals: Globals, name: &str) -> Channel<T> {
-        let channel = format!("{}:chan:{name}", globals.client.keys().prefix());
+        let channel = globals.settings.keys.channel(name);
         Channel {
             globals,
             channel: Arc::from(channel),

@@ -32,8 +32,9 @@
 //! variable `acct-1` of group `bank`  →  key  {prefix}:g:{bank}:acct-1
 //! ```
 //!
-//! (`{prefix}` is [`Config::prefix`](crate::Config::prefix), `herd` by default; sessions live under
-//! `{prefix}:s:`, so the two never collide.) Redis Cluster hashes only the part between the first
+//! (`{prefix}` is [`Config::prefix`](crate::Config::prefix), `herd` by default, unless
+//! [`Globals::with_prefix`] gives globals a prefix of their own; sessions live under `{prefix}:s:`,
+//! so the two never collide even with one prefix.) Redis Cluster hashes only the part between the first
 //! `{` and `}`, so every variable of a group lives in the same slot. Every multi-key operation of
 //! this module ([`get_many`](Group::get_many), [`atomic`](Group::atomic),
 //! [`update`](Group::update)) is a method of one [`Group`] and takes variable names, never keys, so
@@ -112,7 +113,7 @@ use serde::Serialize;
 
 use crate::client::RedisClient;
 use crate::error::{Error, Result};
-use crate::keys::validate_name;
+use crate::keys::{validate_name, validate_prefix, Keys};
 
 pub use self::atomic::{AtomicWrites, Outcome};
 pub use self::channel::{Channel, Received, Subscription};
@@ -143,6 +144,8 @@ pub struct Globals {
 
 #[derive(Clone, Debug)]
 struct Settings {
+    /// Builds every key and channel name, under the globals' prefix.
+    keys: Keys,
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -151,17 +154,50 @@ struct Settings {
 
 impl Globals {
     /// Globals over `client` (the same client the session layer uses). Keys live under
-    /// `{prefix}:g:`.
+    /// `{prefix}:g:`, where `{prefix}` is the client's [`Config::prefix`](crate::Config::prefix);
+    /// see [`with_prefix`](Self::with_prefix) for another one.
     pub fn new(client: RedisClient) -> Globals {
         Globals {
-            client,
             settings: Arc::new(Settings {
+                keys: client.keys().clone(),
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                 backoff_base: Duration::from_millis(1),
                 backoff_max: Duration::from_millis(50),
                 max_value_size: DEFAULT_MAX_VALUE_SIZE,
             }),
+            client,
         }
+    }
+
+    /// Keeps these globals (variables and channels) under `prefix` instead of the client's
+    /// [`Config::prefix`](crate::Config::prefix): variable `name` of group `group` is then the key
+    /// `<prefix>:g:{<group>}:<name>` and channel `name` is `<prefix>:chan:<name>`. The group stays
+    /// the hash tag, so everything said about groups and Redis Cluster holds unchanged.
+    ///
+    /// Use it to share globals between apps whose sessions are kept apart (each app its own
+    /// session prefix, one common globals prefix), or to put globals where your Redis ACLs or
+    /// eviction policies expect them. Every process that shares a variable must use the same prefix.
+    ///
+    /// ```no_run
+    /// # async fn run(redis: herd::RedisClient) -> herd::Result<()> {
+    /// // Sessions under the config's prefix (say `shop`), globals under `shared`:
+    /// let globals = herd::Globals::new(redis).with_prefix("shared")?;
+    /// globals.group("stats")?.incr("visits", 1).await?; // key `shared:g:{stats}:visits`
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Config`] unless the prefix is 1–64 characters of letters, digits and `_.:-` (the
+    /// rule of [`ConfigBuilder::prefix`](crate::config::ConfigBuilder::prefix)).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
+        validate_prefix(prefix)?;
+        Arc::make_mut(&mut self.settings).keys = Keys::new(prefix);
+        Ok(self)
+    }
+
+    /// The prefix of every key and channel of these globals.
+    pub fn prefix(&self) -> &str {
+        self.settings.keys.prefix()
     }
 
     /// How many times [`Group::update`] tries before giving up with
@@ -233,7 +269,7 @@ impl Group {
     /// The Redis key of variable `name`, after checking the name.
     fn key(&self, name: &str) -> Result<String> {
         validate_name(name)?;
-        Ok(self.globals.client.keys().global(&self.name, name))
+        Ok(self.globals.settings.keys.global(&self.name, name))
     }
 
     fn keys(&self, names: &[&str]) -> Result<Vec<String>> {

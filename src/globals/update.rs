@@ -410,6 +410,7 @@ mod tests {
     #[test]
     fn backoff_is_bounded() {
         let settings = Settings {
+            keys: crate::keys::Keys::new("t"),
             max_attempts: 10,
             backoff_base: Duration::from_millis(1),
             backoff_max: Duration::from_millis(50),

@@ -1,0 +1,102 @@
+//! Shared by the examples (not an example itself; include it with
+//! `#[path = "support/private_redis.rs"] mod private_redis;`): the Redis an example runs against.
+//!
+//! * `REDIS_URL` set: that Redis, as given (nothing is started; if it does not answer, the example
+//!   says so and stops).
+//! * `REDIS_URL` unset and something answers on `127.0.0.1:6379`: that one.
+//! * Otherwise: a private `redis-server` on a free loopback port, started for this run (one line
+//!   says so) and stopped when the example ends. Its data is not kept.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the example's Redis is; stops the private server, if one was started, when dropped.
+pub(crate) struct ExampleRedis {
+    /// The URL to connect to.
+    pub(crate) url: String,
+    /// Where the URL came from, for error messages (never the URL itself: it may hold a password).
+    pub(crate) source: &'static str,
+    private: Option<Child>,
+}
+
+impl Drop for ExampleRedis {
+    fn drop(&mut self) {
+        if let Some(child) = self.private.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Finds the Redis for the example named `example` (used in the one line printed when a private
+/// server is started).
+///
+/// # Errors
+/// A sentence saying what to do when nothing answers on the default address and `redis-server`
+/// cannot be started.
+pub(crate) fn find_or_start(example: &str) -> Result<ExampleRedis, String> {
+    if let Some(url) = std::env::var("REDIS_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return Ok(ExampleRedis {
+            url,
+            source: "REDIS_URL",
+            private: None,
+        });
+    }
+    if answers(6379, Duration::from_millis(300)) {
+        return Ok(ExampleRedis {
+            url: "redis://127.0.0.1:6379".into(),
+            source: "the default address redis://127.0.0.1:6379",
+            private: None,
+        });
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port for a private redis-server: {e}"))?
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "no Redis answers on 127.0.0.1:6379 and redis-server is not installed. Install it \
+                 (`sudo apt-get install redis-server`, `brew install redis`) or set REDIS_URL to a \
+                 running Redis."
+                    .to_owned()
+            } else {
+                format!("cannot start redis-server: {e}")
+            }
+        })?;
+    let redis = ExampleRedis {
+        url: format!("redis://127.0.0.1:{port}"),
+        source: "the private redis-server",
+        private: Some(child),
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !answers(port, Duration::from_millis(100)) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the private redis-server on port {port} did not start"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{example}: no Redis on 127.0.0.1:6379 and REDIS_URL is unset, so a private redis-server \
+         runs on {} for this run (data is not kept; it stops with {example})",
+        redis.url
+    );
+    Ok(redis)
+}
+
+/// True when something accepts connections on `127.0.0.1:port`.
+fn answers(port: u16, timeout: Duration) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
