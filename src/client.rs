@@ -101,10 +101,23 @@ enum DedicatedPool {
 #[derive(Clone)]
 pub(crate) enum Connection {
     Single(ConnectionManager),
+    /// With the `wrote` flag of the round trip: a non-atomic pipeline that writes is never re-sent
+    /// after a refusal (see [`cluster::pipeline`]).
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(redis::cluster_async::ClusterConnection, bool),
     #[cfg(feature = "sentinel")]
     Sentinel(sentinel::MasterConnection),
+}
+
+impl Connection {
+    /// Which Sentinel master connection this is (`None` on other topologies).
+    fn sentinel_generation(&self) -> Option<u64> {
+        match self {
+            #[cfg(feature = "sentinel")]
+            Connection::Sentinel(c) => Some(c.generation()),
+            _ => None,
+        }
+    }
 }
 
 impl ConnectionLike for Connection {
@@ -112,7 +125,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c) => Box::pin(cluster::command(c, cmd)),
+            Connection::Cluster(c, _) => Box::pin(cluster::command(c, cmd)),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.req_packed_command(cmd),
         }
@@ -127,7 +140,9 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c) => Box::pin(cluster::pipeline(c, pipeline, offset, count)),
+            Connection::Cluster(c, wrote) => {
+                Box::pin(cluster::pipeline(c, *wrote, pipeline, offset, count))
+            }
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -137,7 +152,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c, _) => c.get_db(),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.get_db(),
         }
@@ -442,8 +457,10 @@ impl RedisClient {
         }
     }
 
-    /// The multiplexed connection (connecting it first on a cluster or through Sentinel).
-    async fn connection(&self) -> redis::RedisResult<Connection> {
+    /// The multiplexed connection (connecting it first on a cluster or through Sentinel), for a
+    /// round trip that may write (`wrote`) or not.
+    async fn connection(&self, wrote: bool) -> redis::RedisResult<Connection> {
+        let _ = wrote; // used on a cluster only
         match &self.inner.shared {
             Shared::Single(c) => Ok(Connection::Single(c.clone())),
             #[cfg(feature = "cluster")]
@@ -451,7 +468,7 @@ impl RedisClient {
                 .conn
                 .get_or_try_init(|| cluster.client.get_async_connection())
                 .await
-                .map(|c| Connection::Cluster(c.clone())),
+                .map(|c| Connection::Cluster(c.clone(), wrote)),
             #[cfg(feature = "sentinel")]
             Shared::Sentinel(master) => master.connection().await.map(Connection::Sentinel),
         }
@@ -478,8 +495,18 @@ impl RedisClient {
     {
         let timeout = self.inner.config.command_timeout;
         let started = std::time::Instant::now(); // observe: latency histogram, error counter
-        let round_trip = async move { f(self.connection().await?).await };
-        let result = match tokio::time::timeout(timeout, round_trip).await {
+        let mut used = None; // the Sentinel connection the round trip went out on
+        let used_slot = &mut used;
+        let round_trip = async move {
+            let conn = self.connection(wrote).await?;
+            *used_slot = conn.sentinel_generation();
+            f(conn).await
+        };
+        let outcome = tokio::time::timeout(timeout, round_trip).await;
+        if outcome.is_err() {
+            self.forget_after_timeout(used);
+        }
+        let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
@@ -607,6 +634,29 @@ impl RedisClient {
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         crate::observe::round_trip();
+    }
+
+    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
+    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
+    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
+    /// because the timeout drops the request first — and without this herd would keep sending to
+    /// it after the sentinels promoted its replica, until it thawed.
+    fn forget_after_timeout(&self, generation: Option<u64>) {
+        #[cfg(feature = "sentinel")]
+        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
+            master.forget(generation, "no reply within the command timeout");
+        }
+        let _ = generation;
+    }
+
+    /// How many times, in this process, a request to a Redis Cluster was re-sent after the server
+    /// refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable API).
+    #[doc(hidden)]
+    pub fn cluster_redirects(&self) -> u64 {
+        #[cfg(feature = "cluster")]
+        return cluster::REDIRECTS.load(Ordering::Relaxed);
+        #[cfg(not(feature = "cluster"))]
+        0
     }
 }
 
