@@ -222,3 +222,239 @@ async fn refresh_slot_map(conn: &mut ClusterConnection, pipeline: &Pipeline) {
         let _ = conn.req_packed_command(redis::cmd("EXISTS").arg(key)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against two real cluster-enabled `redis-server`s (the integration tests have the full
+    //! harness in `tests/support`): node A owns every slot, and the slot of `{t}` is being migrated
+    //! to node B, so a command on a key of that slot that A does not hold is answered `ASK`.
+
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use crate::{Config, Error, RedisClient};
+
+    struct Node {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        fn start() -> Node {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                ])
+                .args(["--dir", &dir.path().to_string_lossy()])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH");
+            let node = Node {
+                child,
+                port,
+                _dir: dir,
+            };
+            wait("redis-server to answer", || {
+                node.try_cmd::<String>(&["PING"]).is_ok()
+            });
+            node
+        }
+
+        fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?
+                .get_connection_with_timeout(Duration::from_secs(1))?;
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            cmd.query(&mut conn)
+        }
+
+        fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+            self.try_cmd(args)
+                .unwrap_or_else(|e| panic!("{args:?} on port {}: {e}", self.port))
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn wait(what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A two-node cluster, A owning every slot, the slot of `{t}` migrating from A to B; `on_a`
+    /// keys are set on A first, `on_b` keys are set on A then moved to B.
+    fn migrating(on_a: &[(&str, &str)], on_b: &[(&str, &str)]) -> (Node, Node, String, String) {
+        let (a, b) = (Node::start(), Node::start());
+        let _: () = a.cmd(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        let _: () = a.cmd(&["CLUSTER", "MEET", "127.0.0.1", &b.port.to_string()]);
+        wait("the cluster to form", || {
+            [&a, &b].iter().all(|n| {
+                n.try_cmd::<String>(&["CLUSTER", "INFO"]).is_ok_and(|i| {
+                    i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:2")
+                })
+            })
+        });
+        let (a_id, b_id): (String, String) =
+            (a.cmd(&["CLUSTER", "MYID"]), b.cmd(&["CLUSTER", "MYID"]));
+        for (key, value) in on_a.iter().chain(on_b) {
+            let _: () = a.cmd(&["SET", key, value]);
+        }
+        let slot = a.cmd::<i64>(&["CLUSTER", "KEYSLOT", "{t}"]).to_string();
+        let _: () = b.cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &a_id]);
+        let _: () = a.cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &b_id]);
+        let port_b = b.port.to_string();
+        for (key, _) in on_b {
+            let _: String = a.cmd(&["MIGRATE", "127.0.0.1", &port_b, key, "0", "5000"]);
+        }
+        (a, b, slot, b_id)
+    }
+
+    fn client(a: &Node, b: &Node) -> RedisClient {
+        let config = Config::builder()
+            .redis_url(format!(
+                "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+                a.port, b.port
+            ))
+            .secret_base64(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [1u8; 64],
+            ))
+            .command_timeout(Duration::from_millis(800))
+            .build()
+            .expect("config");
+        RedisClient::new(config).expect("client")
+    }
+
+    /// `INCR {t}a` runs on A (which holds `{t}a`), `INCR {t}b` is answered `ASK` (A does not hold
+    /// it): re-sending the pipeline would increment `{t}a` again at every attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_pipeline_partly_refused_is_never_resent() {
+        let (a, b, _slot, _) = migrating(&[("{t}a", "0")], &[]);
+        let client = client(&a, &b);
+        let result: crate::Result<Vec<i64>> = client
+            .run(true, |mut c| async move {
+                redis::pipe()
+                    .cmd("INCR")
+                    .arg("{t}a")
+                    .cmd("INCR")
+                    .arg("{t}b")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        assert!(
+            matches!(result, Err(Error::OutcomeUnknown { .. })),
+            "a partly run write pipeline must be outcome-unknown: {result:?}"
+        );
+        assert_eq!(
+            a.cmd::<String>(&["GET", "{t}a"]),
+            "1",
+            "applied exactly once"
+        );
+
+        // A read-only pipeline in the same state is re-sent until the slot is handed over (here
+        // never: it gives up at the command timeout, as unavailable, having written nothing).
+        let read: crate::Result<(Option<i64>, Option<i64>)> = client
+            .run(false, |mut c| async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg("{t}a")
+                    .cmd("GET")
+                    .arg("{t}b")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        assert!(matches!(read, Err(Error::Unavailable { .. })), "{read:?}");
+    }
+
+    /// An atomic pipeline refused inside (`ASK`, then `MOVED` once the slot moved) ran nothing:
+    /// herd re-sends it until it runs, once, on the new owner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_atomic_pipeline_refused_inside_is_resent_and_runs_once() {
+        // `{t}b` already moved: A answers ASK for it.
+        let (a, b, slot, b_id) = migrating(&[("{t}a", "1")], &[("{t}b", "0")]);
+        let client = client(&a, &b);
+        let redirects = client.cluster_redirects();
+        let pipe = {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("INCR")
+                .arg("{t}a")
+                .cmd("INCR")
+                .arg("{t}b");
+            pipe
+        };
+        // Finish the migration while the transaction is being refused.
+        let port_b = b.port.to_string();
+        let mover = std::thread::spawn({
+            let (a_port, b_port) = (a.port, b.port);
+            let slot = slot.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let node = |port: u16| redis::Client::open(format!("redis://127.0.0.1:{port}"));
+                let mut conn_a = node(a_port).and_then(|c| c.get_connection()).expect("A");
+                let mut conn_b = node(b_port).and_then(|c| c.get_connection()).expect("B");
+                let _: () = redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(&port_b)
+                    .arg("{t}a")
+                    .arg(0)
+                    .arg(5000)
+                    .query(&mut conn_a)
+                    .expect("MIGRATE");
+                for conn in [&mut conn_b, &mut conn_a] {
+                    let _: () = redis::cmd("CLUSTER")
+                        .arg("SETSLOT")
+                        .arg(&slot)
+                        .arg("NODE")
+                        .arg(&b_id)
+                        .query(conn)
+                        .expect("SETSLOT NODE");
+                }
+            }
+        });
+        let result: crate::Result<(i64, i64)> = client
+            .run(true, |mut c| async move { pipe.query_async(&mut c).await })
+            .await;
+        mover.join().expect("mover");
+        assert_eq!(result.expect("the transaction ran after the move"), (2, 1));
+        let read = |key: &str| {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", b.port))
+                .and_then(|c| c.get_connection())
+                .expect("B");
+            redis::cmd("GET")
+                .arg(key)
+                .query::<String>(&mut conn)
+                .expect("GET on B")
+        };
+        assert_eq!((read("{t}a"), read("{t}b")), ("2".into(), "1".into()));
+        assert!(
+            client.cluster_redirects() > redirects,
+            "no redirect counted"
+        );
+    }
+}
