@@ -84,6 +84,8 @@ enum Shared {
 struct ClusterShared {
     client: redis::cluster::ClusterClient,
     conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    /// Requests re-sent after `MOVED` or `ASK` ([`RedisClient::cluster_redirects`]).
+    redirects: Arc<AtomicU64>,
 }
 
 /// The pool of dedicated connections of each topology.
@@ -104,7 +106,7 @@ pub(crate) enum Connection {
     /// With the `wrote` flag of the round trip: a non-atomic pipeline that writes is never re-sent
     /// after a refusal (see [`cluster::pipeline`]).
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection, bool),
+    Cluster(cluster::RoundTrip),
     #[cfg(feature = "sentinel")]
     Sentinel(sentinel::MasterConnection),
 }
@@ -125,7 +127,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c, _) => Box::pin(cluster::command(c, cmd)),
+            Connection::Cluster(c) => Box::pin(cluster::command(c, cmd)),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.req_packed_command(cmd),
         }
@@ -140,9 +142,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c, wrote) => {
-                Box::pin(cluster::pipeline(c, *wrote, pipeline, offset, count))
-            }
+            Connection::Cluster(c) => Box::pin(cluster::pipeline(c, pipeline, offset, count)),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -152,7 +152,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c, _) => c.get_db(),
+            Connection::Cluster(c) => c.conn.get_db(),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.get_db(),
         }
@@ -348,6 +348,7 @@ impl RedisClient {
                 let shared = ClusterShared {
                     client,
                     conn: tokio::sync::OnceCell::new(),
+                    redirects: Arc::new(AtomicU64::new(0)),
                 };
                 (Shared::Cluster(Box::new(shared)), DedicatedPool::None)
             }
@@ -468,7 +469,13 @@ impl RedisClient {
                 .conn
                 .get_or_try_init(|| cluster.client.get_async_connection())
                 .await
-                .map(|c| Connection::Cluster(c.clone(), wrote)),
+                .map(|c| {
+                    Connection::Cluster(cluster::RoundTrip {
+                        conn: c.clone(),
+                        wrote,
+                        redirects: Arc::clone(&cluster.redirects),
+                    })
+                }),
             #[cfg(feature = "sentinel")]
             Shared::Sentinel(master) => master.connection().await.map(Connection::Sentinel),
         }
@@ -649,14 +656,16 @@ impl RedisClient {
         let _ = generation;
     }
 
-    /// How many times, in this process, a request to a Redis Cluster was re-sent after the server
-    /// refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable API).
+    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
+    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
+    /// API). Always 0 on other topologies.
     #[doc(hidden)]
     pub fn cluster_redirects(&self) -> u64 {
-        #[cfg(feature = "cluster")]
-        return cluster::REDIRECTS.load(Ordering::Relaxed);
-        #[cfg(not(feature = "cluster"))]
-        0
+        match &self.inner.shared {
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
+            _ => 0,
+        }
     }
 }
 

@@ -39,6 +39,7 @@
 //! sends one command per slot, not a pipeline.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -46,8 +47,16 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::SingleNodeRoutingInfo;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, ServerErrorKind, Value};
 
-/// Requests re-sent after `MOVED` or `ASK`, in this process (`RedisClient::cluster_redirects`).
-pub(super) static REDIRECTS: AtomicU64 = AtomicU64::new(0);
+/// The cluster connection as one round trip uses it.
+#[derive(Clone)]
+pub(crate) struct RoundTrip {
+    pub(super) conn: ClusterConnection,
+    /// The round trip may write: a non-atomic pipeline is then never re-sent after a refusal.
+    pub(super) wrote: bool,
+    /// The client's count of requests re-sent after `MOVED` or `ASK`
+    /// (`RedisClient::cluster_redirects`).
+    pub(super) redirects: Arc<AtomicU64>,
+}
 
 fn is_redirect(err: &RedisError) -> bool {
     matches!(
@@ -110,7 +119,8 @@ async fn again(err: RedisError, attempt: u32) -> RedisResult<Option<(String, u16
 }
 
 /// One command, re-sent on a refusal.
-pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
+pub(super) async fn command(trip: &mut RoundTrip, cmd: &Cmd) -> RedisResult<Value> {
+    let conn = &mut trip.conn;
     let mut attempt = 0;
     let mut ask: Option<(String, u16)> = None;
     loop {
@@ -131,7 +141,7 @@ pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisRes
                 let redirect = is_redirect(&err);
                 ask = again(err, attempt).await?;
                 if redirect {
-                    REDIRECTS.fetch_add(1, Ordering::Relaxed);
+                    trip.redirects.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -143,12 +153,12 @@ pub(super) async fn command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisRes
 /// the slot to be handed over (bounded by the caller's command timeout) rather than sending the
 /// pipeline to the target.
 pub(super) async fn pipeline(
-    conn: &mut ClusterConnection,
-    wrote: bool,
+    trip: &mut RoundTrip,
     pipeline: &Pipeline,
     offset: usize,
     count: usize,
 ) -> RedisResult<Vec<Value>> {
+    let (conn, wrote) = (&mut trip.conn, trip.wrote);
     let atomic = pipeline.is_transaction();
     let mut attempt = 0;
     loop {
@@ -182,7 +192,7 @@ pub(super) async fn pipeline(
             again(err, attempt).await?;
         }
         if redirect {
-            REDIRECTS.fetch_add(1, Ordering::Relaxed);
+            trip.redirects.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
