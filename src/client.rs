@@ -552,7 +552,11 @@ impl RedisClient {
         replies.into_iter().collect()
     }
 
-    /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
+    /// Checks out a dedicated connection (for `WATCH`): waits at most the pool wait timeout for a
+    /// free slot, then at most one connect or command timeout to make a connection usable — the
+    /// whole checkout is bounded by their sum. (deadpool pings an idle connection before lending
+    /// it and, when the ping fails, moves on to the next idle one, each with its own timeout: with
+    /// Redis frozen and `n` idle connections that alone was `n` command timeouts.)
     ///
     /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
@@ -573,24 +577,37 @@ impl RedisClient {
             };
             Error::Unavailable { reason, source }
         };
-        let conn = match &self.inner.pool {
-            DedicatedPool::Single(pool) => pool
-                .get()
-                .await
-                .map(DedicatedConnection::Single)
-                .map_err(unavailable),
-            #[cfg(feature = "sentinel")]
-            DedicatedPool::Sentinel(pool) => pool
-                .get()
-                .await
-                .map(DedicatedConnection::Sentinel)
-                .map_err(unavailable),
-            #[cfg(feature = "cluster")]
-            DedicatedPool::None => Err(Error::Config(
-                "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
-                    .into(),
-            )),
+        let checkout = async {
+            match &self.inner.pool {
+                DedicatedPool::Single(pool) => pool
+                    .get()
+                    .await
+                    .map(DedicatedConnection::Single)
+                    .map_err(unavailable),
+                #[cfg(feature = "sentinel")]
+                DedicatedPool::Sentinel(pool) => pool
+                    .get()
+                    .await
+                    .map(DedicatedConnection::Sentinel)
+                    .map_err(unavailable),
+                #[cfg(feature = "cluster")]
+                DedicatedPool::None => Err(Error::Config(
+                    "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
+                        .into(),
+                )),
+            }
         };
+        let config = &self.inner.config;
+        let limit = pool_wait + config.connect_timeout.max(config.command_timeout);
+        // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
+        let conn = tokio::time::timeout(limit, checkout)
+            .await
+            .unwrap_or_else(|_elapsed| {
+                Err(Error::Unavailable {
+                    reason: format!("no usable pooled Redis connection within {limit:?}"),
+                    source: None,
+                })
+            });
         crate::observe::pool_wait(started.elapsed());
         conn
     }

@@ -18,8 +18,10 @@ use tokio::sync::Mutex;
 use tower::ServiceExt;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
-/// What "within the configured timeout" may add for scheduling on a loaded 2-core machine.
-const SLACK: Duration = Duration::from_millis(1000);
+/// What "within the configured timeout" may add for scheduling on a loaded 2-core machine: a
+/// request that needs Redis answers within one command timeout plus this (the largest measured
+/// was ~TIMEOUT + 60 ms), never after several timeouts back to back.
+const SLACK: Duration = Duration::from_millis(250);
 
 fn app(url: &str, name: &str) -> (Router, RedisClient) {
     let config = herd::Config::builder()
@@ -153,10 +155,12 @@ async fn redis_killed_under_load_then_restarted() {
 /// start 2 s after the outage ended all succeed.
 fn check_outage(samples: &[Sample], down_from: Duration, up_from: Duration) {
     assert!(samples.len() > 100, "too little load: {}", samples.len());
+    let slowest = samples.iter().max_by_key(|s| s.took).expect("samples");
+    println!("slowest request: {slowest:?}");
     let mut failed_during = 0;
     for s in samples {
         assert!(
-            s.took <= TIMEOUT * 2 + SLACK,
+            s.took <= TIMEOUT + SLACK,
             "a request waited {:?} (timeout {TIMEOUT:?}): {s:?}",
             s.took
         );
@@ -188,8 +192,19 @@ fn check_outage(samples: &[Sample], down_from: Duration, up_from: Duration) {
         .filter(|s| s.needs_redis && s.at >= up_from && s.status == StatusCode::OK)
         .map(|s| s.at - up_from)
         .min();
+    // Detection: from the fault to the first 503 answered.
+    let first_503 = samples
+        .iter()
+        .filter(|s| s.status != StatusCode::OK)
+        .map(|s| (s.at + s.took).saturating_sub(down_from))
+        .min();
+    let late_503s = samples
+        .iter()
+        .filter(|s| s.status != StatusCode::OK && s.at + s.took > up_from)
+        .count();
     println!(
-        "samples: {}, 503s: {failed_during}, first success after recovery: {first_ok_after:?}",
+        "samples: {}, 503s: {failed_during}, first 503 {first_503:?} after the fault, first \
+         success {first_ok_after:?} after the recovery, {late_503s} 503s answered after it",
         samples.len()
     );
 }
