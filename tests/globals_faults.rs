@@ -275,3 +275,192 @@ async fn redis_frozen_with_idle_pooled_connections_fails_updates_in_bounded_time
     let v: Option<i64> = group.get("v0").await.expect("get");
     assert_eq!(v, Some(2));
 }
+
+/// Redis out of memory (`maxmemory` tiny, `noeviction`): a grouped write is refused as a whole with
+/// a clear 503 (its `DEL`, which Redis would still allow alone, is not applied either), `set`,
+/// `incr` and `update` are refused, and every read keeps working. Writes work again once memory is
+/// available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_refuses_writes_whole_and_keeps_reads() {
+    let server = RedisServer::start();
+    let client = RedisClient::new(support::config(&server, "oom")).expect("client");
+    let group = Globals::new(client).group("g").expect("group");
+    group
+        .atomic()
+        .set("a", &1_i64)
+        .set("b", &1_i64)
+        .set("c", &1_i64)
+        .apply()
+        .await
+        .expect("seed");
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+
+    let err = group
+        .atomic()
+        .set("a", &2_i64)
+        .set("b", &2_i64)
+        .delete("c")
+        .apply()
+        .await
+        .expect_err("out of memory");
+    println!("grouped write out of memory: {err}");
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(err.to_string().contains("nothing was applied"), "{err}");
+    let err = group.set("a", &3_i64).await.expect_err("out of memory");
+    assert!(err.is_unavailable(), "set: {err:?}");
+    let err = group.incr("n", 1).await.expect_err("out of memory");
+    assert!(err.is_unavailable(), "incr: {err:?}");
+    let err = group
+        .update(&["a"], |v: &mut [Option<i64>]| {
+            v[0] = Some(9);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await
+        .expect_err("out of memory");
+    match err {
+        UpdateError::Failed(e) => assert!(e.is_unavailable(), "update: {e:?}"),
+        other => panic!("update: {other:?}"),
+    }
+
+    // Reads keep working, and nothing was written, not even the group's DEL.
+    let abc: Vec<Option<i64>> = group.get_many(&["a", "b", "c"]).await.expect("read");
+    assert_eq!(abc, vec![Some(1), Some(1), Some(1)]);
+    assert_eq!(group.get::<i64>("n").await.expect("read"), None);
+
+    let _: () = server.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    group
+        .atomic()
+        .set("a", &2_i64)
+        .set("b", &2_i64)
+        .delete("c")
+        .apply()
+        .await
+        .expect("memory is back");
+    let abc: Vec<Option<i64>> = group.get_many(&["a", "b", "c"]).await.expect("read");
+    assert_eq!(abc, vec![Some(2), Some(2), None]);
+}
+
+/// `CLIENT KILL` of every client connection — the shared one and the pooled ones that `update`
+/// holds for `WATCH` — three times under load: only the updates in flight on a cut connection fail
+/// (503, "outcome unknown" for a cut `EXEC`), the pool replaces what was cut, nothing is counted
+/// twice, and afterwards every pooled connection serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_cut_mid_load_errors_stay_bounded_and_the_pool_heals() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let server = RedisServer::start();
+    let pool_size = 8;
+    let config = herd::Config::builder()
+        .redis_url(server.url())
+        .secret_base64(support::test_secret())
+        .prefix(support::unique_prefix("pool-cut"))
+        .pool_size(pool_size)
+        .command_timeout(Duration::from_millis(500))
+        .pool_wait_timeout(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    let client = RedisClient::new(config).expect("client");
+    let group = Globals::new(client)
+        .with_max_attempts(100)
+        .group("g")
+        .expect("group");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, unknown, refused) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let workers = 8;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (group, stop) = (group.clone(), stop.clone());
+        let (acked, unknown, refused) = (acked.clone(), unknown.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                // Each worker its own variable (no conflicts), plus one shared counter.
+                let mine = format!("w{w}");
+                let r = group
+                    .update(&[mine.as_str(), "total"], |v: &mut [Option<i64>]| {
+                        v[0] = Some(v[0].unwrap_or(0) + 1);
+                        v[1] = Some(v[1].unwrap_or(0) + 1);
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .await;
+                slowest = slowest.max(t.elapsed());
+                match r {
+                    Ok(()) => acked.fetch_add(1, Ordering::Relaxed),
+                    Err(UpdateError::Failed(e)) if e.is_outcome_unknown() => {
+                        unknown.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(UpdateError::Failed(e)) if e.is_unavailable() => {
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => panic!("unexpected: {e:?}"),
+                };
+            }
+            slowest
+        }));
+    }
+    let mut killed = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        killed.push(tokio::task::block_in_place(|| server.kill_clients()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await.expect("task"));
+    }
+    let (acked, unknown, refused) = (
+        acked.load(Ordering::Relaxed),
+        unknown.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    println!(
+        "3 cuts of {killed:?} connections under {workers} concurrent updates: {acked} ok, \
+         {unknown} outcome unknown, {refused} refused; slowest update {slowest:?}"
+    );
+    // The pooled connections were cut too (more than the one shared connection).
+    assert!(
+        killed.iter().all(|k| *k >= 2),
+        "the pooled connections were not cut: {killed:?}"
+    );
+    // At most the updates in flight at each cut fail.
+    assert!(
+        unknown + refused <= (workers * 3) as u64,
+        "{} failures for 3 cuts of {workers} workers",
+        unknown + refused
+    );
+    assert!(acked > 100, "too little load: {acked}");
+    // No update counted twice, none acknowledged and lost.
+    let total: i64 = group.get("total").await.expect("read").unwrap_or(0);
+    assert!(
+        (acked as i64..=(acked + unknown) as i64).contains(&total),
+        "total {total}, acked {acked}, unknown {unknown}"
+    );
+    // The pool healed: twice as many concurrent updates as it has connections, all succeed.
+    let tasks: Vec<_> = (0..pool_size * 2)
+        .map(|k| {
+            let group = group.clone();
+            tokio::spawn(async move {
+                group
+                    .update(
+                        &[format!("after{k}").as_str()],
+                        |v: &mut [Option<i64>]| {
+                            v[0] = Some(1);
+                            Ok::<(), std::convert::Infallible>(())
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("an update after the cuts");
+    }
+}
