@@ -564,18 +564,28 @@ impl RedisClient {
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
         let pool_wait = self.inner.config.pool_wait_timeout;
         let started = std::time::Instant::now(); // observe: pool wait histogram
-        let unavailable = |e: deadpool_redis::PoolError| {
-            let reason = match &e {
-                deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
-                    format!("no pooled Redis connection became free within {pool_wait:?}")
+        let unavailable = |e: deadpool_redis::PoolError| match e {
+            deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                Error::Unavailable {
+                    reason: format!("no pooled Redis connection became free within {pool_wait:?}"),
+                    source: None,
                 }
-                other => format!("no pooled Redis connection: {other}"),
-            };
-            let source = match e {
-                deadpool_redis::PoolError::Backend(e) => Some(e),
-                _ => None,
-            };
-            Error::Unavailable { reason, source }
+            }
+            // Opening a connection failed: the same words as for the shared connection (an
+            // untrusted TLS certificate says so), always "unavailable".
+            deadpool_redis::PoolError::Backend(e) => {
+                match Error::from_redis(e, false, self.inner.config.command_timeout) {
+                    Error::Redis(e) => Error::Unavailable {
+                        reason: "cannot open a pooled Redis connection".into(),
+                        source: Some(e),
+                    },
+                    other => other,
+                }
+            }
+            other => Error::Unavailable {
+                reason: format!("no pooled Redis connection: {other}"),
+                source: None,
+            },
         };
         let checkout = async {
             match &self.inner.pool {
