@@ -84,6 +84,8 @@ enum Shared {
 struct ClusterShared {
     client: redis::cluster::ClusterClient,
     conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    /// Requests re-sent after `MOVED` or `ASK` ([`RedisClient::cluster_redirects`]).
+    redirects: Arc<AtomicU64>,
 }
 
 /// The pool of dedicated connections of each topology.
@@ -101,10 +103,23 @@ enum DedicatedPool {
 #[derive(Clone)]
 pub(crate) enum Connection {
     Single(ConnectionManager),
+    /// With the `wrote` flag of the round trip: a non-atomic pipeline that writes is never re-sent
+    /// after a refusal (see [`cluster::pipeline`]).
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(cluster::RoundTrip),
     #[cfg(feature = "sentinel")]
     Sentinel(sentinel::MasterConnection),
+}
+
+impl Connection {
+    /// Which Sentinel master connection this is (`None` on other topologies).
+    fn sentinel_generation(&self) -> Option<u64> {
+        match self {
+            #[cfg(feature = "sentinel")]
+            Connection::Sentinel(c) => Some(c.generation()),
+            _ => None,
+        }
+    }
 }
 
 impl ConnectionLike for Connection {
@@ -137,7 +152,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             #[cfg(feature = "cluster")]
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c) => c.conn.get_db(),
             #[cfg(feature = "sentinel")]
             Connection::Sentinel(c) => c.get_db(),
         }
@@ -333,6 +348,7 @@ impl RedisClient {
                 let shared = ClusterShared {
                     client,
                     conn: tokio::sync::OnceCell::new(),
+                    redirects: Arc::new(AtomicU64::new(0)),
                 };
                 (Shared::Cluster(Box::new(shared)), DedicatedPool::None)
             }
@@ -442,8 +458,10 @@ impl RedisClient {
         }
     }
 
-    /// The multiplexed connection (connecting it first on a cluster or through Sentinel).
-    async fn connection(&self) -> redis::RedisResult<Connection> {
+    /// The multiplexed connection (connecting it first on a cluster or through Sentinel), for a
+    /// round trip that may write (`wrote`) or not.
+    async fn connection(&self, wrote: bool) -> redis::RedisResult<Connection> {
+        let _ = wrote; // used on a cluster only
         match &self.inner.shared {
             Shared::Single(c) => Ok(Connection::Single(c.clone())),
             #[cfg(feature = "cluster")]
@@ -451,7 +469,13 @@ impl RedisClient {
                 .conn
                 .get_or_try_init(|| cluster.client.get_async_connection())
                 .await
-                .map(|c| Connection::Cluster(c.clone())),
+                .map(|c| {
+                    Connection::Cluster(cluster::RoundTrip {
+                        conn: c.clone(),
+                        wrote,
+                        redirects: Arc::clone(&cluster.redirects),
+                    })
+                }),
             #[cfg(feature = "sentinel")]
             Shared::Sentinel(master) => master.connection().await.map(Connection::Sentinel),
         }
@@ -478,8 +502,18 @@ impl RedisClient {
     {
         let timeout = self.inner.config.command_timeout;
         let started = std::time::Instant::now(); // observe: latency histogram, error counter
-        let round_trip = async move { f(self.connection().await?).await };
-        let result = match tokio::time::timeout(timeout, round_trip).await {
+        let mut used = None; // the Sentinel connection the round trip went out on
+        let used_slot = &mut used;
+        let round_trip = async move {
+            let conn = self.connection(wrote).await?;
+            *used_slot = conn.sentinel_generation();
+            f(conn).await
+        };
+        let outcome = tokio::time::timeout(timeout, round_trip).await;
+        if outcome.is_err() {
+            self.forget_after_timeout(used);
+        }
+        let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
             Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
@@ -518,7 +552,11 @@ impl RedisClient {
         replies.into_iter().collect()
     }
 
-    /// Checks out a dedicated connection (for `WATCH`), waiting at most the pool wait timeout.
+    /// Checks out a dedicated connection (for `WATCH`): waits at most the pool wait timeout for a
+    /// free slot, then at most one connect or command timeout to make a connection usable — the
+    /// whole checkout is bounded by their sum. (deadpool pings an idle connection before lending
+    /// it and, when the ping fails, moves on to the next idle one, each with its own timeout: with
+    /// Redis frozen and `n` idle connections that alone was `n` command timeouts.)
     ///
     /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
@@ -526,37 +564,60 @@ impl RedisClient {
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
         let pool_wait = self.inner.config.pool_wait_timeout;
         let started = std::time::Instant::now(); // observe: pool wait histogram
-        let unavailable = |e: deadpool_redis::PoolError| {
-            let reason = match &e {
-                deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
-                    format!("no pooled Redis connection became free within {pool_wait:?}")
+        let unavailable = |e: deadpool_redis::PoolError| match e {
+            deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                Error::Unavailable {
+                    reason: format!("no pooled Redis connection became free within {pool_wait:?}"),
+                    source: None,
                 }
-                other => format!("no pooled Redis connection: {other}"),
-            };
-            let source = match e {
-                deadpool_redis::PoolError::Backend(e) => Some(e),
-                _ => None,
-            };
-            Error::Unavailable { reason, source }
+            }
+            // Opening a connection failed: the same words as for the shared connection (an
+            // untrusted TLS certificate says so), always "unavailable".
+            deadpool_redis::PoolError::Backend(e) => {
+                match Error::from_redis(e, false, self.inner.config.command_timeout) {
+                    Error::Redis(e) => Error::Unavailable {
+                        reason: "cannot open a pooled Redis connection".into(),
+                        source: Some(e),
+                    },
+                    other => other,
+                }
+            }
+            other => Error::Unavailable {
+                reason: format!("no pooled Redis connection: {other}"),
+                source: None,
+            },
         };
-        let conn = match &self.inner.pool {
-            DedicatedPool::Single(pool) => pool
-                .get()
-                .await
-                .map(DedicatedConnection::Single)
-                .map_err(unavailable),
-            #[cfg(feature = "sentinel")]
-            DedicatedPool::Sentinel(pool) => pool
-                .get()
-                .await
-                .map(DedicatedConnection::Sentinel)
-                .map_err(unavailable),
-            #[cfg(feature = "cluster")]
-            DedicatedPool::None => Err(Error::Config(
-                "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
-                    .into(),
-            )),
+        let checkout = async {
+            match &self.inner.pool {
+                DedicatedPool::Single(pool) => pool
+                    .get()
+                    .await
+                    .map(DedicatedConnection::Single)
+                    .map_err(unavailable),
+                #[cfg(feature = "sentinel")]
+                DedicatedPool::Sentinel(pool) => pool
+                    .get()
+                    .await
+                    .map(DedicatedConnection::Sentinel)
+                    .map_err(unavailable),
+                #[cfg(feature = "cluster")]
+                DedicatedPool::None => Err(Error::Config(
+                    "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
+                        .into(),
+                )),
+            }
         };
+        let config = &self.inner.config;
+        let limit = pool_wait + config.connect_timeout.max(config.command_timeout);
+        // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
+        let conn = tokio::time::timeout(limit, checkout)
+            .await
+            .unwrap_or_else(|_elapsed| {
+                Err(Error::Unavailable {
+                    reason: format!("no usable pooled Redis connection within {limit:?}"),
+                    source: None,
+                })
+            });
         crate::observe::pool_wait(started.elapsed());
         conn
     }
@@ -607,6 +668,31 @@ impl RedisClient {
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         crate::observe::round_trip();
+    }
+
+    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
+    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
+    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
+    /// because the timeout drops the request first — and without this herd would keep sending to
+    /// it after the sentinels promoted its replica, until it thawed.
+    fn forget_after_timeout(&self, generation: Option<u64>) {
+        #[cfg(feature = "sentinel")]
+        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
+            master.forget(generation, "no reply within the command timeout");
+        }
+        let _ = generation;
+    }
+
+    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
+    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
+    /// API). Always 0 on other topologies.
+    #[doc(hidden)]
+    pub fn cluster_redirects(&self) -> u64 {
+        match &self.inner.shared {
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
+            _ => 0,
+        }
     }
 }
 

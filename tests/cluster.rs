@@ -65,7 +65,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
             let mut failures = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let n = i % cookies.len();
-                // Every third request a read (a pipeline: HGETALL + PTTL), else an increment (a script).
+                // Every third request a read (one HGETALL), else an increment (a script).
                 let path = if i % 3 == 2 { "/get" } else { "/incr" };
                 let (status, body, _) = request(&app, "GET", path, Some(&cookies[n])).await;
                 if status == StatusCode::OK {
@@ -82,6 +82,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = client.round_trips();
+    let redirects_before = client.cluster_redirects();
     let slots = moving.clone();
     let cluster = tokio::task::spawn_blocking(move || {
         if let TestRedis::Cluster(nodes) = &cluster {
@@ -100,6 +101,7 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
         failures.extend(t.await.expect("task"));
     }
     let requests = client.round_trips() - before;
+    let redirects = client.cluster_redirects() - redirects_before;
     assert!(
         failures.is_empty(),
         "{} failed requests: {:?}",
@@ -122,8 +124,152 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
         );
     }
     println!(
-        "{} slots moved under load: {requests} round trips, 0 failures, counters exact",
+        "{} slots moved under load: {requests} round trips, {redirects} re-sent after MOVED/ASK, \
+         0 failures, counters exact",
         moving.len()
+    );
+    // The migration was met: requests were refused and re-sent (else this test proves nothing).
+    assert!(redirects > 0, "no request met MOVED or ASK");
+}
+
+/// A group of globals whose slot moves to another node while tasks apply atomic groups
+/// (`MULTI`/`EXEC`: refused as a whole with `ASK`/`MOVED` inside, re-sent) and `update`s
+/// (compare-and-swap script on a cluster) to it: nothing fails, and the result is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_globals_group_moving_under_atomic_groups_and_updates_stays_exact() {
+    use herd::Globals;
+    let cluster = TestRedis::Cluster(RedisCluster::start());
+    let client = RedisClient::connect(
+        herd::Config::builder()
+            .redis_url(cluster.url())
+            .secret_base64(support::test_secret())
+            .prefix(support::unique_prefix("reshard-globals"))
+            .command_timeout(Duration::from_secs(2))
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("connect");
+    let prefix = client.config().prefix().to_owned();
+    let group = Globals::new(client.clone())
+        .with_max_attempts(100)
+        .group("moving")
+        .expect("group");
+    group
+        .atomic()
+        .set("a", &0_i64)
+        .set("b", &0_i64)
+        .set("x", &0_i64)
+        .apply()
+        .await
+        .expect("seed");
+    let TestRedis::Cluster(nodes) = &cluster else {
+        unreachable!()
+    };
+    let key = cluster
+        .keys(&format!("{prefix}:g:*"))
+        .pop()
+        .expect("a global's key");
+    let slot = nodes.slot_of(&key);
+    let from = nodes.owner_of(slot);
+    let to = (from + 1) % 3;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let groups_acked = Arc::new(AtomicU64::new(0));
+    let updates_acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (group, stop, groups_acked, updates_acked) = (
+            group.clone(),
+            stop.clone(),
+            groups_acked.clone(),
+            updates_acked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if t % 2 == 0 {
+                    match group.atomic().incr("a", 1).incr("b", 1).apply().await {
+                        Ok(_) => {
+                            groups_acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.push(format!("atomic group: {e}")),
+                    }
+                } else {
+                    let r = group
+                        .update(&["x"], |v: &mut [Option<i64>]| {
+                            v[0] = Some(v[0].unwrap_or(0) + 1);
+                            Ok::<(), std::convert::Infallible>(())
+                        })
+                        .await;
+                    match r {
+                        Ok(()) => {
+                            updates_acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.push(format!("update: {e}")),
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let redirects_before = client.cluster_redirects();
+    let (groups_mid, updates_mid) = (
+        groups_acked.load(Ordering::Relaxed),
+        updates_acked.load(Ordering::Relaxed),
+    );
+    let cluster = tokio::task::spawn_blocking(move || {
+        if let TestRedis::Cluster(nodes) = &cluster {
+            nodes.migrate_slot(slot, from, to, Duration::from_millis(300));
+        }
+        cluster
+    })
+    .await
+    .expect("migration");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.expect("task"));
+    }
+    let redirects = client.cluster_redirects() - redirects_before;
+    let TestRedis::Cluster(nodes) = &cluster else {
+        unreachable!()
+    };
+    assert_eq!(nodes.owner_of(slot), to, "the slot moved");
+    let (groups, updates) = (
+        groups_acked.load(Ordering::Relaxed),
+        updates_acked.load(Ordering::Relaxed),
+    );
+    println!(
+        "a globals group moved from node {from} to node {to} under load: {groups} atomic groups \
+         and {updates} updates acknowledged ({} and {} during the move), {redirects} re-sent \
+         after MOVED/ASK, {} failures",
+        groups - groups_mid,
+        updates - updates_mid,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(redirects > 0, "no request met MOVED or ASK");
+    assert!(
+        groups > groups_mid && updates > updates_mid,
+        "no load during the move"
+    );
+    let abx: Vec<Option<i64>> = group.get_many(&["a", "b", "x"]).await.expect("read");
+    assert_eq!(
+        abx,
+        vec![
+            Some(groups as i64),
+            Some(groups as i64),
+            Some(updates as i64)
+        ],
+        "every acknowledged group applied once and whole, every update once"
     );
 }
 

@@ -2,10 +2,18 @@
 //! error.
 //!
 //! The connection is made on first use by asking the sentinels for the master's address. Any
-//! error that may mean the master moved — the connection dropped or refused, an I/O error, or
-//! `READONLY` (the old master came back as a replica) — forgets it, so the next request asks the
-//! sentinels again and connects to the promoted replica. The request that saw the error fails
-//! (`503`, or "outcome unknown" for a write); herd never re-sends it.
+//! sign that the master may have moved forgets it, so the next request asks the sentinels again
+//! and connects to the promoted replica:
+//!
+//! * an error on the connection: dropped or refused, an I/O error, or `READONLY` (the old master
+//!   came back as a replica);
+//! * **no reply within the command timeout** (a frozen or partitioned master answers nothing, and
+//!   the timeout drops the request before any error could be seen here: the client's
+//!   `forget_after_timeout` does it then).
+//!
+//! The request that saw it fails (`503`, or "outcome unknown" for a write); herd never re-sends
+//! it. Forgetting costs one look-up (the sentinels, then `ROLE` on the master they name) and one
+//! new connection; requests already in flight on the old connection finish on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,9 +51,13 @@ impl Master {
             sentinels: tokio::sync::Mutex::new(client),
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
+            // herd's own timeout around each round trip (`RedisClient::run`) is the one that
+            // counts, and it forgets this connection when it fires. The connection's own timeout
+            // is only a backstop: equal to the command timeout it would race the outer one (and
+            // usually win, tokio polling the inner future first), which hid a missing `forget`.
             conn_config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.command_timeout)),
+                .set_response_timeout(Some(config.command_timeout.saturating_mul(2))),
         })
     }
 
@@ -90,11 +102,15 @@ impl Master {
     }
 
     /// Drops the connection of `generation` (if still current) so the next request asks again.
-    fn forget(&self, generation: u64) {
+    pub(super) fn forget(&self, generation: u64, why: &str) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(&*current, Some((g, _)) if *g == generation) {
             *current = None;
-            tracing::info!("herd: Redis master connection lost; asking the sentinels again");
+            tracing::info!(
+                generation,
+                why,
+                "herd: Redis master connection dropped; asking the sentinels again"
+            );
         }
     }
 }
@@ -120,10 +136,17 @@ fn master_may_have_moved(err: &RedisError) -> bool {
 }
 
 impl MasterConnection {
+    /// Which connection to the master this is a clone of (each new connection gets the next
+    /// number).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn check<T>(&self, reply: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &reply {
             if master_may_have_moved(e) {
-                self.master.forget(self.generation);
+                self.master
+                    .forget(self.generation, "the master may have moved");
             }
         }
         reply

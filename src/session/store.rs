@@ -16,7 +16,6 @@
 //! (entries are pushed forward by `7/4` of the idle timeout when less than `5/4` of it is left, off
 //! the request's path — see [`bump_index`]).
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -204,8 +203,9 @@ pub(crate) async fn load(
     expiry: Expiry,
 ) -> Result<Option<Loaded>> {
     let key = client.keys().session(id);
-    // Pairs, not a map: they are sorted into `Loaded` right below (one map built, not two).
-    let raw: Vec<(String, Vec<u8>)> = client
+    // Pairs, not a map, and names as bytes: they are sorted into `Loaded` right below; a name that
+    // is not UTF-8 (herd never writes one) is skipped rather than making the session unreadable.
+    let raw: Vec<(Vec<u8>, Vec<u8>)> = client
         .run(false, |mut c| async move {
             redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
         })
@@ -219,6 +219,9 @@ pub(crate) async fn load(
     };
     let mut timing = None;
     for (field, value) in raw {
+        let Ok(field) = String::from_utf8(field) else {
+            continue;
+        };
         if let Some(meta) = field.strip_prefix('$') {
             match meta {
                 "c" => timing = Timing::parse(&value),
@@ -559,7 +562,7 @@ async fn cycle_across_slots(client: &RedisClient, save: Save<'_>) -> Result<Save
     let old_key = client.keys().session(save.id);
     // EVAL with the source, not EVALSHA: logins are rare, and this way the first one on each node
     // costs no NOSCRIPT round trip. A retry with the same new id is harmless (see take.lua).
-    let taken: Option<HashMap<String, Vec<u8>>> = {
+    let taken: Option<Vec<(Vec<u8>, Vec<u8>)>> = {
         let take = redis::cmd("EVAL")
             .arg(TAKE_SOURCE)
             .arg(1)
@@ -583,6 +586,9 @@ async fn cycle_across_slots(client: &RedisClient, save: Save<'_>) -> Result<Save
     merged.remove.clear();
     let mut old_owner = None;
     for (field, value) in old {
+        let Ok(field) = String::from_utf8(field) else {
+            continue; // not a name herd wrote (see `load`)
+        };
         match field.strip_prefix('$') {
             Some("o") => old_owner = Some(String::from_utf8_lossy(&value).into_owned()),
             Some("c") if merged.idle_override_ms.is_none() => {
@@ -690,7 +696,9 @@ async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutco
             // The index lives in another slot: sent alongside, at the same time (one round trip
             // of latency), so their order is not known. If the index update fails, a session the
             // save did write must not live unlisted: it is removed again and the save reported failed.
+            // Atomic, so that a refusal during resharding (MOVED, ASK) can be re-sent safely.
             let mut pipe = redis::pipe();
+            pipe.atomic();
             add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
             let query = Query::Cmd(&cmd);
             let (reply, indexed) = tokio::join!(
