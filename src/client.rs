@@ -314,7 +314,10 @@ impl RedisClient {
                 let client = single_client(&config, &u).map_err(|e| bad(&e))?;
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.command_timeout))
+                    // No timer of its own: every round trip is already bounded by herd's
+                    // (`run_alongside`), and a second timer per request is measurable. (redis-rs
+                    // does not reconnect on a response timeout either way.)
+                    .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(20))
                     .set_max_delay(Duration::from_millis(200));

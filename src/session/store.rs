@@ -59,21 +59,32 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
-    /// Parses a record; `None` for anything herd did not write (not a session).
+    /// Parses a record; `None` for anything herd did not write (not a session). One pass over the
+    /// bytes: it runs on every load and every `incr`.
     pub(crate) fn parse(value: &[u8]) -> Option<Timing> {
-        let mut parts = value.split(|b| *b == b':');
-        let created = parse_u64(parts.next()?).filter(|c| *c > 0)?;
-        let mut next = || match parts.next() {
-            None | Some(b"") => Ok(None),
-            Some(digits) => parse_u64(digits).map(Some).ok_or(()),
-        };
-        let timing = Timing {
-            created,
-            touched: next().ok()?.unwrap_or(0),
-            idle: next().ok()?,
-            indexed: next().ok()?,
-        };
-        parts.next().is_none().then_some(timing)
+        let mut parts = [0u64; 4];
+        let mut lens = [0u8; 4];
+        let mut part = 0;
+        for &b in value {
+            if b.is_ascii_digit() {
+                if lens[part] == 19 {
+                    return None;
+                }
+                parts[part] = parts[part] * 10 + u64::from(b - b'0');
+                lens[part] += 1;
+            } else if b == b':' && part < 3 {
+                part += 1;
+            } else {
+                return None;
+            }
+        }
+        let given = |i: usize| (lens[i] > 0).then_some(parts[i]);
+        Some(Timing {
+            created: given(0).filter(|c| *c > 0)?,
+            touched: parts[1],
+            idle: given(2),
+            indexed: given(3),
+        })
     }
 
     fn idle(&self, expiry: Expiry) -> u64 {
@@ -258,18 +269,6 @@ pub(crate) async fn load(
     loaded.index_due = loaded.owner.is_some() && timing.index_due(now, expiry);
     loaded.timing = timing;
     Ok(Some(loaded))
-}
-
-/// A decimal `u64` from bytes (meta fields are ASCII digits; anything else is `None`). By hand:
-/// it runs on every load, and `str::parse` after a UTF-8 check costs several times as much.
-fn parse_u64(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, b| match b {
-        b'0'..=b'9' => Some(n * 10 + u64::from(b - b'0')),
-        _ => None,
-    })
 }
 
 /// Sets a session's TTL without touching its data; nothing happens if the key is gone.
@@ -904,5 +903,48 @@ async fn run_with_script(
             once(client, query).await
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Timing;
+
+    #[test]
+    fn timing_records_parse_and_refuse_garbage() {
+        let t = |s: &str| Timing::parse(s.as_bytes());
+        assert_eq!(
+            t("1700000000000:1700000000123::"),
+            Some(Timing {
+                created: 1_700_000_000_000,
+                touched: 1_700_000_000_123,
+                idle: None,
+                indexed: None,
+            })
+        );
+        assert_eq!(
+            t("5:6:7:8"),
+            Some(Timing {
+                created: 5,
+                touched: 6,
+                idle: Some(7),
+                indexed: Some(8),
+            })
+        );
+        // Older records: created alone, or created:touched.
+        assert_eq!(t("5").map(|t| (t.created, t.touched)), Some((5, 0)));
+        assert_eq!(t("5:6").map(|t| (t.created, t.touched)), Some((5, 6)));
+        for bad in [
+            "",
+            ":1::",
+            "0:1::",
+            "x",
+            "1:2:3:4:5",
+            "1;2",
+            "-1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
     }
 }
