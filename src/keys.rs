@@ -3,7 +3,7 @@
 //! | what | key | type |
 //! |---|---|---|
 //! | a session | `{prefix}:s:{<id>}` | hash: one field per session key, plus meta fields starting with `$` |
-//! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → the session's absolute deadline (ms) |
+//! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → until when it is listed (unix ms; the session's TTL never runs past it) |
 //! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
 //! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
 //!

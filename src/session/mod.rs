@@ -63,8 +63,13 @@
 //!
 //! # Owners: log out everywhere
 //! [`Session::set_owner`] ties a session to a user id; [`SessionStore::destroy_owner`] destroys every
-//! session of that user, in two round trips, without scanning keys. The index is a sorted set whose
-//! entries and TTL end with the sessions' absolute deadlines.
+//! session of that user, in two round trips, without scanning keys. The index is a sorted set of
+//! session ids, each listed until a time its session cannot outlive: an owned session's TTL is
+//! capped at its index entry, and while the session is used its entry is pushed forward (to `7/4`
+//! of the idle timeout ahead, when less than `5/4` is left; off the request's path, about once per
+//! idle timeout). So the index always lists every live session of its owner, and it ends at most
+//! one idle timeout after the last of them. A logout that has read the session (so knows the owner)
+//! also takes it out of the index in the same round trip.
 
 mod cookie;
 mod fields;
