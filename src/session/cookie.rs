@@ -157,7 +157,8 @@ pub(crate) fn removal(config: &CookieConfig) -> HeaderValue {
 fn base(config: &CookieConfig, value: String) -> Cookie<'static> {
     let mut cookie = Cookie::new(config.name.clone(), value);
     cookie.set_http_only(true);
-    cookie.set_secure(config.secure);
+    // Browsers refuse `SameSite=None` without `Secure`: it always goes with it.
+    cookie.set_secure(config.secure || config.same_site == SameSite::None);
     cookie.set_same_site(config.same_site);
     cookie.set_path(config.path.clone());
     if let Some(domain) = &config.domain {
@@ -173,6 +174,25 @@ mod tests {
 
     fn header_value_of(v: &HeaderValue) -> String {
         v.to_str().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn same_site_none_is_always_secure() {
+        let key = Key::generate();
+        let id = SessionId::generate();
+        let config = CookieConfig {
+            secure: false,
+            same_site: SameSite::None,
+            ..CookieConfig::default()
+        };
+        let set = header_value_of(&set_cookie(&config, &key, &id, None));
+        assert!(set.contains("SameSite=None") && set.contains("Secure"), "{set}");
+        let lax = CookieConfig {
+            secure: false,
+            ..CookieConfig::default()
+        };
+        let set = header_value_of(&set_cookie(&lax, &key, &id, None));
+        assert!(!set.contains("Secure"), "{set}");
     }
 
     #[test]

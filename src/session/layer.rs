@@ -128,7 +128,8 @@ impl SessionLayer {
         self
     }
 
-    /// The `SameSite` attribute. Default `Lax`.
+    /// The `SameSite` attribute. Default `Lax`. `SameSite::None` always sends `Secure` too (browsers
+    /// refuse it otherwise), even with [`with_secure(false)`](Self::with_secure).
     ///
     /// ```no_run
     /// # fn f(redis: herd::RedisClient) {
