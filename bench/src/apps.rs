@@ -2,6 +2,9 @@
 //!
 //! Every app serves the same routes (absent routes answer 404 and are never loaded):
 //!
+//! `herd-observed` is `herd` with metrics enabled as under `herd run --metrics` (for the cost of
+//! observability).
+//!
 //! | route | herd | tower-sessions | limit | getset | plain |
 //! |---|---|---|---|---|---|
 //! | `GET /counter` (read + write) | `incr` (1 RT) | get + insert (2 RT) | `HINCRBY`+`EXPIRE` pipelined (1 RT) | `GET` blob + `SET` blob (2 RT) | – |
@@ -35,8 +38,17 @@ pub async fn serve(
     port: u16,
     redis_url: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    if app == "herd-observed" {
+        // As `Worker::serve` does under `--metrics`: the request counter around the whole router.
+        use tower::Layer as _;
+        let router = herd::observe::CountRequests.layer(herd_app(redis_url, true).await?);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(router);
+        axum::serve(listener, service).await?;
+        return Ok(());
+    }
     let router = match app {
-        "herd" => herd_app(redis_url).await?,
+        "herd" => herd_app(redis_url, false).await?,
         "tower-sessions" => tower_sessions_app(redis_url).await?,
         "limit" => limit_app(redis_url).await?,
         "getset" => getset_app(redis_url).await?,
@@ -55,15 +67,30 @@ async fn untouched() -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // herd
 
-async fn herd_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+/// herd's app; `observed`: with what `herd run --metrics/--dashboard` turns on in each worker — the
+/// Prometheus recorder, the request counter, and the series rendered (and serialized, as for the
+/// master) once a second.
+async fn herd_app(redis_url: &str, observed: bool) -> Result<Router, Box<dyn std::error::Error>> {
     use base64::Engine as _;
     use herd::{Config, RedisClient, Session, SessionLayer};
 
     let config = Config::builder()
         .redis_url(redis_url)
         .secret_base64(base64::engine::general_purpose::STANDARD.encode(HERD_SECRET))
-        .prefix("bench")
+        .prefix(if observed { "bench-observed" } else { "bench" })
         .build()?;
+    if observed {
+        let handle = herd::observe::install_prometheus().map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+                let line = serde_json::to_string(&handle.render()).unwrap_or_default();
+                std::hint::black_box(line);
+            }
+        });
+    }
     let redis = RedisClient::connect(config).await?;
 
     async fn counter(session: Session) -> herd::Result<String> {
@@ -82,15 +109,14 @@ async fn herd_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>>
         redis.round_trips().to_string()
     }
 
-    Ok(Router::new()
+    let router = Router::new()
         .route("/counter", get(counter))
         .route("/rmw", get(rmw))
         .route("/read", get(read))
         .route("/untouched", get(untouched))
-        .layer(SessionLayer::new(redis.clone()).with_secure(false))
-        // Outside the layer: the driver reads herd's own round-trip counter here.
-        .route("/__round_trips", get(stats))
-        .with_state(redis))
+        .layer(SessionLayer::new(redis.clone()).with_secure(false));
+    // Outside the layer: the driver reads herd's own round-trip counter here.
+    Ok(router.route("/__round_trips", get(stats)).with_state(redis))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ use crate::proc_stat;
 
 type Error = Box<dyn std::error::Error>;
 
-pub const APPS: [&str; 5] = ["herd", "tower-sessions", "limit", "getset", "plain"];
+pub const APPS: [&str; 6] = [
+    "herd",
+    "herd-observed",
+    "tower-sessions",
+    "limit",
+    "getset",
+    "plain",
+];
 pub const ROUTES: [&str; 4] = ["counter", "rmw", "read", "untouched"];
 
 /// Which apps serve which route (the others answer 404).
@@ -907,6 +914,20 @@ fn report(
         ),
     ];
     for &c in &o.connections {
+        // Observability: herd with metrics enabled against herd without, per route.
+        for route in ROUTES {
+            let key = (c, route.to_owned(), "herd-observed".to_owned());
+            if samples.contains_key(&key)
+                && samples.contains_key(&(c, route.to_owned(), "herd".to_owned()))
+            {
+                let r = ratio(&key, "herd", &|x| x.rps);
+                let cpu = ratio(&key, "herd", &|x| x.app_cpu_us);
+                s += &format!(
+                    "| /{route}: metrics enabled costs < 3% (herd-observed ≥ 0.97× herd) | {c} | {r:.2}× | goal 0.97× | {cpu:.2}× | {} |\n",
+                    if r >= 0.97 { "yes" } else { "**no**" }
+                );
+            }
+        }
         for (name, route, against, goal) in targets {
             let key = (c, route.to_owned(), "herd".to_owned());
             if !samples.contains_key(&key)

@@ -211,20 +211,29 @@ impl Worker {
             inner: self.listener()?,
             stop: self.shutdown.clone(),
         };
-        let app = if self.observed {
-            app.layer(crate::observe::CountRequests)
-        } else {
-            app
-        };
         self.ready();
         let stop = self.shutdown();
         let grace = ACCEPT_GRACE.min(self.drain_timeout);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                stop.await;
-                tokio::time::sleep(grace).await;
-            })
+        let drained = async move {
+            stop.await;
+            tokio::time::sleep(grace).await;
+        };
+        if self.observed {
+            // Around the whole router, not `Router::layer` (which wraps every route in one more
+            // boxed service: an allocation per request, measured at ~1 400 instructions).
+            use tower_layer::Layer as _;
+            let app = crate::observe::CountRequests.layer(app);
+            axum::serve(
+                listener,
+                axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+            )
+            .with_graceful_shutdown(drained)
             .await
+        } else {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(drained)
+                .await
+        }
     }
 
     /// Report that this worker serves. Call it once the app is ready to accept (right before

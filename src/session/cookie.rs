@@ -186,7 +186,10 @@ mod tests {
             ..CookieConfig::default()
         };
         let set = header_value_of(&set_cookie(&config, &key, &id, None));
-        assert!(set.contains("SameSite=None") && set.contains("Secure"), "{set}");
+        assert!(
+            set.contains("SameSite=None") && set.contains("Secure"),
+            "{set}"
+        );
         let lax = CookieConfig {
             secure: false,
             ..CookieConfig::default()
