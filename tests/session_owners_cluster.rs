@@ -6,3 +6,13 @@
 
 #[path = "session_owners.rs"]
 mod suite;
+
+// The suite's own `support` module is private to it; the guard below needs the harness too.
+#[allow(clippy::duplicate_mod)]
+mod support;
+
+/// Guard: this binary exists to run the suite on a cluster (see the harness).
+#[tokio::test]
+async fn the_suite_really_runs_on_a_redis_cluster() {
+    support::cluster::assert_suite_runs_on_a_cluster().await;
+}

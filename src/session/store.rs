@@ -289,6 +289,17 @@ pub(crate) async fn set_ttl(client: &RedisClient, id: &SessionId, ttl_ms: u64) -
 /// Pushes a session's idle timeout back (and records when): the save script with nothing to change,
 /// so a session that ended meanwhile is not resurrected. Runs off the request's path.
 pub(crate) async fn touch(client: &RedisClient, id: &SessionId, expiry: Expiry) -> Result<()> {
+    save_nothing(client, id, expiry, None).await
+}
+
+/// The save script on an existing session with no change: its TTL pushed back (and `touched`
+/// recorded), its index coverage moved to `index` if given.
+async fn save_nothing(
+    client: &RedisClient,
+    id: &SessionId,
+    expiry: Expiry,
+    index: Option<IndexUpdate<'_>>,
+) -> Result<()> {
     let delta = Delta::default();
     save(
         client,
@@ -299,7 +310,7 @@ pub(crate) async fn touch(client: &RedisClient, id: &SessionId, expiry: Expiry) 
             delta: &delta,
             expiry,
             max_bytes: 0,
-            index: None,
+            index,
         },
     )
     .await?;
@@ -337,25 +348,11 @@ pub(crate) async fn bump_index(
             }
         }
     };
-    let delta = Delta::default();
-    let now = now_ms();
-    save(
-        client,
-        Save {
-            mode: SaveMode::Existing,
-            id,
-            new_id: None,
-            delta: &delta,
-            expiry,
-            max_bytes: 0,
-            index: Some(IndexUpdate {
-                owner: &owner,
-                until: index_target(now, idle_ms),
-            }),
-        },
-    )
-    .await?;
-    Ok(())
+    let index = IndexUpdate {
+        owner: &owner,
+        until: index_target(now_ms(), idle_ms),
+    };
+    save_nothing(client, id, expiry, Some(index)).await
 }
 
 /// What [`incr_existing`] found.

@@ -427,3 +427,94 @@ pub fn counter_app(client: &herd::RedisClient) -> axum::Router {
         )
         .layer(SessionLayer::new(client.clone()).with_secure(false))
 }
+
+/// The guard of a suite compiled for a cluster (`*_cluster.rs`): fails if the harness would not start
+/// a cluster for this binary (a rename would silently run the suite on one server), and proves that
+/// herd routes by slot through the cluster URL (keys of several groups land on several nodes).
+pub async fn assert_suite_runs_on_a_cluster() {
+    assert!(
+        on_cluster(),
+        "the harness does not see a cluster suite in `{:?}`: keep `_cluster` in the file name \
+         (or set HERD_TEST_TOPOLOGY=cluster)",
+        std::env::current_exe().ok()
+    );
+    let redis = TestRedis::start();
+    let TestRedis::Cluster(cluster) = &redis else {
+        panic!("the harness started something else than a cluster")
+    };
+    assert!(
+        redis.url().starts_with("redis+cluster://"),
+        "{}",
+        redis.url()
+    );
+    for node in cluster.nodes() {
+        let info: String = node.cmd(&["CLUSTER", "INFO"]);
+        assert!(
+            info.contains("cluster_state:ok") && info.contains("cluster_size:3"),
+            "{info}"
+        );
+    }
+    let client = herd::RedisClient::connect(config(&redis, "guard"))
+        .await
+        .expect("connect");
+    let globals = herd::Globals::new(client.clone());
+    for g in 0..12 {
+        globals
+            .group(&format!("g{g}"))
+            .expect("group")
+            .set("v", &g)
+            .await
+            .expect("set through the cluster");
+    }
+    let pattern = format!("{}:g:*", client.config().prefix());
+    let nodes_with_keys = cluster
+        .nodes()
+        .iter()
+        .filter(|n| !n.keys(&pattern).is_empty())
+        .count();
+    assert!(
+        nodes_with_keys >= 2,
+        "12 groups all landed on one node: not routed by slot"
+    );
+}
+
+/// The guard of a suite compiled for Sentinel (`*_sentinel.rs`): fails if the harness would not
+/// start a Sentinel setup for this binary, and proves that the sentinels answer and that herd writes
+/// to the master they name.
+pub async fn assert_suite_runs_through_sentinel() {
+    assert!(
+        on_sentinel(),
+        "the harness does not see a Sentinel suite in `{:?}`: keep `_sentinel` in the file name \
+         (or set HERD_TEST_TOPOLOGY=sentinel)",
+        std::env::current_exe().ok()
+    );
+    let redis = TestRedis::start();
+    let TestRedis::Sentinel(setup) = &redis else {
+        panic!("the harness started something else than a Sentinel setup")
+    };
+    assert!(
+        redis.url().starts_with("redis+sentinel://"),
+        "{}",
+        redis.url()
+    );
+    assert_eq!(
+        setup.master_port(),
+        Some(setup.primary.port()),
+        "the sentinels answer and name the primary"
+    );
+    let client = herd::RedisClient::connect(config(&redis, "guard"))
+        .await
+        .expect("connect through the sentinels");
+    herd::Globals::new(client.clone())
+        .group("guard")
+        .expect("group")
+        .set("v", &1)
+        .await
+        .expect("set through Sentinel");
+    let pattern = format!("{}:g:*", client.config().prefix());
+    assert_eq!(
+        setup.primary.keys(&pattern).len(),
+        1,
+        "written on the master"
+    );
+}
