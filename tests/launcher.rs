@@ -801,7 +801,11 @@ fn a_worker_that_ignores_sigterm_is_killed_after_the_drain_timeout() {
         "killed before the drain timeout: {took:?}"
     );
     assert!(!alive(pid), "the stubborn worker is gone");
-    let out = m.output();
+    // The master's last lines may still be on their way through the reader thread.
+    let out = wait_until("the final log line", Duration::from_secs(5), || {
+        let out = m.output();
+        out.contains("did not stop cleanly").then_some(out)
+    });
     assert!(
         out.contains("still running after the drain timeout; SIGKILL"),
         "{out}"
@@ -939,8 +943,12 @@ fn a_malformed_herd_secret_stops_the_master_at_once() {
         );
         let status = m.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "{secret:?}: {status}");
-        let out = m.output();
-        assert!(out.contains("HERD_SECRET") && out.contains(says), "{out}");
+        // The master's last line may still be on its way through the reader thread.
+        let out = wait_until("the error line", Duration::from_secs(5), || {
+            let out = m.output();
+            out.contains("HERD_SECRET").then_some(out)
+        });
+        assert!(out.contains(says), "{out}");
         assert!(!out.contains("started"), "no worker may start: {out}");
         // The secret itself is never printed.
         assert!(!out.contains(secret), "{out}");

@@ -170,7 +170,9 @@ impl fmt::Display for Status {
 }
 
 /// The default control socket path of the master called `name`:
-/// `$XDG_RUNTIME_DIR/herd/NAME.sock`, or `/tmp/herd-UID/NAME.sock`.
+/// `$XDG_RUNTIME_DIR/herd/NAME.sock`, or `/tmp/herd-UID/NAME.sock`. The master creates that
+/// directory with mode 0700 and refuses to start when it exists but is not a directory owned by
+/// this user and closed to group and others.
 pub fn socket_path(name: &str) -> PathBuf {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("herd"),

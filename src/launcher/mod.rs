@@ -42,7 +42,7 @@
 //! | listening socket | fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the worker's pid (set through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, because the pid is only known after `fork` and setting the environment between `fork` and `exec` is not async-signal-safe) |
 //! | master channel | fd 4 (`HERD_MASTER_FD=4`), a unix stream socket: the worker writes `READY\n` (and `RECYCLE\n` to ask for a replacement); end-of-file means the master died, and the worker drains and exits |
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
-//! | cookie key | `HERD_SECRET`: passed through from the master's environment, or 64 random bytes (base64) generated once per master life |
+//! | cookie key | `HERD_SECRET`: the master's own, checked at its start (a malformed key stops the master with a clear error) and passed through unchanged; when unset or blank, 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
 //! | metrics | `HERD_METRICS=1` when the master runs with [`Launcher::metrics`] or [`Launcher::dashboard`]: a worker built with the `metrics` feature then writes `METRICS "<Prometheus text as a JSON string>"` on fd 4 once a second (see [`crate::observe`]); other lines are ignored by the master, so programs that do not send it still work |
 //!
