@@ -705,8 +705,8 @@ async fn redis_down_is_503_within_2s_and_other_routes_answer() {
             back.insert(r.body["worker"].as_u64().expect("worker"));
         }
         assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "no recovery in every worker within 5 s: {back:?} answered"
+            t.elapsed() < Duration::from_secs(10),
+            "no recovery in every worker within 10 s: {back:?} answered"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
