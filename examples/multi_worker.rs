@@ -18,13 +18,14 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -37,6 +38,18 @@ const ACCOUNTS: usize = 10;
 const INITIAL_BALANCE: i64 = 1000;
 const MAX_AMOUNT: u64 = 1_000_000;
 const MAX_SLOW_MS: u64 = 30_000;
+/// Each worker pings Redis this often to know whether it answers (see [`RedisHealth`]) ...
+const PING_EVERY: Duration = Duration::from_millis(200);
+/// ... and gives each ping this long.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Redis silent for this long (no pong, no request served with its help) counts as unreachable.
+const REDIS_SILENCE: Duration = Duration::from_millis(800);
+/// A request that needs Redis runs this long before its worker looks at Redis' health
+/// (see [`redis_deadline`]); then again every [`CHECK_EVERY`].
+const REDIS_PATIENCE: Duration = Duration::from_millis(800);
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// The longest any route that needs Redis may take, even while Redis answers pings.
+const REDIS_ROUTE_LIMIT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 struct AppState {
@@ -87,10 +100,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Err(e) = seed_accounts(&state).await {
                 tracing::warn!("worker {:?}: accounts not seeded yet: {e}", worker.index());
             }
-            let app = router(state)
-                // Plain http in this example: browsers drop `Secure` cookies there.
-                .layer(SessionLayer::new(redis).with_secure(false))
-                .layer(worker.requests());
+            let app = router(state, redis)
+                .layer(worker.requests())
+                .layer(middleware::map_response(json_errors));
             // Reports READY, serves, and on SIGTERM stops accepting, then drains.
             worker
                 .serve(app)
@@ -116,10 +128,52 @@ fn config() -> herd::Result<Config> {
     builder.build()
 }
 
-fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
-        .route("/whoami", get(whoami))
+/// When this worker last heard Redis answer: a task pings it every [`PING_EVERY`], and every
+/// request that Redis helped to serve counts too. Under a heavy burst the pings can come back late
+/// (two cores shared by the workers, Redis and the clients), while hundreds of requests still get
+/// served: those are the proof that Redis is busy, not gone.
+#[derive(Clone)]
+struct RedisHealth {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last answer (0: none yet).
+    last_answer_ms: Arc<AtomicU64>,
+}
+
+impl RedisHealth {
+    fn start(redis: RedisClient) -> RedisHealth {
+        let health = RedisHealth {
+            origin: Instant::now(),
+            last_answer_ms: Arc::new(AtomicU64::new(0)),
+        };
+        let h = health.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, redis.ping()).await {
+                    h.heard();
+                }
+                tokio::time::sleep(PING_EVERY).await;
+            }
+        });
+        health
+    }
+
+    /// Redis answered just now.
+    fn heard(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last_answer_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long Redis has not answered this worker.
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+}
+
+fn router(state: AppState, redis: RedisClient) -> Router {
+    // The routes that need Redis: sessions, and a deadline so that they answer (503 if need be)
+    // within 2 s even when Redis is frozen or the pool of connections is exhausted.
+    let needs_redis = Router::new()
         .route("/counter", get(counter))
         .route("/session", get(session_data))
         .route("/login", post(login))
@@ -128,13 +182,100 @@ fn router(state: AppState) -> Router {
         .route("/hits", get(hits))
         .route("/transfer", post(transfer))
         .route("/accounts", get(accounts))
+        .with_state(state.clone())
+        // Plain http in this example: browsers drop `Secure` cookies there.
+        .layer(SessionLayer::new(redis.clone()).with_secure(false))
+        .layer(middleware::from_fn_with_state(
+            RedisHealth::start(redis),
+            redis_deadline,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/whoami", get(whoami))
         .route("/slow", get(slow))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
+        .merge(needs_redis)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// 503 with `Retry-After`, as herd answers when Redis is unavailable.
+fn unavailable(message: &str) -> Response {
+    let mut res = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    res
+}
+
+/// Every answer is JSON: the errors axum makes itself (405 for a wrong method, 413 for a body over
+/// the 2 MB limit, 400 for a query string that does not parse) are plain text or empty; they become
+/// `{"error": TEXT}` here, with their status and headers (`Allow`, `Retry-After`) kept.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("error").to_owned(),
+        false => text,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
+}
+
+/// The contract says: Redis unreachable, the routes that need it answer 503 within 2 s. Each Redis
+/// round trip is bounded (1 s by default), but a request can wait for several: a pooled connection
+/// (up to 5 s in this example, see [`config`]), its health check, `WATCH`, `EXEC`. So a request
+/// still running after [`REDIS_PATIENCE`] looks at the worker's [`RedisHealth`]: Redis silent for
+/// [`REDIS_SILENCE`] means down or frozen, and the request gets its 503 now (dropping it is safe:
+/// a write cut short is at worst applied whole, never half); Redis still answering means it is only
+/// busy (a burst of transfers queueing for connections), and the request goes on.
+async fn redis_deadline(State(health): State<RedisHealth>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    // Routes that cannot answer 200 or 409 without Redis (/session and /me can, for a visitor
+    // without a session).
+    let always_redis = matches!(
+        req.uri().path(),
+        "/counter" | "/hits" | "/accounts" | "/transfer" | "/login"
+    );
+    let run = next.run(req);
+    tokio::pin!(run);
+    let mut wait = REDIS_PATIENCE;
+    loop {
+        tokio::select! {
+            res = &mut run => {
+                let s = res.status();
+                if always_redis && (s.is_success() || s == StatusCode::CONFLICT) {
+                    health.heard();
+                }
+                return res;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = CHECK_EVERY;
+        if health.silent_for() >= REDIS_SILENCE {
+            return unavailable("Redis is not answering, please retry");
+        }
+        if started.elapsed() >= REDIS_ROUTE_LIMIT {
+            return unavailable("too busy, please retry");
+        }
+    }
 }
 
 async fn whoami(State(s): State<AppState>) -> Json<Value> {
@@ -199,7 +340,8 @@ fn account_names() -> Vec<String> {
     (0..ACCOUNTS).map(|i| format!("acct-{i}")).collect()
 }
 
-/// Creates the accounts at 1000 each, all of them or none, only if they do not exist yet.
+/// Creates the accounts at 1000 each, all of them or none, only if none exists yet (one optimistic
+/// update of the ten). Each worker remembers that it was done; [`reseed_accounts`] forgets it.
 async fn seed_accounts(s: &AppState) -> herd::Result<()> {
     if s.seeded.load(Ordering::Relaxed) {
         return Ok(());
@@ -218,8 +360,22 @@ async fn seed_accounts(s: &AppState) -> herd::Result<()> {
     Ok(())
 }
 
+/// The accounts were found missing: Redis lost its data (restarted without persistence, or was
+/// flushed). Seed them again, with the same all-or-nothing, only-if-absent update, so that two
+/// workers doing it at once still give 10000 in total.
+async fn reseed_accounts(s: &AppState) -> herd::Result<()> {
+    tracing::warn!(
+        "worker {:?}: the accounts are missing in Redis; seeding them again",
+        s.worker
+    );
+    s.seeded.store(false, Ordering::Relaxed);
+    seed_accounts(s).await
+}
+
 enum TransferError {
     Insufficient,
+    /// An account does not exist in Redis (it lost its data).
+    Missing,
 }
 
 async fn transfer(State(s): State<AppState>, body: Bytes) -> Response {
@@ -247,10 +403,12 @@ async fn transfer(State(s): State<AppState>, body: Bytes) -> Response {
     if let Err(e) = seed_accounts(&s).await {
         return e.into_response();
     }
-    let result = s
-        .bank
-        .update(&[from, to], |balances: &mut [Option<i64>]| {
-            let (a, b) = (balances[0].unwrap_or(0), balances[1].unwrap_or(0));
+    let pair = [from, to];
+    let attempt = || {
+        s.bank.update(&pair, |balances: &mut [Option<i64>]| {
+            let (Some(a), Some(b)) = (balances[0], balances[1]) else {
+                return Err(TransferError::Missing);
+            };
             if a < amount {
                 return Err(TransferError::Insufficient);
             }
@@ -258,22 +416,26 @@ async fn transfer(State(s): State<AppState>, body: Bytes) -> Response {
             balances[1] = Some(b + amount);
             Ok(())
         })
-        .await;
+    };
+    let mut result = attempt().await;
+    if let Err(UpdateError::Aborted(TransferError::Missing)) = result {
+        if let Err(e) = reseed_accounts(&s).await {
+            return e.into_response();
+        }
+        result = attempt().await;
+    }
     match result {
         Ok(()) => Json(json!({ "ok": true })).into_response(),
         Err(UpdateError::Aborted(TransferError::Insufficient)) => {
             error(StatusCode::CONFLICT, "insufficient funds")
         }
+        // Still missing right after seeding them again: Redis is losing data as we go.
+        Err(UpdateError::Aborted(TransferError::Missing)) => {
+            unavailable("the accounts are being recreated, please retry")
+        }
         // Lost the race `with_max_attempts` times in a row: busy, not short of funds (409 means that
         // here), so the client is told to retry.
-        Err(UpdateError::Failed(e)) if e.is_conflict() => {
-            let mut res = error(StatusCode::SERVICE_UNAVAILABLE, "too busy, please retry");
-            res.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(1),
-            );
-            res
-        }
+        Err(UpdateError::Failed(e)) if e.is_conflict() => unavailable("too busy, please retry"),
         Err(UpdateError::Failed(e)) => e.into_response(),
     }
 }
@@ -282,7 +444,11 @@ async fn accounts(State(s): State<AppState>) -> herd::Result<Json<Value>> {
     seed_accounts(&s).await?;
     let names = account_names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let balances: Vec<Option<i64>> = s.bank.get_many(&refs).await?;
+    let mut balances: Vec<Option<i64>> = s.bank.get_many(&refs).await?;
+    if balances.iter().all(Option::is_none) {
+        reseed_accounts(&s).await?;
+        balances = s.bank.get_many(&refs).await?;
+    }
     let map: BTreeMap<&str, i64> = refs
         .iter()
         .zip(&balances)
@@ -298,10 +464,16 @@ struct SlowQuery {
 }
 
 async fn slow(Query(q): Query<SlowQuery>) -> Response {
-    let Some(ms) = q.ms.as_deref().and_then(|m| m.parse::<u64>().ok()) else {
-        return error(StatusCode::BAD_REQUEST, "expected ?ms=MILLISECONDS");
+    let Some(ms) =
+        q.ms.as_deref()
+            .and_then(|m| m.parse::<u64>().ok())
+            .filter(|ms| *ms <= MAX_SLOW_MS)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected ?ms=N, N a whole number of milliseconds from 0 to 30000",
+        );
     };
-    let ms = ms.min(MAX_SLOW_MS);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     Json(json!({ "slept": ms })).into_response()
 }
@@ -391,13 +563,41 @@ impl PrivateRedis {
     }
 }
 
+/// Starts redis-server in a process group of its own, so that Ctrl-C (SIGINT to the terminal's
+/// foreground group) reaches only the master, which drains its workers while Redis still serves
+/// them; the master stops Redis afterwards. On Linux it also gets `PR_SET_PDEATHSIG`: if the
+/// master is killed outright (SIGKILL), Redis goes with it instead of lingering.
 fn spawn_redis(port: u16) -> std::io::Result<Child> {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .spawn()
+        .process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let master = std::process::id();
+        // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
+        // (prctl, getppid) on plain integers, allocating nothing. The death signal is tied to the
+        // thread that forks: the first redis-server is spawned by the main thread, restarts by
+        // the supervising thread, and both live as long as the master does.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::libc;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The master died before the prctl: nobody would ever stop this Redis.
+                if libc::getppid() as u32 != master {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
 }
 
 fn wait_for_redis(port: u16) -> Result<(), String> {

@@ -421,10 +421,11 @@ impl Secret {
 /// Decodes a base64 secret (standard or URL-safe alphabet, padding optional) of at least 64 bytes.
 pub(crate) fn key_from_base64(source: &str, text: &str) -> Result<Key> {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    let text = text.trim();
+    // `openssl rand -base64 64` wraps its output at 64 columns: line breaks are not part of it.
+    let text: String = text.split_ascii_whitespace().collect();
     let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
         .iter()
-        .find_map(|engine| engine.decode(text).ok())
+        .find_map(|engine| engine.decode(&text).ok())
         .ok_or_else(|| {
             Error::Config(format!(
                 "{source} is not base64; make one with `openssl rand -base64 64`"
@@ -510,6 +511,9 @@ mod tests {
             .contains("not base64"));
         let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
         assert!(key_from_base64("HERD_SECRET", &good).is_ok());
+        // As `openssl rand -base64 64` prints it: wrapped at 64 columns.
+        let (head, tail) = good.split_at(64);
+        assert!(key_from_base64("HERD_SECRET", &format!("{head}\n{tail}\n")).is_ok());
     }
 
     fn b64(bytes: &[u8]) -> String {

@@ -44,12 +44,16 @@ fn app_runs_the_flagship_with_four_workers_after_redis_is_healthy() {
     );
     let env = &app["environment"];
     assert_eq!(env["REDIS_URL"].as_str(), Some("redis://redis:6379"));
+    // `HERD_SECRET:` with no value: compose passes the variable through when it is set and leaves
+    // it unset otherwise. `${HERD_SECRET:-}` would set it to "" in the container instead.
+    let env_map = env.as_hash().expect("environment is a map");
     assert!(
-        env["HERD_SECRET"]
-            .as_str()
-            .unwrap_or("")
-            .contains("${HERD_SECRET"),
-        "HERD_SECRET comes from the environment"
+        matches!(
+            env_map.get(&Yaml::String("HERD_SECRET".into())),
+            Some(Yaml::Null)
+        ),
+        "HERD_SECRET must be passed through without a value, got {:?}",
+        env_map.get(&Yaml::String("HERD_SECRET".into()))
     );
     let cmd = strings(&app["command"]);
     assert_eq!(
@@ -62,6 +66,13 @@ fn app_runs_the_flagship_with_four_workers_after_redis_is_healthy() {
         .as_str()
         .expect("inline Dockerfile");
     assert!(dockerfile.contains("--example multi_worker"));
+    assert!(
+        dockerfile
+            .lines()
+            .filter(|l| l.contains("cargo build"))
+            .all(|l| l.contains("--locked")),
+        "the image builds with the versions of Cargo.lock: {dockerfile}"
+    );
     assert!(dockerfile.contains("ENTRYPOINT [\"multi_worker\"]"));
     // Every path the build copies exists in the repository.
     for line in dockerfile
@@ -74,4 +85,24 @@ fn app_runs_the_flagship_with_four_workers_after_redis_is_healthy() {
             assert!(path.exists(), "{line}: {src} does not exist");
         }
     }
+}
+
+#[test]
+fn the_build_context_leaves_out_build_output_and_history() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.dockerignore"))
+        .expect(".dockerignore next to docker-compose.yml");
+    let entries: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for needed in ["target", "bench/target", ".git"] {
+        assert!(
+            entries.contains(&needed),
+            "{needed} missing from .dockerignore: {entries:?}"
+        );
+    }
+    // The build context (".") stays the repository root, where .dockerignore applies.
+    let c = compose();
+    assert_eq!(c["services"]["app"]["build"]["context"].as_str(), Some("."));
 }

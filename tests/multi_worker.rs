@@ -1,9 +1,10 @@
 //! The flagship example, black-box: its exact HTTP contract with 4 workers against a harness Redis,
 //! exact counters under concurrency, the bank invariant, rolling reload under load, graceful stop.
 //!
-//! Uses the example binary that `cargo test` builds (`target/<profile>/examples/multi_worker`);
-//! when running this file alone, `cargo build --examples --all-features` first.
+//! Builds the example first (`cargo build --example multi_worker` with this test's profile and
+//! features), so running this file alone never uses a stale binary.
 
+mod launcher_support;
 mod support;
 
 use std::collections::HashSet;
@@ -17,17 +18,13 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::RedisServer;
 
-/// The example binary next to this test's binary.
+/// The tests of this file start up to 4 worker processes each, bound latencies ("503 within 2 s")
+/// or demand zero errors under load: on a 2-core machine they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The example binary, built for this test run.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples").join("multi_worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: it is built by `cargo test` (or `cargo build --examples`)",
-        bin.display()
-    );
-    bin
+    launcher_support::example_bin("multi_worker")
 }
 
 /// A running example (the master and its workers); killed with its process group on drop.
@@ -39,6 +36,11 @@ struct Example {
 
 impl Example {
     fn start(redis_url: &str, workers: usize) -> Example {
+        Example::start_env(redis_url, workers, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment for the master.
+    fn start_env(redis_url: &str, workers: usize, env: &[(&str, &str)]) -> Example {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -54,6 +56,7 @@ impl Example {
             .env("HERD_PREFIX", support::unique_prefix("flagship"))
             .env_remove("HERD_SECRET")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -194,7 +197,17 @@ struct Reply {
     status: StatusCode,
     cookie: Option<String>,
     has_set_cookie: bool,
+    /// The whole `Set-Cookie` header, if any.
+    set_cookie: Option<String>,
+    retry_after: Option<String>,
+    /// The `Content-Type` header.
+    content_type: Option<String>,
     body: Value,
+}
+
+/// A `Set-Cookie` that deletes the cookie: `Max-Age=0`, or an `Expires` in the past.
+fn clears_cookie(set_cookie: &str) -> bool {
+    set_cookie.contains("Max-Age=0") || set_cookie.contains("Expires=Thu, 01 Jan 1970")
 }
 
 async fn call(
@@ -206,7 +219,8 @@ async fn call(
 ) -> Reply {
     let mut req = match method {
         "POST" => c.post(url),
-        _ => c.get(url),
+        "GET" => c.get(url),
+        other => c.request(other.parse().expect("method"), url),
     };
     if let Some(cookie) = cookie {
         req = req.header("cookie", cookie);
@@ -221,11 +235,15 @@ async fn call(
         .await
         .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = res.status();
-    let set = res
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name: &str| {
+        res.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let set = header("set-cookie");
+    let retry_after = header("retry-after");
+    let content_type = header("content-type");
     let cookie = set
         .as_deref()
         .filter(|c| !c.contains("Max-Age=0"))
@@ -237,12 +255,16 @@ async fn call(
         status,
         cookie,
         has_set_cookie: set.is_some(),
+        set_cookie: set,
+        retry_after,
+        content_type,
         body,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_contract_holds_across_four_workers() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let ex = Example::start(&redis.url(), 4);
     let c = client();
@@ -451,25 +473,32 @@ async fn the_http_contract_holds_across_four_workers() {
                 .send()
                 .await
                 .expect("send");
-            assert!(
-                res.status().is_client_error(),
-                "{what} to {path}: {}",
-                res.status()
-            );
+            let status = res.status();
+            assert!(status.is_client_error(), "{what} to {path}: {status}");
+            if what == "oversize" {
+                assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{what} to {path}");
+            }
             assert!(
                 res.headers().get("set-cookie").is_none(),
                 "{what} to {path} made a session"
             );
+            let text = res.text().await.unwrap_or_default();
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{what} to {path}: not JSON: {text:?}"));
+            assert!(body["error"].is_string(), "{what} to {path}: {body}");
         }
     }
     let r = call(&c, "GET", &url("/accounts"), None, None).await;
     assert_eq!(r.body["total"], json!(10000));
 
     // Login cycles the cookie and the old one becomes anonymous; logout ends the session.
+    // The pre-login session holds data (a counter), so "anonymous" is a real change.
     let anon = call(&c, "GET", &url("/counter"), None, None)
         .await
         .cookie
         .expect("cookie");
+    let r = call(&c, "GET", &url("/session"), Some(&anon), None).await;
+    assert_eq!(r.body, json!({ "data": { "counter": 1 } }));
     let r = call(
         &c,
         "POST",
@@ -492,6 +521,12 @@ async fn the_http_contract_holds_across_four_workers() {
         StatusCode::UNAUTHORIZED,
         "the pre-login cookie must be anonymous"
     );
+    let r = call(&c, "GET", &url("/session"), Some(&anon), None).await;
+    assert_eq!(
+        (r.status, r.body),
+        (StatusCode::OK, json!({ "data": {} })),
+        "the pre-login cookie must not reach the session's data anymore"
+    );
     let r = call(&c, "GET", &url("/session"), Some(&logged), None).await;
     assert_eq!(r.body, json!({ "data": { "counter": 1, "user": "alice" } }));
     for bad in [
@@ -504,10 +539,23 @@ async fn the_http_contract_holds_across_four_workers() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
     }
     let r = call(&c, "POST", &url("/logout"), Some(&logged), None).await;
-    assert_eq!(r.status, StatusCode::OK);
-    assert!(r.has_set_cookie, "logout clears the cookie");
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (StatusCode::OK, json!({ "ok": true }))
+    );
+    let set = r.set_cookie.expect("logout clears the cookie");
+    assert!(
+        set.starts_with("herd_session=") && clears_cookie(&set),
+        "logout must delete the cookie: {set}"
+    );
     let r = call(&c, "GET", &url("/me"), Some(&logged), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = call(&c, "GET", &url("/session"), Some(&logged), None).await;
+    assert_eq!(
+        (r.status, r.body),
+        (StatusCode::OK, json!({ "data": {} })),
+        "the logged-out cookie is anonymous"
+    );
 
     // Garbage cookies never give 5xx.
     let long = format!("herd_session={}", "A".repeat(4000));
@@ -528,13 +576,114 @@ async fn the_http_contract_holds_across_four_workers() {
         }
     }
 
-    // /slow sleeps, bounded.
+    // /slow sleeps, bounded: 0..=30000 ms, anything else is refused at once.
     let r = call(&c, "GET", &url("/slow?ms=50"), None, None).await;
     assert_eq!(r.body, json!({ "slept": 50 }));
+    let r = call(&c, "GET", &url("/slow?ms=0"), None, None).await;
+    assert_eq!(r.body, json!({ "slept": 0 }));
+    for bad in ["30001", "18446744073709551616", "-1", "1.5", "soon", ""] {
+        let t = Instant::now();
+        let r = call(&c, "GET", &url(&format!("/slow?ms={bad}")), None, None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "ms={bad}: {}", r.body);
+        assert!(r.body["error"].is_string(), "ms={bad}: {}", r.body);
+        assert!(t.elapsed() < Duration::from_secs(5), "ms={bad} slept");
+    }
+
+    // All bodies JSON, the errors axum makes itself too: wrong method (405, with `Allow`), a
+    // query string that does not parse, an unknown route.
+    for (method, path, status) in [
+        ("GET", "/transfer", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/login", StatusCode::METHOD_NOT_ALLOWED),
+        ("DELETE", "/counter", StatusCode::METHOD_NOT_ALLOWED),
+        ("PUT", "/accounts", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/slow?ms=1&ms=2", StatusCode::BAD_REQUEST),
+        ("GET", "/nowhere", StatusCode::NOT_FOUND),
+    ] {
+        let res = c
+            .request(method.parse().unwrap(), url(path))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), status, "{method} {path}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(
+                res.headers().get("allow").is_some(),
+                "{method} {path}: Allow"
+            );
+        }
+        let content_type = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{method} {path}: {content_type}"
+        );
+        let text = res.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text:?}"));
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
+}
+
+/// `HERD_SECRET=""` (what compose's `${HERD_SECRET:-}` gives) counts as unset: the master makes
+/// one key for all its workers, so one cookie verifies in every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_herd_secret_still_gives_every_worker_the_same_key() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let ex = Example::start_env(&redis.url(), 4, &[("HERD_SECRET", "")]);
+    let c = client();
+    let url = format!("{}/counter", ex.base);
+    let first = call(&c, "GET", &url, None, None).await;
+    let cookie = first.cookie.expect("a new session sets a cookie");
+    let mut workers = HashSet::new();
+    workers.insert(first.body["worker"].as_u64().expect("worker"));
+    let mut counts = HashSet::from([1]);
+    for _ in 0..40 {
+        let batch: Vec<_> = (0..25)
+            .map(|_| {
+                let (c, u, cookie) = (c.clone(), url.clone(), cookie.clone());
+                tokio::spawn(async move { call(&c, "GET", &u, Some(&cookie), None).await })
+            })
+            .collect();
+        for t in batch {
+            let r = t.await.expect("task");
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            let w = r.body["worker"].as_u64().expect("worker");
+            assert!(
+                !r.has_set_cookie,
+                "worker {w} did not recognise the cookie (a key of its own?): {}",
+                r.body
+            );
+            assert!(counts.insert(r.body["counter"].as_i64().expect("counter")));
+            workers.insert(w);
+        }
+        if workers.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(
+        workers.len(),
+        4,
+        "every worker served the cookie: {workers:?}"
+    );
+    let r = call(
+        &c,
+        "GET",
+        &format!("{}/session", ex.base),
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(r.body, json!({ "data": { "counter": counts.len() } }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_503_within_2s_and_other_routes_answer() {
+    let _serial = SERIAL.lock().await;
     let mut redis = RedisServer::start();
     let ex = Example::start(&redis.url(), 2);
     let c = client();
@@ -545,35 +694,21 @@ async fn redis_down_is_503_within_2s_and_other_routes_answer() {
         .expect("cookie");
     let workers_before = pids(&ex.base, 2).await;
     tokio::task::block_in_place(|| redis.kill());
-    for path in ["/counter", "/hits", "/accounts", "/me"] {
-        let t = Instant::now();
-        let r = call(&c, "GET", &url(path), Some(&cookie), None).await;
-        assert_eq!(
-            r.status,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{path}: {}",
-            r.body
-        );
-        assert!(r.body["error"].is_string());
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "{path} took {:?}",
-            t.elapsed()
-        );
-    }
-    for path in ["/healthz", "/whoami", "/slow?ms=1"] {
-        let r = call(&c, "GET", &url(path), None, None).await;
-        assert_eq!(r.status, StatusCode::OK, "{path}");
-    }
+    assert_redis_routes_fail_fast(&c, &ex.base, &cookie, "stopped").await;
     tokio::task::block_in_place(|| redis.restart());
     let t = Instant::now();
-    loop {
-        let r = call(&c, "GET", &url("/hits"), None, None).await;
+    // Back on its own, in every worker (each one reconnects by itself).
+    let mut back = HashSet::new();
+    while back.len() < 2 {
+        let r = call(&c, "GET", &url("/counter"), None, None).await;
         if r.status == StatusCode::OK {
-            break;
+            back.insert(r.body["worker"].as_u64().expect("worker"));
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "no recovery");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no recovery in every worker within 10 s: {back:?} answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("recovered {:?} after the restart", t.elapsed());
     assert_eq!(
@@ -581,6 +716,162 @@ async fn redis_down_is_503_within_2s_and_other_routes_answer() {
         workers_before,
         "a worker exited during the outage"
     );
+    // Redis came back empty (no persistence): the accounts are seeded again, on every worker.
+    for _ in 0..8 {
+        let r = call(&c, "GET", &url("/accounts"), None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["total"], json!(10000), "{}", r.body);
+    }
+    let r = call(
+        &c,
+        "POST",
+        &url("/transfer"),
+        None,
+        Some(r#"{"from":"acct-3","to":"acct-4","amount":10}"#),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body),
+        (StatusCode::OK, json!({ "ok": true })),
+        "a transfer after Redis lost its data"
+    );
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000), "{}", r.body);
+    assert_eq!(r.body["accounts"]["acct-4"], json!(1010), "{}", r.body);
+}
+
+/// Every route that needs Redis answers 503 + `Retry-After` + a JSON error within 2 s, one at a
+/// time and as a burst of transfers (more than the pool has connections); the others answer 200.
+async fn assert_redis_routes_fail_fast(c: &reqwest::Client, base: &str, cookie: &str, how: &str) {
+    let transfer = r#"{"from":"acct-1","to":"acct-2","amount":1}"#;
+    let login = r#"{"user":"bob"}"#;
+    let mut worst = Duration::ZERO;
+    for (method, path, body) in [
+        ("GET", "/counter", None),
+        ("GET", "/hits", None),
+        ("GET", "/accounts", None),
+        ("GET", "/me", None),
+        ("GET", "/session", None),
+        ("POST", "/transfer", Some(transfer)),
+        ("POST", "/login", Some(login)),
+    ] {
+        // Login without the cookie: a frozen Redis runs the queued commands once thawed, and a
+        // login's cycle would then end the visitor's session (a 503 means "outcome unknown").
+        let cookie = (path != "/login").then_some(cookie);
+        let t = Instant::now();
+        let r = call(c, method, &format!("{base}{path}"), cookie, body).await;
+        let took = t.elapsed();
+        worst = worst.max(took);
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Redis {how}: {method} {path}: {}",
+            r.body
+        );
+        assert!(r.body["error"].is_string(), "{path}: {}", r.body);
+        assert!(
+            r.content_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{path}: {:?}",
+            r.content_type
+        );
+        assert_eq!(r.retry_after.as_deref(), Some("1"), "{path}: Retry-After");
+        assert!(
+            took < Duration::from_secs(2),
+            "Redis {how}: {path} took {took:?}"
+        );
+    }
+    // A burst: 24 transfers at once (the pool has 4 connections per worker).
+    let t = Instant::now();
+    let burst: Vec<_> = (0..24)
+        .map(|_| {
+            let (c, u) = (c.clone(), format!("{base}/transfer"));
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = call(&c, "POST", &u, None, Some(transfer)).await;
+                (r.status, r.retry_after, t.elapsed())
+            })
+        })
+        .collect();
+    for b in burst {
+        let (status, retry_after, took) = b.await.expect("task");
+        worst = worst.max(took);
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Redis {how}: burst"
+        );
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert!(
+            took < Duration::from_secs(2),
+            "Redis {how}: a transfer of the burst took {took:?}"
+        );
+    }
+    println!(
+        "Redis {how}: slowest 503 {worst:?}; burst of 24 transfers done in {:?}",
+        t.elapsed()
+    );
+    for path in ["/healthz", "/whoami", "/slow?ms=1"] {
+        let r = call(c, "GET", &format!("{base}{path}"), None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "Redis {how}: {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_is_503_within_2s_and_service_returns_after_a_thaw() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let ex = Example::start(&redis.url(), 2);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", ex.base);
+    let cookie = call(&c, "GET", &url("/counter"), None, None)
+        .await
+        .cookie
+        .expect("cookie");
+    // Every worker has used its pool before the freeze (idle connections to a frozen server).
+    for _ in 0..8 {
+        let r = call(
+            &c,
+            "POST",
+            &url("/transfer"),
+            None,
+            Some(r#"{"from":"acct-5","to":"acct-6","amount":1}"#),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    redis.freeze();
+    assert_redis_routes_fail_fast(&c, &ex.base, &cookie, "frozen").await;
+    redis.thaw();
+    let t = Instant::now();
+    loop {
+        let r = call(
+            &c,
+            "POST",
+            &url("/transfer"),
+            None,
+            Some(r#"{"from":"acct-6","to":"acct-5","amount":1}"#),
+        )
+        .await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no recovery: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("transfers work again {:?} after the thaw", t.elapsed());
+    // The session survived the freeze. Its counter is 1, or 2 if the INCR sent during the freeze
+    // (answered 503: outcome unknown) ran when Redis woke up: never lost, never doubled.
+    let r = call(&c, "GET", &url("/session"), Some(&cookie), None).await;
+    let counter = r.body["data"]["counter"].as_i64();
+    assert!(matches!(counter, Some(1 | 2)), "{}", r.body);
+    let r = call(&c, "GET", &url("/accounts"), None, None).await;
+    assert_eq!(r.body["total"], json!(10000), "{}", r.body);
 }
 
 /// Requests in a loop over fresh connections until `stop`; returns (ok, failed).
@@ -622,6 +913,7 @@ async fn pids(base: &str, n: usize) -> HashSet<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_under_load_without_failures_and_sigterm_drains() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let mut ex = Example::start(&redis.url(), 4);
     let before = pids(&ex.base, 4).await;
@@ -709,6 +1001,7 @@ fn in_empty_network(script: &str) -> (bool, String) {
 
 #[test]
 fn without_redis_url_and_nothing_on_6379_a_private_redis_runs_for_the_session() {
+    let _serial = SERIAL.blocking_lock();
     let (ok, out) = in_empty_network(
         r#"
         "$BIN" --workers 2 --port 3000 &
@@ -759,8 +1052,88 @@ fn without_redis_url_and_nothing_on_6379_a_private_redis_runs_for_the_session() 
     );
 }
 
+/// The private redis-server lives in a process group of its own and dies with the master: Ctrl-C
+/// (SIGINT to the terminal's whole foreground group) leaves it serving while the workers drain,
+/// and a master killed with SIGKILL takes it along (`PR_SET_PDEATHSIG`).
+#[test]
+fn the_private_redis_outlives_ctrl_c_until_the_drain_ends_and_dies_with_a_killed_master() {
+    let _serial = SERIAL.blocking_lock();
+    let (ok, out) = in_empty_network(
+        r#"
+        alive() { s=$(awk '{print $3}' /proc/$1/stat 2>/dev/null); [ -n "$s" ] && [ "$s" != Z ]; }
+        healthy() {
+            for i in $(seq 1 300); do
+                curl -sf localhost:$1/healthz >/dev/null 2>&1 && return 0
+                sleep 0.05
+            done
+            return 1
+        }
+        # Ctrl-C: the example leads a session and process group of its own, as a job in a terminal
+        # does. (Started with `setsid -f`, not `&`: a non-interactive shell's background jobs
+        # ignore SIGINT, and so would everything they start.)
+        pidfile=/tmp/herd-ctrlc-pid.$$
+        setsid -f sh -c 'echo $$ > "$0"; exec "$BIN" --workers 2 --port 3100' "$pidfile"
+        healthy 3100 || echo "not-healthy"
+        pid=$(cat "$pidfile")
+        r1=$(pgrep -P $pid -x redis-server)
+        echo "redis1=$r1"
+        curl -s "localhost:3100/slow?ms=1500" > /tmp/herd-ctrlc-slow.$$ &
+        slow=$!
+        sleep 0.4
+        kill -INT -$pid
+        sleep 0.4
+        alive $r1 && echo "during-drain=alive" || echo "during-drain=gone"
+        wait $slow
+        echo "slow=$(cat /tmp/herd-ctrlc-slow.$$)"
+        for i in $(seq 1 300); do alive $pid || break; sleep 0.05; done
+        alive $pid && { echo "master-left"; kill -KILL $pid; }
+        sleep 0.5
+        alive $r1 && { echo "after-stop=alive"; kill -KILL $r1; } || echo "after-stop=gone"
+        rm -f "$pidfile" /tmp/herd-ctrlc-slow.$$
+
+        # SIGKILL of the master.
+        "$BIN" --workers 2 --port 3101 &
+        pid=$!
+        healthy 3101 || echo "not-healthy"
+        r2=$(pgrep -P $pid -x redis-server)
+        echo "redis2=$r2"
+        kill -KILL $pid
+        for i in $(seq 1 40); do alive $r2 || break; sleep 0.05; done
+        alive $r2 && { echo "after-kill=alive"; kill -KILL $r2; } || echo "after-kill=gone"
+        "#,
+    );
+    assert!(ok, "{out}");
+    assert!(!out.contains("not-healthy"), "{out}");
+    for pid in ["redis1=", "redis2="] {
+        let value = out
+            .split(pid)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("");
+        assert!(
+            value.parse::<u32>().is_ok(),
+            "no redis-server child found: {out}"
+        );
+    }
+    assert!(
+        out.contains("during-drain=alive"),
+        "Ctrl-C reached the private Redis while the workers drained: {out}"
+    );
+    assert!(out.contains(r#"slow={"slept":1500}"#), "{out}");
+    assert!(
+        !out.contains("master-left"),
+        "Ctrl-C did not stop the master: {out}"
+    );
+    assert!(out.contains("after-stop=gone"), "{out}");
+    assert!(
+        out.contains("after-kill=gone"),
+        "the private Redis outlived a SIGKILLed master: {out}"
+    );
+}
+
 #[test]
 fn without_any_redis_it_says_how_to_get_one() {
+    let _serial = SERIAL.blocking_lock();
     let (ok, out) = in_empty_network(r#"PATH=/nonexistent exec "$BIN" --workers 1 --port 3000"#);
     assert!(!ok, "must fail without Redis: {out}");
     assert!(out.contains("redis-server is not installed"), "{out}");
@@ -772,6 +1145,7 @@ fn without_any_redis_it_says_how_to_get_one() {
 /// version: `HERD_LOAD_SECS=60 cargo test --release --all-features --test multi_worker siege -- --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn siege_500_connections_zero_errors_exact_counters() {
+    let _serial = SERIAL.lock().await;
     let secs: u64 = std::env::var("HERD_LOAD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -822,12 +1196,17 @@ async fn siege_500_connections_zero_errors_exact_counters() {
                 }
             }
             // The session's counter is exactly this visitor's successful increments.
-            if let Some(ck) = &cookie {
-                let r = call(&c, "GET", &format!("{base}/session"), Some(ck), None).await;
-                let stored = r.body["data"]["counter"].as_i64().unwrap_or(-1);
-                if stored != counter {
-                    errors.push(format!("session counter {stored}, expected {counter}"));
+            match &cookie {
+                Some(ck) => {
+                    let r = call(&c, "GET", &format!("{base}/session"), Some(ck), None).await;
+                    let stored = r.body["data"]["counter"].as_i64().unwrap_or(-1);
+                    if stored != counter {
+                        errors.push(format!("session counter {stored}, expected {counter}"));
+                    }
                 }
+                None => errors.push(format!(
+                    "task {i} never got a session cookie ({counter} counter requests answered)"
+                )),
             }
             (hits, counter, errors)
         }));
@@ -918,6 +1297,7 @@ async fn drive(base: &str, total: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: a million requests; run with --release --ignored"]
 async fn memory_stays_flat_over_a_million_requests() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let ex = Example::start(&redis.url(), 1);
     let pid = call(&client(), "GET", &format!("{}/whoami", ex.base), None, None)
@@ -946,6 +1326,7 @@ async fn memory_stays_flat_over_a_million_requests() {
 #[cfg(feature = "cluster")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_on_a_redis_cluster_with_only_redis_url_changed() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster::RedisCluster::start();
     let ex = Example::start(&cluster.url(), 2);
     let c = client();

@@ -19,17 +19,10 @@ use std::time::{Duration, Instant};
 use herd::launcher::{request, Request, Status};
 use support::RedisServer;
 
-/// The flagship example next to this test's binary (built by `cargo test`).
+/// The flagship example, built for this test run (same profile and features), so that running this
+/// file alone never uses a stale binary.
 fn flagship_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples").join("multi_worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo build --examples --all-features`",
-        bin.display()
-    );
-    bin
+    launcher_support::example_bin("multi_worker")
 }
 
 fn free_port() -> u16 {

@@ -32,9 +32,9 @@ enum Command {
         /// Redraw the table every interval until Ctrl-C (like `pm2 monit`).
         #[arg(short, long)]
         watch: bool,
-        /// Seconds between two redraws of `--watch`.
-        #[arg(long, default_value_t = 1.0)]
-        interval: f64,
+        /// Seconds between two redraws of `--watch` (at least 0.1).
+        #[arg(long, default_value = "1", value_parser = parse_secs)]
+        interval: Duration,
     },
     /// Rolling reload: replace every worker, one by one, without dropping a request.
     Reload {
@@ -43,7 +43,8 @@ enum Command {
     },
     /// Set the number of workers.
     Scale {
-        /// The new number of workers.
+        /// The new number of workers (1 to 1024).
+        #[arg(value_parser = parse_workers)]
         workers: usize,
         #[command(flatten)]
         target: Target,
@@ -68,8 +69,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Number of workers (default: the CPU count).
-    #[arg(short, long, env = "HERD_WORKERS")]
+    /// Number of workers, 1 to 1024 (default: the CPU count).
+    #[arg(short, long, env = "HERD_WORKERS", value_parser = parse_workers)]
     workers: Option<usize>,
     /// Address to listen on.
     #[arg(short, long, env = "HERD_BIND", default_value = "127.0.0.1:3000")]
@@ -81,21 +82,24 @@ struct RunArgs {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Seconds a stopping worker may take to finish in-flight requests before SIGKILL.
-    #[arg(long, default_value_t = 30.0)]
-    drain_timeout: f64,
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    drain_timeout: Duration,
     /// Seconds a new worker may take to report READY during a reload.
-    #[arg(long, default_value_t = 30.0)]
-    ready_timeout: f64,
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    ready_timeout: Duration,
     /// Count workers as ready after this many seconds even if they never report READY
     /// (for programs that do not speak the herd protocol).
-    #[arg(long)]
-    ready_after: Option<f64>,
+    #[arg(long, value_parser = parse_secs)]
+    ready_after: Option<Duration>,
     /// Quick crashes in a row after which a slot is marked errored.
     #[arg(long, default_value_t = 5)]
     max_restarts: u32,
-    /// First restart backoff in seconds (doubles at each quick crash).
-    #[arg(long, default_value_t = 0.5)]
-    restart_backoff: f64,
+    /// First restart backoff in seconds (doubles at each quick crash, up to 30 s).
+    #[arg(long, default_value = "0.5", value_parser = parse_secs)]
+    restart_backoff: Duration,
+    /// Seconds a worker must have run for its crash to reset the slot's backoff.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    min_uptime: Duration,
     /// Recycle a worker whose resident memory exceeds this many MiB.
     #[arg(long)]
     max_memory_mb: Option<u64>,
@@ -134,18 +138,41 @@ struct Target {
     socket: Option<PathBuf>,
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// A number of seconds (fractions allowed): finite, not negative.
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("`{text}` seconds is not a duration: give a finite number, 0 or more"))
+}
+
+/// Seconds as `herd run` reads them back (`30`, `0.5`).
+fn fmt_secs(d: Duration) -> String {
+    d.as_secs_f64().to_string()
+}
+
+/// A number of workers from 1 to [`launcher::MAX_WORKERS`].
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=launcher::MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of workers from 1 to {}",
+            launcher::MAX_WORKERS
+        )),
+    }
 }
 
 impl RunArgs {
     fn launcher(&self) -> Launcher {
         let mut l = Launcher::new()
             .bind(self.bind.clone())
-            .drain_timeout(secs(self.drain_timeout))
-            .ready_timeout(secs(self.ready_timeout))
+            .drain_timeout(self.drain_timeout)
+            .ready_timeout(self.ready_timeout)
             .max_restarts(self.max_restarts)
-            .restart_backoff(secs(self.restart_backoff));
+            .restart_backoff(self.restart_backoff)
+            .min_uptime(self.min_uptime);
         if let Some(n) = self.workers {
             l = l.workers(n);
         }
@@ -156,10 +183,10 @@ impl RunArgs {
             l = l.control_socket(socket.clone());
         }
         if let Some(s) = self.ready_after {
-            l = l.assume_ready_after(secs(s));
+            l = l.assume_ready_after(s);
         }
         if let Some(mb) = self.max_memory_mb {
-            l = l.max_memory(mb * 1024 * 1024);
+            l = l.max_memory(mb.saturating_mul(1024 * 1024));
         }
         if let Some(n) = self.max_requests {
             l = l.max_requests(n);
@@ -174,6 +201,67 @@ impl RunArgs {
             l = l.dashboard_token(token.clone());
         }
         l.dashboard_allow_remote(self.dashboard_allow_remote)
+    }
+
+    /// The `herd run` arguments that give these same options, for a unit's `ExecStart=`: every
+    /// option (the destructuring below does not compile when one is added and forgotten) except
+    /// the dashboard token, which does not belong in a unit file (`HERD_DASHBOARD_TOKEN` from an
+    /// `EnvironmentFile=` does).
+    fn to_args(&self, name: &str) -> Vec<String> {
+        let RunArgs {
+            workers,
+            bind,
+            name: _,
+            socket,
+            drain_timeout,
+            ready_timeout,
+            ready_after,
+            max_restarts,
+            restart_backoff,
+            min_uptime,
+            max_memory_mb,
+            max_requests,
+            metrics,
+            dashboard,
+            dashboard_token: _,
+            dashboard_allow_remote,
+            program,
+        } = self;
+        let mut words: Vec<String> = vec!["run".into(), "--name".into(), name.to_owned()];
+        let mut push = |flag: &str, value: String| words.extend([flag.to_owned(), value]);
+        if let Some(n) = workers {
+            push("--workers", n.to_string());
+        }
+        push("--bind", bind.clone());
+        if let Some(socket) = socket {
+            push("--socket", socket.to_string_lossy().into_owned());
+        }
+        push("--drain-timeout", fmt_secs(*drain_timeout));
+        push("--ready-timeout", fmt_secs(*ready_timeout));
+        if let Some(s) = ready_after {
+            push("--ready-after", fmt_secs(*s));
+        }
+        push("--max-restarts", max_restarts.to_string());
+        push("--restart-backoff", fmt_secs(*restart_backoff));
+        push("--min-uptime", fmt_secs(*min_uptime));
+        if let Some(mb) = max_memory_mb {
+            push("--max-memory-mb", mb.to_string());
+        }
+        if let Some(n) = max_requests {
+            push("--max-requests", n.to_string());
+        }
+        if let Some(addr) = metrics {
+            push("--metrics", addr.clone());
+        }
+        if let Some(addr) = dashboard {
+            push("--dashboard", addr.clone());
+        }
+        if *dashboard_allow_remote {
+            words.push("--dashboard-allow-remote".into());
+        }
+        words.push("--".into());
+        words.extend(program.iter().map(|w| w.to_string_lossy().into_owned()));
+        words
     }
 }
 
@@ -326,7 +414,7 @@ fn main() -> ExitCode {
             interval,
         } => {
             if watch {
-                return watch_status(&target, secs(interval.max(0.1)));
+                return watch_status(&target, interval.max(Duration::from_millis(100)));
             }
             if json {
                 let socket = match target.socket() {
@@ -370,31 +458,14 @@ fn main() -> ExitCode {
                     .file_name()
                     .map_or("app".into(), |n| n.to_string_lossy().into_owned())
             });
-            let mut words = vec![herd, "run".into(), "--name".into(), name.clone()];
-            if let Some(n) = run.workers {
-                words.extend(["--workers".into(), n.to_string()]);
+            if run.dashboard_token.is_some() {
+                eprintln!(
+                    "herd: the dashboard token is not written into the unit: give it to the \
+                     service as HERD_DASHBOARD_TOKEN (e.g. from an EnvironmentFile=)"
+                );
             }
-            words.extend(["--bind".into(), run.bind.clone()]);
-            words.extend(["--drain-timeout".into(), run.drain_timeout.to_string()]);
-            words.extend(["--ready-timeout".into(), run.ready_timeout.to_string()]);
-            if let Some(s) = run.ready_after {
-                words.extend(["--ready-after".into(), s.to_string()]);
-            }
-            if let Some(mb) = run.max_memory_mb {
-                words.extend(["--max-memory-mb".into(), mb.to_string()]);
-            }
-            if let Some(n) = run.max_requests {
-                words.extend(["--max-requests".into(), n.to_string()]);
-            }
-            // The token is never written into the unit: pass it with HERD_DASHBOARD_TOKEN.
-            if let Some(addr) = &run.metrics {
-                words.extend(["--metrics".into(), addr.clone()]);
-            }
-            if let Some(addr) = &run.dashboard {
-                words.extend(["--dashboard".into(), addr.clone()]);
-            }
-            words.push("--".into());
-            words.extend(run.program.iter().map(|w| w.to_string_lossy().into_owned()));
+            let mut words = vec![herd];
+            words.extend(run.to_args(&name));
             let exec_start = words
                 .iter()
                 .map(|w| systemd_quote(w))
@@ -407,7 +478,7 @@ fn main() -> ExitCode {
                     exec_start,
                     working_directory,
                     user,
-                    drain_timeout: secs(run.drain_timeout),
+                    drain_timeout: run.drain_timeout,
                 })
             );
             ExitCode::SUCCESS

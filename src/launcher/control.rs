@@ -170,13 +170,55 @@ impl fmt::Display for Status {
 }
 
 /// The default control socket path of the master called `name`:
-/// `$XDG_RUNTIME_DIR/herd/NAME.sock`, or `/tmp/herd-UID/NAME.sock`.
+/// `$XDG_RUNTIME_DIR/herd/NAME.sock`, or `/tmp/herd-UID/NAME.sock`. The master creates that
+/// directory with mode 0700 and refuses to start when it exists but is not a directory owned by
+/// this user and closed to group and others.
 pub fn socket_path(name: &str) -> PathBuf {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("herd"),
         _ => PathBuf::from(format!("/tmp/herd-{}", nix::unistd::getuid())),
     };
     dir.join(format!("{name}.sock"))
+}
+
+/// Create `dir` (mode 0700) if it is missing, then make sure that it is private: a real directory
+/// (not a symlink), owned by this user, with no access for group or others. The default socket
+/// directory `/tmp/herd-UID` has a predictable name in a world-writable place: another local user
+/// could create it first and then replace our socket to answer (or watch) `herd` commands.
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let refuse = |reason: String| Error::UnsafeDir {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("cannot inspect {}", dir.display()), e))?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse(
+            "it is not a directory (a symlink?); remove it, or pick a socket with --socket".into(),
+        ));
+    }
+    let uid = nix::unistd::getuid().as_raw();
+    if meta.uid() != uid {
+        return Err(refuse(format!(
+            "it belongs to uid {}, not to this user (uid {uid}); remove it, or pick a socket with \
+             --socket",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(refuse(format!(
+            "its mode is {mode:04o}: it must be accessible to its owner only (`chmod 700 {}`)",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Send one request to the master listening on `socket` and wait for its answer (a reload is

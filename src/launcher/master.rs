@@ -154,6 +154,51 @@ fn rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `now + d`, or a moment that never comes when `d` is absurdly large (no overflow panic).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// Resolves once `pid` (our child) has exited, without reaping it (`waitid` with `WNOWAIT`): the
+/// zombie keeps its pid, so its process group id stays ours until the caller reaps it.
+#[cfg(any(
+    target_os = "android",
+    all(target_os = "linux", not(target_env = "uclibc"))
+))]
+async fn exited_unreaped(pid: u32) {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    // Registered before the first look, so an exit in between still wakes us.
+    let Ok(mut sigchld) = signal(SignalKind::child()) else {
+        return;
+    };
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(raw)), flags) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            // Exited (a zombie now), or not our child anymore: either way, done waiting.
+            Ok(_) | Err(_) => return,
+        }
+        if sigchld.recv().await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Elsewhere the group is killed right after the reap. Safe in practice: pids are handed out
+/// cyclically, so a reaped pid comes back only after the counter wrapped around, and a new
+/// process with that pid would also have to lead a process group of its own by then.
+#[cfg(not(any(
+    target_os = "android",
+    all(target_os = "linux", not(target_env = "uclibc"))
+)))]
+async fn exited_unreaped(_pid: u32) {}
+
 fn signal_group(pid: u32, sig: Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = killpg(Pid::from_raw(pid), sig);
@@ -161,8 +206,19 @@ fn signal_group(pid: u32, sig: Signal) {
 }
 
 /// The shared cookie key: `HERD_SECRET` from our environment, or 64 fresh random bytes.
+///
+/// A blank `HERD_SECRET` counts as unset (what `HERD_SECRET=` or compose's `${HERD_SECRET:-}`
+/// give), exactly as the workers' own configuration reads it: passing a blank one through would
+/// make each worker invent its own key, and a cookie would verify in one worker only. A given key
+/// is checked here, once, so that a malformed one is a clear startup error of the master instead
+/// of every worker failing and being restarted in a loop.
 fn shared_secret() -> Result<String> {
-    if let Ok(secret) = std::env::var(super::ENV_SECRET) {
+    if let Some(secret) = std::env::var(super::ENV_SECRET)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        crate::config::key_from_base64(super::ENV_SECRET, &secret)
+            .map_err(|e| Error::Config(e.to_string()))?;
         return Ok(secret);
     }
     use base64::Engine as _;
@@ -179,14 +235,22 @@ fn shared_secret() -> Result<String> {
 }
 
 /// Bind the control socket, refusing to steal one that answers.
-fn bind_control(path: &Path, name: &str) -> Result<tokio::net::UnixListener> {
+///
+/// `private_dir`: the socket lives in herd's default directory (`/tmp/herd-UID` or
+/// `$XDG_RUNTIME_DIR/herd`), which must be ours and closed to everyone else (see
+/// [`super::control::ensure_private_dir`]). An explicit path is the caller's choice.
+fn bind_control(path: &Path, name: &str, private_dir: bool) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        if private_dir {
+            super::control::ensure_private_dir(dir)?;
+        } else {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -199,9 +263,22 @@ fn bind_control(path: &Path, name: &str) -> Result<tokio::net::UnixListener> {
 }
 
 async fn serve_control(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender<ControlMsg>) {
+    let mut failing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failing = false;
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends do not go away by retrying at once: log once, back off.
+                if !failing {
+                    tracing::warn!("herd: control socket accept failed: {e}; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -319,6 +396,13 @@ impl Master {
             .local_addr()
             .map_or(config.bind.clone(), |a| a.to_string());
         let secret = shared_secret()?;
+        if config.workers > super::MAX_WORKERS {
+            return Err(Error::Config(format!(
+                "{} workers asked for, at most {} are supported",
+                config.workers,
+                super::MAX_WORKERS
+            )));
+        }
         let (events, events_rx) = mpsc::unbounded_channel();
         Ok(Master {
             name,
@@ -350,7 +434,7 @@ impl Master {
     }
 
     async fn run(mut self) -> Result<()> {
-        let control = bind_control(&self.socket_path, &self.name)?;
+        let control = bind_control(&self.socket_path, &self.name, self.config.socket.is_none())?;
         let (control_tx, mut control_rx) = mpsc::unbounded_channel();
         let observer_tasks = self.start_observer(&control_tx)?;
         let control_task = tokio::spawn(serve_control(control, control_tx));
@@ -381,7 +465,16 @@ impl Master {
                 _ = hup.recv() => self.reload(None),
                 _ = term.recv() => self.stop(),
                 _ = int.recv() => self.stop(),
-                _ = ttin.recv() => self.scale_to(self.slots.len() + 1),
+                _ = ttin.recv() => {
+                    if self.slots.len() >= super::MAX_WORKERS {
+                        tracing::warn!(
+                            "herd: SIGTTIN ignored: already {} workers, the most supported",
+                            self.slots.len()
+                        );
+                    } else {
+                        self.scale_to(self.slots.len() + 1);
+                    }
+                }
                 _ = ttou.recv() => self.scale_to(self.slots.len().saturating_sub(1)),
                 _ = tick.tick() => self.on_tick(),
             }
@@ -410,7 +503,9 @@ impl Master {
             (super::ENV_SECRET, self.secret.clone()),
             (
                 super::ENV_DRAIN_TIMEOUT_MS,
-                self.config.drain_timeout.as_millis().to_string(),
+                u64::try_from(self.config.drain_timeout.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .to_string(),
             ),
         ];
         if let Some(n) = self.config.max_requests {
@@ -433,9 +528,12 @@ impl Master {
         tokio::spawn(read_channel(channel, id, self.events.clone()));
         let events = self.events.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
-            // Whatever the worker left in its process group goes with it.
+            // Whatever the worker left in its process group goes with it. The group is killed
+            // while the worker is an unreaped zombie: its pid, which is the group's id, cannot be
+            // handed to another process before `wait` below reaps it.
+            exited_unreaped(pid).await;
             signal_group(pid, Signal::SIGKILL);
+            let status = child.wait().await;
             let _ = events.send(Event::Exited(id, status));
         });
         tracing::info!("herd: worker {slot} started (pid {pid}, generation {generation})");
@@ -502,7 +600,10 @@ impl Master {
             Duration::ZERO
         } else {
             let factor = 1u32 << (s.failures - 2).min(16);
-            (self.config.restart_backoff * factor).min(MAX_BACKOFF)
+            self.config
+                .restart_backoff
+                .saturating_mul(factor)
+                .min(MAX_BACKOFF)
         };
         tracing::warn!(
             "herd: worker {slot} died ({why}) after {:.1}s; restart #{} in {:?}",
@@ -513,7 +614,7 @@ impl Master {
         if delay.is_zero() {
             self.start_current(slot);
         } else {
-            s.restart_at = Some(Instant::now() + delay);
+            s.restart_at = Some(later(delay));
         }
     }
 
@@ -521,7 +622,7 @@ impl Master {
         if let Some(p) = self.procs.get_mut(&id) {
             p.role = Role::Retiring;
             if p.kill_at.is_none() {
-                p.kill_at = Some(Instant::now() + self.config.drain_timeout);
+                p.kill_at = Some(later(self.config.drain_timeout));
                 signal_group(p.pid, Signal::SIGTERM);
             }
         }
@@ -814,6 +915,13 @@ impl Master {
                     let _ = reply.send(Response::err("the master is stopping"));
                     return;
                 }
+                if !(1..=super::MAX_WORKERS).contains(&workers) {
+                    let _ = reply.send(Response::err(format!(
+                        "cannot scale to {workers} workers: from 1 to {} are supported",
+                        super::MAX_WORKERS
+                    )));
+                    return;
+                }
                 self.scale_to(workers);
                 let _ = reply.send(Response::ok(format!(
                     "scaled to {} workers",
@@ -900,7 +1008,7 @@ impl Master {
         if self.stopping {
             return;
         }
-        let n = n.max(1);
+        let n = n.clamp(1, super::MAX_WORKERS);
         while self.slots.len() < n {
             let index = (0..).find(|i| !self.slots.contains_key(i)).expect("free");
             self.slots.insert(
@@ -1004,7 +1112,7 @@ impl Master {
             let generation = rollout.generation.unwrap_or(s.generation);
             match self.spawn(slot, generation, Role::Candidate) {
                 Ok(id) => {
-                    let deadline = Instant::now() + self.config.ready_timeout;
+                    let deadline = later(self.config.ready_timeout);
                     if let Some(r) = self.rollout.as_mut() {
                         r.candidate = Some((slot, id, deadline));
                     }

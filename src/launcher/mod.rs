@@ -42,7 +42,7 @@
 //! | listening socket | fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the worker's pid (set through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, because the pid is only known after `fork` and setting the environment between `fork` and `exec` is not async-signal-safe) |
 //! | master channel | fd 4 (`HERD_MASTER_FD=4`), a unix stream socket: the worker writes `READY\n` (and `RECYCLE\n` to ask for a replacement); end-of-file means the master died, and the worker drains and exits |
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
-//! | cookie key | `HERD_SECRET`: passed through from the master's environment, or 64 random bytes (base64) generated once per master life |
+//! | cookie key | `HERD_SECRET`: the master's own, checked at its start (a malformed key stops the master with a clear error) and passed through unchanged; when unset or blank, 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
 //! | metrics | `HERD_METRICS=1` when the master runs with [`Launcher::metrics`] or [`Launcher::dashboard`]: a worker built with the `metrics` feature then writes `METRICS "<Prometheus text as a JSON string>"` on fd 4 once a second (see [`crate::observe`]); other lines are ignored by the master, so programs that do not send it still work |
 //!
@@ -86,6 +86,8 @@ pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
 pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
 /// Environment variable carrying the request limit after which a worker asks to be recycled.
 pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+/// The most workers one master runs (`Launcher::workers`, `herd scale`, `SIGTTIN`, the dashboard).
+pub const MAX_WORKERS: usize = 1024;
 /// Environment variable set to `1` when the master collects metrics: the worker (built with the
 /// `metrics` feature) installs the Prometheus recorder and sends its series on the master channel.
 pub const ENV_METRICS: &str = "HERD_METRICS";
@@ -124,6 +126,19 @@ pub enum Error {
     /// The app run by a worker returned an error.
     #[error("worker app failed: {0}")]
     App(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A setting is unusable (a malformed `HERD_SECRET`, too many workers): found at the master's
+    /// start, before any worker runs.
+    #[error("{0}")]
+    Config(String),
+    /// The directory of the default control socket is not private to this user (another user
+    /// could have created it to intercept `herd` commands).
+    #[error("refusing to put the control socket in {dir}: {reason}")]
+    UnsafeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -202,7 +217,8 @@ impl Launcher {
         }
     }
 
-    /// Number of worker processes (at least 1). Default: the CPU count.
+    /// Number of worker processes (at least 1). Default: the CPU count. More than
+    /// [`MAX_WORKERS`] is refused when the master starts.
     ///
     /// ```
     /// let launcher = herd::launcher::Launcher::new().workers(4);

@@ -76,7 +76,7 @@ pub struct UnitOptions {
 /// ```
 pub fn systemd_unit(options: &UnitOptions) -> String {
     let mut unit = String::new();
-    let stop = options.drain_timeout.as_secs() + 10;
+    let stop = options.drain_timeout.as_secs().saturating_add(10);
     let _ = writeln!(unit, "[Unit]");
     let _ = writeln!(unit, "Description={} (herd pre-fork master)", options.name);
     let _ = writeln!(unit, "After=network-online.target");

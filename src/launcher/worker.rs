@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{fstat, SFlag};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use super::{
@@ -46,19 +45,67 @@ pub struct Worker {
 }
 
 /// The way back to whoever started us.
+///
+/// The socket stays in blocking mode for its whole life: its end-of-file is watched by a thread
+/// with blocking reads ([`master_eof`]), because `O_NONBLOCK` belongs to the open file
+/// description, shared by every dup of the fd, and a non-blocking writer could cut a line short
+/// when the buffer is full (and a following `READY` would be lost in the garbage).
 #[derive(Debug)]
 struct Channel {
     master: Option<UnixStream>,
     ready_sent: AtomicBool,
     recycle_sent: AtomicBool,
+    /// One line at a time: lines written from several threads never interleave.
+    writing: std::sync::Mutex<()>,
 }
 
 impl Channel {
+    fn new(master: Option<UnixStream>) -> Channel {
+        Channel {
+            master,
+            ready_sent: AtomicBool::new(false),
+            recycle_sent: AtomicBool::new(false),
+            writing: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Write one whole line (blocking until the master has room for it).
     fn send(&self, line: &str) {
         if let Some(mut stream) = self.master.as_ref() {
+            let _whole_line = self.writing.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = stream.write_all(line.as_bytes()) {
                 tracing::warn!("herd worker: cannot write to the master: {e}");
             }
+        }
+    }
+}
+
+/// Resolves when the master channel reaches end-of-file (the master died). A plain thread blocks
+/// in `read`, so the socket never has to be made non-blocking (see [`Channel`]). `None` if the
+/// thread cannot be started.
+fn master_eof(mut stream: UnixStream) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name("herd-master-eof".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            // The master never writes; any other return is end-of-file or an error: it is gone.
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(());
+        });
+    match started {
+        Ok(_) => Some(rx),
+        Err(e) => {
+            tracing::warn!("herd worker: cannot watch the master channel: {e}");
+            None
         }
     }
 }
@@ -149,11 +196,7 @@ impl Worker {
             std::env::remove_var(var);
         }
         let (tx, rx) = watch::channel(false);
-        let channel = Arc::new(Channel {
-            master,
-            ready_sent: AtomicBool::new(false),
-            recycle_sent: AtomicBool::new(false),
-        });
+        let channel = Arc::new(Channel::new(master));
         Ok(Some(Worker {
             index,
             generation,
@@ -406,21 +449,11 @@ async fn watch_shutdown(tx: watch::Sender<bool>, master: Option<UnixStream>, dra
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();
-    let master = master.and_then(|s| {
-        s.set_nonblocking(true).ok()?;
-        tokio::net::UnixStream::from_std(s).ok()
-    });
+    let eof = master.and_then(master_eof);
     let master_gone = async move {
-        match master {
-            Some(mut stream) => {
-                let mut buf = [0u8; 64];
-                // The master never writes; any return means end-of-file or an error: it is gone.
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                }
+        match eof {
+            Some(eof) => {
+                let _ = eof.await;
             }
             None => std::future::pending().await,
         }
@@ -497,7 +530,10 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
             tick.tick().await;
             handle.run_upkeep();
             if let Ok(text) = serde_json::to_string(&handle.render()) {
-                channel.send(&format!("METRICS {text}\n"));
+                // A blocking write (see `Channel`), off the runtime's threads.
+                let channel = channel.clone();
+                let line = format!("METRICS {text}\n");
+                let _ = tokio::task::spawn_blocking(move || channel.send(&line)).await;
             }
         }
     });
@@ -507,4 +543,48 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
 #[cfg(not(feature = "metrics"))]
 fn send_metrics(_channel: &Arc<Channel>) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::fcntl::OFlag;
+    use std::io::Read;
+
+    #[test]
+    fn watching_the_master_keeps_the_writer_blocking_and_lines_whole() {
+        let (ours, mut master) = UnixStream::pair().unwrap();
+        let eof = master_eof(ours.try_clone().unwrap()).expect("watcher thread");
+        let channel = Arc::new(Channel::new(Some(ours)));
+        let flags = fcntl(channel.master.as_ref().unwrap(), FcntlArg::F_GETFL).unwrap();
+        assert!(
+            !OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK),
+            "the channel must stay blocking while its end-of-file is watched"
+        );
+        // A line far larger than the socket buffer, then READY: both arrive whole.
+        let big = format!("METRICS \"{}\"\n", "x".repeat(4 << 20));
+        let writer = {
+            let (channel, big) = (channel.clone(), big.clone());
+            std::thread::spawn(move || {
+                channel.send(&big);
+                channel.send("READY\n");
+            })
+        };
+        let expected = format!("{big}READY\n");
+        let mut got = Vec::with_capacity(expected.len());
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < expected.len() {
+            let n = master.read(&mut buf).unwrap();
+            assert!(n > 0, "the worker side closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.join().unwrap();
+        assert!(got == expected.as_bytes(), "a line was cut or lost");
+        // The master goes away: the watcher sees it.
+        drop(master);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(runtime.block_on(eof).is_ok());
+    }
 }

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,32 +26,73 @@ pub fn herd_bin() -> PathBuf {
 
 /// `target/<profile>/examples/launcher_hello`, built once with the same profile as this test.
 pub fn hello_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test exe");
-        // target/<profile>/deps/launcher-HASH
-        let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", "launcher_hello", "--all-features"])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+    example_bin("launcher_hello")
+}
+
+/// The cargo features this test was built with, `default` included: the example is built with
+/// exactly these, so that it shares the library build of the test instead of making another.
+fn test_features() -> Vec<&'static str> {
+    let all = [
+        ("default", cfg!(feature = "default")),
+        ("launcher", cfg!(feature = "launcher")),
+        ("cli", cfg!(feature = "cli")),
+        ("cluster", cfg!(feature = "cluster")),
+        ("sentinel", cfg!(feature = "sentinel")),
+        ("tls", cfg!(feature = "tls")),
+        ("metrics", cfg!(feature = "metrics")),
+    ];
+    all.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect()
+}
+
+/// `target/<profile>/examples/NAME`, (re)built once per test process with the same profile and
+/// features as this test, so that running one test file alone (`cargo test --test NAME`, which
+/// builds no example) never runs a stale example binary.
+pub fn example_bin(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, bin)) = built.iter().find(|(n, _)| n == name) {
+        return bin.clone();
+    }
+    let exe = std::env::current_exe().expect("test exe");
+    // target/<profile>/deps/TEST-HASH
+    let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    // Cargo gives the test process variables of its own (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...).
+    // Build scripts watch some of them (ring: `rerun-if-env-changed=CARGO_MANIFEST_DIR`), so
+    // passing them on would rebuild half the dependencies here, and again at the next plain build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let set_for_tests = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ];
+        if set_for_tests.iter().any(|p| key.starts_with(p)) {
+            cmd.env_remove(&key);
         }
-        let status = cmd.status().expect("run cargo build --example");
-        assert!(
-            status.success(),
-            "building the launcher_hello example failed"
-        );
-        let bin = profile_dir.join("examples").join("launcher_hello");
-        assert!(bin.exists(), "{} missing", bin.display());
-        bin
-    })
-    .clone()
+    }
+    cmd.args(["build", "--example", name, "--no-default-features"])
+        .arg("--features")
+        .arg(test_features().join(","))
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build --example");
+    assert!(status.success(), "building the {name} example failed");
+    let bin = profile_dir.join("examples").join(name);
+    assert!(bin.exists(), "{} missing", bin.display());
+    built.push((name.to_owned(), bin.clone()));
+    bin
 }
 
 /// A port that is free now, chosen below the usual ephemeral range (32768+) so that the many
@@ -202,6 +243,8 @@ pub struct Master {
     pub socket: PathBuf,
     port: u16,
     pub output: Arc<Mutex<Vec<String>>>,
+    /// The master's stderr lines only (also in `output`).
+    pub stderr: Arc<Mutex<Vec<String>>>,
     pub seen: Arc<Mutex<HashSet<u32>>>,
     _dir: tempfile::TempDir,
     exited: Option<ExitStatus>,
@@ -260,24 +303,32 @@ impl Master {
         }
         let mut child = cmd.spawn().expect("spawn master");
         let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        for (stream, only) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                None,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                Some(stderr.clone()),
+            ),
+        ] {
+            let Some(stream) = stream else { continue };
             let output = output.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("HERD_TEST_VERBOSE").is_some() {
                         eprintln!("  | {line}");
+                    }
+                    if let Some(only) = &only {
+                        only.lock().unwrap().push(line.clone());
                     }
                     output.lock().unwrap().push(line);
                 }
@@ -288,6 +339,7 @@ impl Master {
             socket,
             port,
             output,
+            stderr,
             seen: Arc::default(),
             _dir: dir,
             exited: None,
