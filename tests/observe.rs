@@ -2,8 +2,8 @@
 //! example against a harness Redis, and `launcher_hello`), the dashboard in headless Chromium,
 //! and no secret in any log line or metric.
 //!
-//! The Chromium test needs `/usr/bin/chromium` (Debian package `chromium`); set
-//! `HERD_SKIP_CHROMIUM=1` to skip it where it cannot be installed.
+//! The browser part needs `/usr/bin/chromium` (Debian package `chromium`): without it, it is
+//! skipped with a note, unless `HERD_TEST_STRICT=1` (set by CI) makes that a failure.
 #![cfg(all(unix, feature = "cli", feature = "metrics"))]
 
 mod launcher_support;
@@ -331,16 +331,14 @@ fn metrics_move_by_exactly_the_load_across_workers() {
 }
 
 fn chromium() -> Option<PathBuf> {
-    if std::env::var_os("HERD_SKIP_CHROMIUM").is_some() {
-        eprintln!("HERD_SKIP_CHROMIUM set: skipping the browser test");
-        return None;
-    }
-    let bin = PathBuf::from("/usr/bin/chromium");
-    assert!(
-        bin.exists(),
-        "/usr/bin/chromium is missing: `apt-get install -y chromium` (or HERD_SKIP_CHROMIUM=1)"
-    );
-    Some(bin)
+    let bin = "/usr/bin/chromium";
+    launcher_support::optional_tool(
+        bin,
+        &["--version"],
+        "Debian: `apt-get install chromium`",
+        "the dashboard test in a headless browser",
+    )
+    .then(|| PathBuf::from(bin))
 }
 
 /// The DOM of `url` after its scripts ran for a few (virtual) seconds.
@@ -369,7 +367,8 @@ fn dump_dom(chromium: &Path, url: &str) -> String {
 
 #[test]
 fn dashboard_shows_every_worker_in_chromium_and_follows_a_restart() {
-    let Some(chromium) = chromium() else { return };
+    // Without a browser, the same checks run on the page's data (`/api/status`) only.
+    let chromium = chromium();
     let _serial = launcher_support::serial();
     let dport = free_port();
     let hello = launcher_support::hello_bin();
@@ -395,14 +394,16 @@ fn dashboard_shows_every_worker_in_chromium_and_follows_a_restart() {
         assert!(Instant::now() < deadline, "no sample with every worker");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let dom = dump_dom(&chromium, &url);
-    for pid in &pids {
-        assert!(
-            dom.contains(&format!("data-pid=\"{pid}\"")),
-            "pid {pid} not on the page:\n{dom}"
-        );
+    if let Some(chromium) = &chromium {
+        let dom = dump_dom(chromium, &url);
+        for pid in &pids {
+            assert!(
+                dom.contains(&format!("data-pid=\"{pid}\"")),
+                "pid {pid} not on the page:\n{dom}"
+            );
+        }
+        assert!(dom.contains("online"), "{dom}");
     }
-    assert!(dom.contains("online"), "{dom}");
     // Read-only by default: no controls, and the control endpoints refuse.
     let (status, _, _) = http(dport, "POST", "/api/reload", &[], "");
     assert_eq!(status, 403);
@@ -417,14 +418,36 @@ fn dashboard_shows_every_worker_in_chromium_and_follows_a_restart() {
     // The page follows (it polls every second); allow for the one-second sampling.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let dom = dump_dom(&chromium, &url);
-        if dom.contains(&format!("data-pid=\"{}\"", new[0]))
-            && !dom.contains(&format!("data-pid=\"{victim}\""))
-        {
-            assert!(dom.contains("<td>1</td>"), "one restart shown:\n{dom}");
+        let data = get(dport, "/api/status");
+        let page = match &chromium {
+            Some(chromium) => dump_dom(chromium, &url),
+            None => data.clone(),
+        };
+        let (new_shown, victim_shown) = match &chromium {
+            Some(_) => (
+                page.contains(&format!("data-pid=\"{}\"", new[0])),
+                page.contains(&format!("data-pid=\"{victim}\"")),
+            ),
+            None => {
+                // The workers the page lists now (the history holds earlier samples too).
+                let v: serde_json::Value = serde_json::from_str(&data).expect("status JSON");
+                let listed = |pid: u32| {
+                    v["status"]["workers"]
+                        .as_array()
+                        .is_some_and(|ws| ws.iter().any(|w| w["pid"] == pid))
+                };
+                (listed(new[0]), listed(victim))
+            }
+        };
+        if new_shown && !victim_shown {
+            if chromium.is_some() {
+                assert!(page.contains("<td>1</td>"), "one restart shown:\n{page}");
+            } else {
+                assert!(page.contains("\"restarts\":1"), "one restart:\n{page}");
+            }
             break;
         }
-        assert!(Instant::now() < deadline, "page did not follow:\n{dom}");
+        assert!(Instant::now() < deadline, "page did not follow:\n{page}");
         std::thread::sleep(Duration::from_millis(300));
     }
 }

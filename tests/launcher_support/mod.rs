@@ -98,6 +98,27 @@ pub fn example_bin(name: &str) -> PathBuf {
 /// A port that is free now, chosen below the usual ephemeral range (32768+) so that the many
 /// client connections of the load threads cannot take it before the server binds it. Masters
 /// started by [`Master`] bind port 0 instead and report the real port in their status.
+/// Whether an external tool that some tests drive (not Redis, which every test needs and which is
+/// never optional) may be used: `true` when `program` runs; otherwise, `false` with a note on
+/// stderr saying which test part is skipped and how to install it — unless `HERD_TEST_STRICT=1`
+/// (CI sets it), which makes a missing tool a failure.
+pub fn optional_tool(program: &str, probe: &[&str], install: &str, what: &str) -> bool {
+    let found = Command::new(program)
+        .args(probe)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return true;
+    }
+    let strict = std::env::var("HERD_TEST_STRICT").is_ok_and(|v| v == "1");
+    assert!(
+        !strict,
+        "{program} is needed by {what}: {install} (HERD_TEST_STRICT=1 makes this a failure)"
+    );
+    eprintln!("NOTE: {program} is not installed: {what} is skipped ({install}; CI runs it)");
+    false
+}
+
 pub fn free_port() -> u16 {
     let start = 20000 + (std::process::id() % 10000) as u16;
     (0..10000)
