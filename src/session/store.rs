@@ -394,7 +394,9 @@ pub(crate) async fn incr_existing(
         None => ms(expiry.idle),
     };
     let key = client.keys().session(id);
-    let reply: redis::RedisResult<(i64, Option<Vec<u8>>)> = {
+    // No `.ignore()` in these pipelines: redis-rs filters ignored replies through a hash set, which
+    // costs more than converting a reply nobody reads.
+    let reply: redis::RedisResult<(i64, Value, Option<Vec<u8>>)> = {
         let key = key.clone();
         client
             .run(true, |mut c| async move {
@@ -406,7 +408,6 @@ pub(crate) async fn incr_existing(
                     .cmd("PEXPIRE")
                     .arg(&key)
                     .arg(ttl)
-                    .ignore()
                     .cmd("HGET")
                     .arg(&key)
                     .arg("$c")
@@ -420,7 +421,7 @@ pub(crate) async fn incr_existing(
             })
             .await?
     };
-    let (n, record) = match reply {
+    let (n, _, record) = match reply {
         Ok(r) => r,
         Err(_) => return Ok(IncrOutcome::NotAnInteger),
     };
@@ -482,16 +483,17 @@ pub(crate) async fn save_loaded(
         for (field, value) in &delta.set {
             pipe.arg(field).arg(value.as_slice());
         }
-        pipe.ignore();
     }
     if !delta.remove.is_empty() {
-        pipe.cmd("HDEL").arg(&key).arg(&delta.remove).ignore();
+        pipe.cmd("HDEL").arg(&key).arg(&delta.remove);
     }
-    pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
+    pipe.cmd("PEXPIRE").arg(&key).arg(ttl);
     pipe.cmd("HEXISTS").arg(&key).arg("$c");
-    let (exists,): (bool,) = client
+    // Every reply taken as it comes (see `incr_existing`); the last one says whether `$c` is there.
+    let replies: Vec<Value> = client
         .run(true, |mut c| async move { pipe.query_async(&mut c).await })
         .await?;
+    let exists = matches!(replies.last(), Some(Value::Int(1)));
     if !exists {
         // The session ended meanwhile: remove what the write re-created (best effort: it has a TTL).
         if let Err(e) = destroy(client, id, None).await {
