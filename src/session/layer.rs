@@ -263,7 +263,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -294,29 +294,134 @@ where
         // clone of the inner service (for axum a boxed route: an allocation) is made per request.
         let inner = self.inner.call(req);
         let settings = self.settings.clone();
+        if span.is_disabled() {
+            return ResponseFuture {
+                kind: Kind::Handler {
+                    inner,
+                    session,
+                    settings,
+                },
+            };
+        }
         let fut = async move {
             let mut res = inner.await?;
-            // Untouched or read-only: settled without a future. (The save itself is boxed inside.)
             let committed = match session.commit_if_clean() {
                 Some(action) => Ok(action),
                 None => session.commit().await,
             };
-            match committed {
-                Ok(action) => apply_cookie(&settings, &mut res, action),
-                Err(e) => {
-                    let gone = e.is_session_gone();
-                    res = e.into_response();
-                    if gone {
-                        apply_cookie(&settings, &mut res, CookieAction::Remove);
-                    }
-                }
-            }
+            finish(&settings, &mut res, committed);
             Ok(res)
         };
-        if span.is_disabled() {
-            return Box::pin(fut);
+        ResponseFuture {
+            kind: Kind::Observed {
+                fut: Box::pin(observed(span, fut)),
+            },
         }
-        Box::pin(observed(span, fut))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`SessionService`]: the handler, then (only if the session has
+    /// changes) the write, before the response leaves. Not boxed: a request that does not write
+    /// costs no allocation here.
+    pub struct ResponseFuture<F, E> {
+        #[pin]
+        kind: Kind<F, E>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, E> {
+        // The handler runs.
+        Handler {
+            #[pin]
+            inner: F,
+            session: Session,
+            settings: Arc<Settings>,
+        },
+        // The session's changes are being written (boxed: the save's state machine is large).
+        Committing {
+            commit: Pin<Box<dyn Future<Output = crate::Result<CookieAction>> + Send>>,
+            res: Option<Response>,
+            settings: Arc<Settings>,
+        },
+        // With the request's tracing span enabled.
+        Observed {
+            fut: Pin<Box<dyn Future<Output = Result<Response, E>> + Send>>,
+        },
+    }
+}
+
+impl<F, E> std::fmt::Debug for ResponseFuture<F, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F, E>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().kind.project() {
+                KindProj::Handler {
+                    inner,
+                    session,
+                    settings,
+                } => {
+                    let mut res = match inner.poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(res)) => res,
+                    };
+                    // Untouched or read-only: settled at once, without a future.
+                    if let Some(action) = session.commit_if_clean() {
+                        finish(settings, &mut res, Ok(action));
+                        return Poll::Ready(Ok(res));
+                    }
+                    let session = session.clone();
+                    let settings = settings.clone();
+                    self.as_mut().project().kind.set(Kind::Committing {
+                        commit: Box::pin(async move { session.commit().await }),
+                        res: Some(res),
+                        settings,
+                    });
+                }
+                KindProj::Committing {
+                    commit,
+                    res,
+                    settings,
+                } => {
+                    let committed = match commit.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(committed) => committed,
+                    };
+                    let mut res = res.take().expect("ResponseFuture polled after completion");
+                    finish(settings, &mut res, committed);
+                    return Poll::Ready(Ok(res));
+                }
+                KindProj::Observed { fut } => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+/// Puts the commit's outcome on the response: the cookie to set or remove, or the error (a failed
+/// save never reports success).
+fn finish(settings: &Settings, res: &mut Response, committed: crate::Result<CookieAction>) {
+    match committed {
+        Ok(action) => apply_cookie(settings, res, action),
+        Err(e) => {
+            let gone = e.is_session_gone();
+            *res = e.into_response();
+            if gone {
+                apply_cookie(settings, res, CookieAction::Remove);
+            }
+        }
     }
 }
 

@@ -84,7 +84,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use self::fields::Fields;
-pub use self::layer::{SessionLayer, SessionMissing, SessionService};
+pub use self::layer::{ResponseFuture, SessionLayer, SessionMissing, SessionService};
 use self::store::{Delta, Expiry, Loaded, Save, SaveMode, SaveOutcome};
 use crate::client::RedisClient;
 use crate::error::{Error, Result};
