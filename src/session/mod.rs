@@ -401,6 +401,13 @@ impl Session {
     pub async fn incr(&self, key: &str, by: i64) -> Result<i64> {
         keys::validate_session_field(key)?;
         let mut state = self.state().await;
+        // The common counter, nothing else buffered: straight to Redis, without building a save.
+        // (Nothing is buffered, so an error here leaves nothing to drop.)
+        if state.is_clean() && state.id.is_some() && !self.client().is_cluster() {
+            if let Some(n) = self.incr_without_script(&mut state, key, by).await? {
+                return Ok(n);
+            }
+        }
         let n = self.flush(&mut state, Some((key.to_owned(), by))).await?;
         Ok(n.unwrap_or_default())
     }
@@ -623,35 +630,10 @@ impl Session {
         let scriptless = !state.cycle && !self.client().is_cluster();
         let plain = !delta.clear && delta.owner.is_none() && delta.idle_override_ms.is_none();
         // The common counter: an increment alone on an existing session.
-        if let (Some(id), Some((field, by)), true) = (state.id, &delta.incr, scriptless && plain) {
+        if let (Some((field, by)), true) = (&delta.incr, scriptless && plain) {
             if delta.set.is_empty() && delta.remove.is_empty() {
-                let known = match &state.load {
-                    LoadState::Present(l) => Some(l.timing),
-                    _ => None,
-                };
-                match store::incr_existing(self.client(), &id, field, *by, expiry, known).await? {
-                    store::IncrOutcome::Applied(n, timing) => {
-                        crate::observe::session_saved(false);
-                        if timing.index_due(store::now_ms(), expiry) {
-                            self.spawn_index_bump(id, loaded_owner, timing);
-                        }
-                        if let LoadState::Present(view) = &mut state.load {
-                            view.fields
-                                .insert(field.clone(), n.to_string().into_bytes());
-                            view.needs_refresh = false;
-                            view.index_due = false;
-                        }
-                        return Ok(Some(n));
-                    }
-                    store::IncrOutcome::NotAnInteger => {
-                        return Err(Error::NotAnInteger { key: field.clone() })
-                    }
-                    store::IncrOutcome::Gone if read_before => return Err(Error::SessionGone),
-                    store::IncrOutcome::Gone => {
-                        // Ended before this request: the increment starts a fresh session below.
-                        state.id = None;
-                        state.load = LoadState::Missing;
-                    }
+                if let Some(n) = self.incr_without_script(state, field, *by).await? {
+                    return Ok(Some(n));
                 }
             }
         }
@@ -858,6 +840,50 @@ impl Session {
         state.owner = None;
         state.idle_override_ms = None;
         Ok(Some(n))
+    }
+
+    /// `incr` on an existing session with nothing else to write, without a script (see
+    /// `store::incr_existing`): `Some(new value)`, or `None` when the session turned out to have
+    /// ended before this request (the caller then starts a fresh one). Not on a cluster, nor with a
+    /// new id pending.
+    async fn incr_without_script(
+        &self,
+        state: &mut State,
+        field: &str,
+        by: i64,
+    ) -> Result<Option<i64>> {
+        let Some(id) = state.id else {
+            return Ok(None);
+        };
+        let expiry = self.settings().expiry;
+        let (known, owner) = match &state.load {
+            LoadState::Present(l) => (Some(l.timing), l.owner.clone()),
+            _ => (None, None),
+        };
+        match store::incr_existing(self.client(), &id, field, by, expiry, known).await? {
+            store::IncrOutcome::Applied(n, timing) => {
+                crate::observe::session_saved(false);
+                if timing.index_due(store::now_ms(), expiry) {
+                    self.spawn_index_bump(id, owner, timing);
+                }
+                if let LoadState::Present(view) = &mut state.load {
+                    view.fields.insert(field.to_owned(), n.to_string().into_bytes());
+                    view.needs_refresh = false;
+                    view.index_due = false;
+                }
+                Ok(Some(n))
+            }
+            store::IncrOutcome::NotAnInteger => Err(Error::NotAnInteger {
+                key: field.to_owned(),
+            }),
+            store::IncrOutcome::Gone if known.is_some() => Err(Error::SessionGone),
+            store::IncrOutcome::Gone => {
+                // Ended before this request: the increment starts a fresh session.
+                state.id = None;
+                state.load = LoadState::Missing;
+                Ok(None)
+            }
+        }
     }
 
     /// Pushes the owner's index forward off the request's path (see `store::bump_index`).
