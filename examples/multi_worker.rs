@@ -15,9 +15,13 @@
 //! Flags: `--workers N` (default: CPU count), `--port P` (default 3000), `--host H` (default
 //! 127.0.0.1). The HTTP contract is in the README ("The flagship example").
 
+#[path = "support/private_redis.rs"]
+#[allow(dead_code)] // `find_or_start` is for the single-process examples; this one supervises
+mod private_redis;
+
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -537,18 +541,9 @@ impl PrivateRedis {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port for a private redis-server: {e}"))?
             .port();
-        let child = spawn_redis(port).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                "no Redis answers on 127.0.0.1:6379 and redis-server is not installed. Install it \
-                 (`sudo apt-get install redis-server`, `brew install redis`) or set REDIS_URL to a \
-                 running Redis."
-                    .to_owned()
-            } else {
-                format!("cannot start redis-server: {e}")
-            }
-        })?;
+        let child = private_redis::spawn_server(port)?;
         let url = format!("redis://127.0.0.1:{port}");
-        wait_for_redis(port)?;
+        private_redis::wait_until_up(port)?;
         // Before any thread exists: workers inherit it.
         std::env::set_var("REDIS_URL", &url);
         println!(
@@ -567,52 +562,6 @@ impl PrivateRedis {
 /// foreground group) reaches only the master, which drains its workers while Redis still serves
 /// them; the master stops Redis afterwards. On Linux it also gets `PR_SET_PDEATHSIG`: if the
 /// master is killed outright (SIGKILL), Redis goes with it instead of lingering.
-fn spawn_redis(port: u16) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .process_group(0);
-    #[cfg(target_os = "linux")]
-    {
-        let master = std::process::id();
-        // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
-        // (prctl, getppid) on plain integers, allocating nothing. The death signal is tied to the
-        // thread that forks: the first redis-server is spawned by the main thread, restarts by
-        // the supervising thread, and both live as long as the master does.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || {
-                use nix::libc;
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The master died before the prctl: nobody would ever stop this Redis.
-                if libc::getppid() as u32 != master {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd.spawn()
-}
-
-fn wait_for_redis(port: u16) -> Result<(), String> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    for _ in 0..100 {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "the private redis-server on port {port} did not start"
-    ))
-}
-
 /// Restarts the private redis-server if it dies while the program runs.
 fn supervise_redis(child: &Mutex<Child>, stopping: &AtomicBool, port: u16) {
     while !stopping.load(Ordering::Relaxed) {
@@ -623,7 +572,7 @@ fn supervise_redis(child: &Mutex<Child>, stopping: &AtomicBool, port: u16) {
         }
         if let Ok(Some(status)) = guard.try_wait() {
             eprintln!("multi_worker: the private redis-server exited ({status}); restarting it");
-            match spawn_redis(port) {
+            match private_redis::spawn_server(port) {
                 Ok(c) => *guard = c,
                 Err(e) => eprintln!("multi_worker: cannot restart redis-server: {e}"),
             }

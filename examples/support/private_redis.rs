@@ -57,27 +57,73 @@ pub(crate) fn find_or_start(example: &str) -> Result<ExampleRedis, String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port for a private redis-server: {e}"))?
         .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                "no Redis answers on 127.0.0.1:6379 and redis-server is not installed. Install it \
-                 (`sudo apt-get install redis-server`, `brew install redis`) or set REDIS_URL to a \
-                 running Redis."
-                    .to_owned()
-            } else {
-                format!("cannot start redis-server: {e}")
-            }
-        })?;
+    let child = spawn_server(port)?;
     let redis = ExampleRedis {
         url: format!("redis://127.0.0.1:{port}"),
         source: "the private redis-server",
         private: Some(child),
     };
+    wait_until_up(port)?;
+    println!(
+        "{example}: no Redis on 127.0.0.1:6379 and REDIS_URL is unset, so a private redis-server \
+         runs on {} for this run (data is not kept; it stops with {example})",
+        redis.url
+    );
+    Ok(redis)
+}
+
+/// Starts `redis-server` on `127.0.0.1:port` without persistence, in its own process group (a
+/// Ctrl-C to the example's terminal does not stop it mid-drain) and, on Linux, killed when the
+/// process that started it dies (no orphan after a `SIGKILL`).
+///
+/// # Errors
+/// A sentence saying how to install `redis-server` when it is not on `PATH`.
+pub(crate) fn spawn_server(port: u16) -> Result<Child, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0);
+    #[cfg(all(target_os = "linux", feature = "launcher"))]
+    {
+        let parent = std::process::id();
+        // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
+        // (prctl, getppid) on plain integers, allocating nothing. The death signal is tied to the
+        // thread that forks; the examples spawn from threads that live as long as they do.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::libc;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the prctl: nobody would ever stop this Redis.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            "no Redis answers on 127.0.0.1:6379 and redis-server is not installed. Install it \
+             (`sudo apt-get install redis-server`, `brew install redis`) or set REDIS_URL to a \
+             running Redis."
+                .to_owned()
+        } else {
+            format!("cannot start redis-server: {e}")
+        }
+    })
+}
+
+/// Waits (up to 5 s) until the private server on `port` accepts connections.
+///
+/// # Errors
+/// When it does not.
+pub(crate) fn wait_until_up(port: u16) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !answers(port, Duration::from_millis(100)) {
         if Instant::now() > deadline {
@@ -87,12 +133,7 @@ pub(crate) fn find_or_start(example: &str) -> Result<ExampleRedis, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!(
-        "{example}: no Redis on 127.0.0.1:6379 and REDIS_URL is unset, so a private redis-server \
-         runs on {} for this run (data is not kept; it stops with {example})",
-        redis.url
-    );
-    Ok(redis)
+    Ok(())
 }
 
 /// True when something accepts connections on `127.0.0.1:port`.

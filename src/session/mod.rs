@@ -867,7 +867,8 @@ impl Session {
                     self.spawn_index_bump(id, owner, timing);
                 }
                 if let LoadState::Present(view) = &mut state.load {
-                    view.fields.insert(field.to_owned(), n.to_string().into_bytes());
+                    view.fields
+                        .insert(field.to_owned(), n.to_string().into_bytes());
                     view.needs_refresh = false;
                     view.index_due = false;
                 }
