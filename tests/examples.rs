@@ -14,79 +14,13 @@ use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use support::RedisServer;
 
-/// The features this test binary was built with, for building the examples the same way.
-fn features() -> Vec<&'static str> {
-    [
-        ("launcher", cfg!(feature = "launcher")),
-        ("cli", cfg!(feature = "cli")),
-        ("cluster", cfg!(feature = "cluster")),
-        ("sentinel", cfg!(feature = "sentinel")),
-        ("tls", cfg!(feature = "tls")),
-        ("metrics", cfg!(feature = "metrics")),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect()
-}
-
-/// The path of example `name`, built from the current sources.
+/// The path of example `name`, built from the current sources (see `support::example_bin`).
 fn example(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // The variables cargo sets for this test process describe this test, not the build; some
-        // build scripts (ring's) rerun when they change, which would make the examples' build and
-        // the outer `cargo test` rebuild each other's dependencies every time.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("CARGO_PKG_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_BIN_NAME",
-                    "CARGO_TARGET_TMPDIR",
-                    "OUT_DIR",
-                ]
-                .contains(&name.as_ref())
-            {
-                cmd.env_remove(name.as_ref());
-            }
-        }
-        cmd.args(["build", "--quiet", "--manifest-path"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .args([
-                "--example",
-                "counter",
-                "--example",
-                "bank",
-                "--no-default-features",
-            ]);
-        let features = features();
-        if !features.is_empty() {
-            cmd.args(["--features", &features.join(",")]);
-        }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo to build the examples");
-        assert!(status.success(), "building the examples failed: {status}");
-    });
-    let bin = profile_dir.join("examples").join(name);
-    assert!(bin.exists(), "{} was not built", bin.display());
-    bin
+    support::example_bin::example_bin(name)
 }
 
 /// A free loopback port.

@@ -3,6 +3,7 @@
 #![cfg(all(unix, feature = "cli"))]
 
 mod launcher_support;
+mod support;
 
 use std::collections::HashSet;
 use std::process::Command;

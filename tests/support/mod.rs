@@ -10,6 +10,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cluster;
+pub mod example_bin;
 pub mod sentinel;
 pub mod tls;
 
