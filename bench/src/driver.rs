@@ -972,7 +972,7 @@ fn report(
             );
         }
     } else {
-        s += "\n(multi-worker example: not run — pass `--multi-worker-bin PATH` once `examples/multi_worker.rs` exists)\n";
+        s += "\n(multi-worker example: not run in this run — pass `--multi-worker-bin target/release/examples/multi_worker`)\n";
     }
     s
 }
