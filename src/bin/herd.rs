@@ -360,6 +360,18 @@ fn control(target: &Target, request: &Request, timeout: Duration) -> ExitCode {
 /// `herd status --watch`: clear the terminal and redraw the table every `interval`, until Ctrl-C
 /// (which ends the process: nothing to clean up).
 fn watch_status(target: &Target, interval: Duration) -> ExitCode {
+    // Ctrl-C must end the watch even when SIGINT was ignored by whoever started us (a
+    // non-interactive shell ignores it for background jobs, and exec keeps that): back to the
+    // default action.
+    // SAFETY: installs the default disposition, no handler code runs; nothing else in this
+    // process touches SIGINT.
+    #[allow(unsafe_code)]
+    unsafe {
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        if let Err(e) = signal(Signal::SIGINT, SigHandler::SigDfl) {
+            eprintln!("herd: cannot restore Ctrl-C: {e}");
+        }
+    }
     let socket = match target.socket() {
         Ok(s) => s,
         Err(e) => {
