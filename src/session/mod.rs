@@ -26,13 +26,16 @@
 //! * **Buffered writes.** [`insert`](Session::insert), [`remove`](Session::remove),
 //!   [`clear`](Session::clear), [`cycle_id`](Session::cycle_id), [`destroy`](Session::destroy),
 //!   [`set_owner`](Session::set_owner) only record a change. After the handler, the changes are applied
-//!   in one atomic round trip (a Lua script), *before the response leaves*: the visitor's next request,
-//!   on any worker, reads its own writes. Only changed fields are written, so two concurrent requests of
-//!   one visitor that change different keys both keep their change.
+//!   in one round trip, *before the response leaves*: the visitor's next request, on any worker, reads
+//!   its own writes. Only changed fields are written, so two concurrent requests of one visitor that
+//!   change different keys both keep their change. A write after a read (the request knows the
+//!   session's timing and size) is a plain pipeline (`HSET`/`HDEL`, `PEXPIRE`, `HEXISTS`); every other
+//!   write is one Lua script that checks before it writes.
 //! * **Never resurrect.** A save into a session that was destroyed (logout in another tab) or expired
-//!   while the request ran writes nothing. If the handler had read the session, the response becomes
-//!   `409` ([`Error::SessionGone`]); if it only wrote blindly, the changes go into a fresh session with a
-//!   fresh id.
+//!   while the request ran keeps nothing (a pipeline that lands after a destroy leaves a hash without
+//!   the timing record, which no read accepts and which is deleted at once). If the handler had read
+//!   the session, the response becomes `409` ([`Error::SessionGone`]); if it only wrote blindly, the
+//!   changes go into a fresh session with a fresh id.
 //! * **Atomic counters.** [`incr`](Session::incr) runs `HINCRBY` in Redis at once (with any buffered
 //!   changes, still one round trip) and returns the new value.
 //!
