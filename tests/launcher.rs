@@ -121,12 +121,7 @@ fn killed_worker_is_replaced_quickly_under_load() {
 fn sighup_reload_under_load_drops_nothing_and_replaces_every_worker() {
     let _serial = serial();
     let mut m = Master::hello(4);
-    let before: HashSet<u32> = m
-        .wait_online(4, START)
-        .workers
-        .iter()
-        .filter_map(|w| w.pid)
-        .collect();
+    let before: HashSet<u32> = m.online_pids(4, START).into_iter().collect();
     let load = Load::start(m.port(), 4);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -184,12 +179,7 @@ fn reload_to_a_program_that_fails_readiness_is_aborted() {
         ],
         &["sh", "-c", &script],
     );
-    let before: HashSet<u32> = m
-        .wait_online(2, START)
-        .workers
-        .iter()
-        .filter_map(|w| w.pid)
-        .collect();
+    let before: HashSet<u32> = m.online_pids(2, START).into_iter().collect();
     let load = Load::start(m.port(), 2);
 
     for mode in ["hang", "exit"] {
@@ -251,12 +241,7 @@ fn reload_to_a_program_that_fails_readiness_is_aborted() {
 fn sigterm_lets_slow_requests_finish_then_exits_zero_leaving_nothing() {
     let _serial = serial();
     let mut m = Master::hello(2);
-    let pids: Vec<u32> = m
-        .wait_online(2, START)
-        .workers
-        .iter()
-        .filter_map(|w| w.pid)
-        .collect();
+    let pids: Vec<u32> = m.online_pids(2, START);
     let port = m.port();
     let slow: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || get(port, "/slow?ms=2000")))
@@ -470,12 +455,7 @@ fn workers_exit_when_the_master_is_killed() {
         &["sh", "-c", "exec sleep 600"],
     );
     for mut m in [library, foreign] {
-        let pids: Vec<u32> = m
-            .wait_online(2, START)
-            .workers
-            .iter()
-            .filter_map(|w| w.pid)
-            .collect();
+        let pids: Vec<u32> = m.online_pids(2, START);
         kill(m.pid(), "KILL");
         m.wait_exit(START);
         wait_until("orphans to exit", Duration::from_secs(10), || {
@@ -771,12 +751,7 @@ fn the_same_program_runs_under_systemd_socket_activation() {
 fn sigint_is_a_graceful_stop_too() {
     let _serial = serial();
     let mut m = Master::hello(2);
-    let pids: Vec<u32> = m
-        .wait_online(2, START)
-        .workers
-        .iter()
-        .filter_map(|w| w.pid)
-        .collect();
+    let pids: Vec<u32> = m.online_pids(2, START);
     let port = m.port();
     let slow: Vec<_> = (0..2)
         .map(|_| std::thread::spawn(move || get(port, "/slow?ms=1500")))

@@ -324,6 +324,15 @@ impl Master {
     }
 
     /// Wait until `n` workers are online (no starting/draining rows), return the status.
+    /// [`wait_online`](Self::wait_online), then the workers' pids.
+    pub fn online_pids(&mut self, n: usize, timeout: Duration) -> Vec<u32> {
+        self.wait_online(n, timeout)
+            .workers
+            .iter()
+            .filter_map(|w| w.pid)
+            .collect()
+    }
+
     pub fn wait_online(&mut self, n: usize, timeout: Duration) -> Status {
         let status = wait_until(&format!("{n} workers online"), timeout, || {
             self.assert_running();
