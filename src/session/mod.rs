@@ -533,7 +533,7 @@ impl Session {
             if std::mem::take(&mut loaded.index_due) {
                 // Refreshes the idle timeout too.
                 loaded.needs_refresh = false;
-                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing);
+                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing.idle);
             } else if std::mem::take(&mut loaded.needs_refresh) {
                 let client = self.client().clone();
                 let expiry = self.settings().expiry;
@@ -632,14 +632,7 @@ impl Session {
         // where a session being moved to a new id, marked `$m`, must not be written to).
         let scriptless = !state.cycle && !self.client().is_cluster();
         let plain = !delta.clear && delta.owner.is_none() && delta.idle_override_ms.is_none();
-        // The common counter: an increment alone on an existing session.
-        if let (Some((field, by)), true) = (&delta.incr, scriptless && plain) {
-            if delta.set.is_empty() && delta.remove.is_empty() {
-                if let Some(n) = self.incr_without_script(state, field, *by).await? {
-                    return Ok(Some(n));
-                }
-            }
-        }
+        // (An increment alone on an existing session never gets here: `incr` sends it itself.)
         // Read, then write (the generic read-modify-write): the load gave the timing record and
         // the size, so no script is needed (see `store::save_loaded`).
         if let (LoadState::Present(loaded), Some(id), true) = (
@@ -654,7 +647,7 @@ impl Session {
             }
             crate::observe::session_saved(false);
             if std::mem::take(&mut loaded.index_due) {
-                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing);
+                self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing.idle);
             }
             for (k, v) in delta.set {
                 loaded.fields.insert(k, v);
@@ -768,16 +761,9 @@ impl Session {
                         }
                     }
                     (_, _, Some(owner), Some(indexed))
-                        if index_due(indexed, idle_ms, store::now_ms()) =>
+                        if store::index_due(indexed, idle_ms, store::now_ms(), u64::MAX) =>
                     {
-                        self.spawn_index_bump(
-                            final_id,
-                            Some(owner.clone()),
-                            store::Timing {
-                                idle: Some(idle_ms),
-                                ..Default::default()
-                            },
-                        );
+                        self.spawn_index_bump(final_id, Some(owner.clone()), Some(idle_ms));
                     }
                     _ => {}
                 }
@@ -867,7 +853,7 @@ impl Session {
             store::IncrOutcome::Applied(n, timing) => {
                 crate::observe::session_saved(false);
                 if timing.index_due(store::now_ms(), expiry) {
-                    self.spawn_index_bump(id, owner, timing);
+                    self.spawn_index_bump(id, owner, timing.idle);
                 }
                 if let LoadState::Present(view) = &mut state.load {
                     view.fields
@@ -890,23 +876,18 @@ impl Session {
         }
     }
 
-    /// Pushes the owner's index forward off the request's path (see `store::bump_index`).
-    fn spawn_index_bump(&self, id: SessionId, owner: Option<String>, timing: store::Timing) {
+    /// Pushes the owner's index forward off the request's path (see `store::bump_index`), for a
+    /// session with its own idle timeout `idle_ms` (`None`: the layer's).
+    fn spawn_index_bump(&self, id: SessionId, owner: Option<String>, idle_ms: Option<u64>) {
         let client = self.client().clone();
         let expiry = self.settings().expiry;
-        let idle_ms = timing.idle.unwrap_or(store::ms(expiry.idle));
+        let idle_ms = idle_ms.unwrap_or(store::ms(expiry.idle));
         tokio::spawn(async move {
             if let Err(e) = store::bump_index(&client, &id, expiry, owner, idle_ms).await {
                 tracing::debug!(error = %e, "herd: pushing a session's owner index forward failed");
             }
         });
     }
-}
-
-/// Whether an index coverage running until `indexed` should be pushed forward at `now` (less than
-/// `5/4` of the idle timeout left; see `store::Timing::index_due`).
-fn index_due(indexed: u64, idle_ms: u64, now: u64) -> bool {
-    indexed < now.saturating_add(idle_ms + idle_ms / 4)
 }
 
 /// Whether a delta would put anything into a session that does not exist yet.

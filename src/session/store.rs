@@ -109,15 +109,17 @@ impl Timing {
 
     /// Whether the owner's index should be pushed forward (see [`bump_index`]).
     pub(crate) fn index_due(&self, now: u64, expiry: Expiry) -> bool {
-        let Some(indexed) = self.indexed else {
-            return false;
-        };
-        let idle = self.idle(expiry);
-        indexed
-            < now
-                .saturating_add(idle + idle / 4)
-                .min(self.deadline(expiry))
+        self.indexed.is_some_and(|indexed| {
+            index_due(indexed, self.idle(expiry), now, self.deadline(expiry))
+        })
     }
+}
+
+/// Whether an index coverage running until `indexed` should be pushed forward at `now`: less than
+/// `5/4` of the idle timeout is left, and it does not yet reach the session's `deadline` (pass
+/// `u64::MAX` when it is not known).
+pub(crate) fn index_due(indexed: u64, idle_ms: u64, now: u64, deadline: u64) -> bool {
+    indexed < now.saturating_add(idle_ms + idle_ms / 4).min(deadline)
 }
 
 /// How far an owner's index is pushed forward at `now`: `7/4` of the idle timeout.
@@ -394,33 +396,22 @@ pub(crate) async fn incr_existing(
         None => ms(expiry.idle),
     };
     let key = client.keys().session(id);
+    let mut pipe = redis::pipe();
+    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by);
+    pipe.cmd("PEXPIRE").arg(&key).arg(ttl);
+    pipe.cmd("HGET").arg(&key).arg("$c");
     // No `.ignore()` in these pipelines: redis-rs filters ignored replies through a hash set, which
     // costs more than converting a reply nobody reads.
-    let reply: redis::RedisResult<(i64, Value, Option<Vec<u8>>)> = {
-        let key = key.clone();
-        client
-            .run(true, |mut c| async move {
-                let result = redis::pipe()
-                    .cmd("HINCRBY")
-                    .arg(&key)
-                    .arg(field)
-                    .arg(by)
-                    .cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(ttl)
-                    .cmd("HGET")
-                    .arg(&key)
-                    .arg("$c")
-                    .query_async(&mut c)
-                    .await;
-                // A refused HINCRBY is an answer, not a failure of the round trip.
-                match result {
-                    Err(e) if e.to_string().contains("not an integer") => Ok(Err(e)),
-                    other => other.map(Ok),
-                }
-            })
-            .await?
-    };
+    let reply: redis::RedisResult<(i64, Value, Option<Vec<u8>>)> = client
+        .run(true, |mut c| async move {
+            let result = pipe.query_async(&mut c).await;
+            // A refused HINCRBY is an answer, not a failure of the round trip.
+            match result {
+                Err(e) if e.to_string().contains("not an integer") => Ok(Err(e)),
+                other => other.map(Ok),
+            }
+        })
+        .await?;
     let (n, _, record) = match reply {
         Ok(r) => r,
         Err(_) => return Ok(IncrOutcome::NotAnInteger),
