@@ -1006,3 +1006,27 @@ impl Drop for GroupGuard {
         kill_group(self.0, "KILL");
     }
 }
+
+/// The guide shows `deploy/haproxy.cfg` (without its comments): the config this file runs.
+#[test]
+fn the_guide_shows_the_haproxy_config_the_test_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = std::fs::read_to_string(root.join("deploy/haproxy.cfg")).expect("config");
+    let guide = std::fs::read_to_string(root.join("docs/several-machines.md")).expect("guide");
+    let shown = guide
+        .split("```haproxy\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```haproxy block in docs/several-machines.md");
+    let meaningful = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        meaningful(shown),
+        meaningful(&cfg),
+        "docs/several-machines.md and deploy/haproxy.cfg differ"
+    );
+}

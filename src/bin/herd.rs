@@ -49,7 +49,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Graceful stop: workers finish their in-flight requests, then the master exits.
+    /// Graceful stop (after the lame-duck period, if any): workers finish their in-flight
+    /// requests, then the master exits.
     Stop {
         #[command(flatten)]
         target: Target,
