@@ -40,6 +40,9 @@ const CHECK_FALL: u64 = 2;
 /// The hosts' lame-duck period: well above `CHECK_FALL * CHECK_INTER_MS` (plus a check's own time
 /// on a loaded 2-core machine).
 const LAME_DUCK_SECS: u64 = 2;
+/// Pause of each client between two requests: 200 clients then offer about as much load as
+/// the debug build serves on 2 cores, so latencies stay far from the timeouts.
+const THINK: Duration = Duration::from_millis(50);
 /// Concurrent clients of each load phase, by kind.
 const SESSION_CLIENTS: usize = 170;
 const TRANSFER_CLIENTS: usize = 20;
@@ -86,9 +89,11 @@ impl Host {
             .env("REDIS_URL", redis_url)
             .env("HERD_PREFIX", prefix)
             .env("HERD_SECRET", SECRET)
-            // A new Redis connection goes through a sentinel first; with 9 processes and 200
-            // clients on 2 shared cores, the default 1 s is too short for it now and then.
+            // A new Redis connection goes through a sentinel first, and a reply can wait for a
+            // core: with 9 processes and 200 clients on 2 cores shared with other builds, the
+            // default 1 s is too short for either now and then.
             .env("HERD_CONNECT_TIMEOUT_MS", "3000")
+            .env("HERD_REDIS_TIMEOUT_MS", "3000")
             .env("RUST_LOG", "warn,herd=info")
             .env_remove("LISTEN_FDS")
             .env_remove("NOTIFY_SOCKET")
@@ -153,14 +158,7 @@ impl Host {
     /// Wait for the master to exit; its exit code.
     fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "host {} did not stop", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut child, limit, &format!("host {}", self.name)).code()
     }
 
     /// One GET straight to this host (not through the balancer): (status, body).
@@ -182,6 +180,21 @@ impl Drop for Host {
                 eprintln!("{line}");
             }
         }
+    }
+}
+
+/// Waits for `child` to exit (panics after `limit`).
+fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not stop within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -464,9 +477,9 @@ async fn load(base: &str, stop: Arc<AtomicBool>) -> Outcome {
                         o.failed.push((at, why));
                         o.last_failure = Some(at);
                     }
-                    // A failing host or Redis: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                // A visitor's think time (and a failing host or Redis is not hammered).
+                tokio::time::sleep(THINK).await;
             }
             if i >= SESSION_CLIENTS {
                 return;
@@ -974,14 +987,7 @@ async fn lame_duck_reports_draining_while_serving_and_a_reload_does_not() {
         let first_503 = first_503.expect("/healthz never reported draining");
         println!("lame duck: draining reported {first_503:?} after SIGTERM, {served} requests served during the period");
         assert!(first_503 < Duration::from_millis(500));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the master did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_exit(&mut child, Duration::from_secs(20), "the flagship");
         assert!(
             t.elapsed() >= Duration::from_millis(1500),
             "stopped before the lame-duck period ended"
@@ -992,6 +998,73 @@ async fn lame_duck_reports_draining_while_serving_and_a_reload_does_not() {
     })
     .await
     .expect("lame duck test");
+}
+
+/// The flagship alone under systemd socket activation (one worker, no herd master): on SIGTERM
+/// it reports draining for its own lame-duck period (`HERD_LAME_DUCK_MS`) while serving, then
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_a_master_is_a_lame_duck_on_its_own() {
+    let _serial = SERIAL.lock().await;
+    tokio::task::spawn_blocking(|| {
+        let found = Command::new("systemd-socket-activate")
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "systemd-socket-activate is needed: install systemd (`apt-get install -y systemd`)"
+        );
+        let redis = RedisServer::start();
+        let port = free_port_on_hosts(&["127.0.0.1"]);
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new("systemd-socket-activate")
+            .args(["-l", &addr])
+            .arg(format!("--setenv=REDIS_URL={}", redis.url()))
+            .arg(format!(
+                "--setenv=HERD_PREFIX={}",
+                support::unique_prefix("lameduck-alone")
+            ))
+            .arg("--setenv=HERD_LAME_DUCK_MS=1000")
+            .arg("--setenv=RUST_LOG=warn")
+            .arg(flagship())
+            .env_remove("HERD_SECRET")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("systemd-socket-activate");
+        let guard = scopeguard(child.id());
+        // The program starts at the first connection and serves it from the inherited socket.
+        support::sentinel::wait(
+            "the socket-activated flagship",
+            Duration::from_secs(30),
+            || matches!(raw_get(&addr, "/healthz"), Ok((200, _))),
+        );
+        launcher_support::kill(child.id(), "TERM");
+        let t = Instant::now();
+        let mut first_503 = None;
+        while t.elapsed() < Duration::from_millis(800) {
+            let (status, _) = raw_get(&addr, "/healthz").expect("healthz during the lame duck");
+            if status == 503 {
+                first_503.get_or_insert(t.elapsed());
+            }
+            let (status, _) = raw_get(&addr, "/whoami").expect("whoami during the lame duck");
+            assert_eq!(status, 200, "a lame duck still serves");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(first_503.is_some(), "/healthz never reported draining");
+        let status = wait_exit(&mut child, Duration::from_secs(20), "the flagship");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "stopped before the period ended"
+        );
+        assert_eq!(status.code(), Some(0));
+        drop(guard);
+    })
+    .await
+    .expect("master-less lame duck test");
 }
 
 /// Kills the process group on drop (a failing assertion must not leave the flagship running).
