@@ -4,7 +4,8 @@
 //! (primary, replica, 3 sentinels). Through the balancer: exact session counters and global hits
 //! under 200 concurrent clients, the bank invariant under transfers and snapshots, a rolling
 //! deploy across the hosts, a host killed and brought back, a host drained on purpose (lame duck),
-//! and a Sentinel failover in the middle of the load. Also the lame duck of one host alone.
+//! and a Sentinel failover in the middle of the load. Also the lame duck of one host alone, with
+//! its own launcher and as a single worker without a master.
 //!
 //! HAProxy is required: the test fails with an install hint when it is missing (CI installs it).
 //! `docs/several-machines.md` explains the setup and quotes the figures this file prints
@@ -28,7 +29,7 @@ use serde_json::Value;
 use support::sentinel::SentinelSetup;
 use support::RedisServer;
 
-/// Both tests start many processes and measure failures under load: one at a time.
+/// The tests of this file start many processes and count failures under load: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The cookie key every host shares (a test key: cookies must verify on any host).
@@ -966,7 +967,7 @@ async fn lame_duck_reports_draining_while_serving_and_a_reload_does_not() {
             .spawn()
             .expect("start the flagship");
         let addr = format!("127.0.0.1:{port}");
-        let guard = scopeguard(child.id());
+        let guard = GroupGuard(child.id());
         support::sentinel::wait("the flagship to serve", Duration::from_secs(30), || {
             matches!(raw_get(&addr, "/healthz"), Ok((200, _)))
         });
@@ -1057,7 +1058,7 @@ async fn a_worker_without_a_master_is_a_lame_duck_on_its_own() {
             .stderr(Stdio::null())
             .spawn()
             .expect("systemd-socket-activate");
-        let guard = scopeguard(child.id());
+        let guard = GroupGuard(child.id());
         // The program starts at the first connection and serves it from the inherited socket.
         support::sentinel::wait(
             "the socket-activated flagship",
@@ -1091,10 +1092,6 @@ async fn a_worker_without_a_master_is_a_lame_duck_on_its_own() {
 
 /// Kills the process group on drop (a failing assertion must not leave the flagship running).
 struct GroupGuard(u32);
-
-fn scopeguard(pgid: u32) -> GroupGuard {
-    GroupGuard(pgid)
-}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
