@@ -1008,15 +1008,33 @@ async fn lame_duck_reports_draining_while_serving_and_a_reload_does_not() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let first_503 = first_503.expect("/healthz never reported draining");
-        println!("lame duck: draining reported {first_503:?} after SIGTERM, {served} requests served during the period");
+        println!(
+            "lame duck: draining reported {first_503:?} after SIGTERM, {served} requests served \
+             during the period"
+        );
         assert!(first_503 < Duration::from_millis(500));
+        // A stopping host starts no reload (the control socket says why).
+        let socket = dir
+            .path()
+            .join("herd")
+            .join(format!("multi_worker-{port}.sock"));
+        let r = request(&socket, &Request::Reload, Duration::from_secs(5)).expect("control");
+        assert!(!r.ok && r.message.contains("stopping"), "{}", r.message);
+        let s = request(&socket, &Request::Status, Duration::from_secs(5))
+            .expect("control")
+            .status
+            .expect("status");
+        assert!(s.stopping, "the status says the host is stopping");
         let status = wait_exit(&mut child, Duration::from_secs(20), "the flagship");
         assert!(
             t.elapsed() >= Duration::from_millis(1500),
             "stopped before the lame-duck period ended"
         );
         assert_eq!(status.code(), Some(0));
-        assert!(raw_get(&addr, "/healthz").is_err(), "still listening after the stop");
+        assert!(
+            raw_get(&addr, "/healthz").is_err(),
+            "still listening after the stop"
+        );
         drop(guard);
     })
     .await
@@ -1088,6 +1106,36 @@ async fn a_worker_without_a_master_is_a_lame_duck_on_its_own() {
     })
     .await
     .expect("master-less lame duck test");
+}
+
+/// A second stop during the lame-duck period starts the drain at once (`herd run --lame-duck`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_ends_the_lame_duck_at_once() {
+    let _serial = SERIAL.lock().await;
+    tokio::task::spawn_blocking(|| {
+        let mut m = launcher_support::Master::herd_run(
+            &["--workers", "2", "--lame-duck", "30"],
+            &[launcher_support::hello_bin().to_str().expect("utf-8 path")],
+        );
+        m.online_pids(2, Duration::from_secs(30));
+        let port = m.port();
+        launcher_support::kill(m.pid(), "TERM");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            launcher_support::get(port, "/").is_ok(),
+            "a lame duck still serves"
+        );
+        let t = Instant::now();
+        launcher_support::kill(m.pid(), "TERM");
+        let status = m.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "{status}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the second SIGTERM did not cut the 30 s lame duck short"
+        );
+    })
+    .await
+    .expect("second stop test");
 }
 
 /// Kills the process group on drop (a failing assertion must not leave the flagship running).
