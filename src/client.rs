@@ -9,7 +9,8 @@
 //! * **a pool of dedicated connections** (deadpool-redis) for `WATCH`, which is connection state and
 //!   must never be shared. deadpool-redis sends `UNWATCH` when it recycles a connection.
 //!
-//! The same two kinds work on every topology the URL names (see [`Config`] and `docs/scaling.md`):
+//! The same two kinds work on every topology the URL names (see [`Config`], and the guide
+//! `docs/scaling-out.md` in the repository):
 //!
 //! | topology | multiplexed connection | dedicated connections (`WATCH`) |
 //! |---|---|---|
