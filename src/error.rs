@@ -321,3 +321,43 @@ impl IntoResponse for Error {
         res
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Error;
+
+    fn classify(code: &str, detail: &str) -> Error {
+        let err = redis::make_extension_error(code.to_owned(), Some(detail.to_owned()));
+        Error::from_redis(err, true, Duration::from_millis(500))
+    }
+
+    #[test]
+    fn out_of_memory_and_failing_persistence_are_unavailable() {
+        assert!(
+            classify("OOM", "command not allowed when used memory > 'maxmemory'").is_unavailable()
+        );
+        assert!(classify("MISCONF", "Redis is configured to save RDB snapshots").is_unavailable());
+    }
+
+    #[test]
+    fn other_codes_are_command_errors() {
+        assert!(matches!(
+            classify("WRONGPASS", "invalid password"),
+            Error::Redis(_)
+        ));
+        // A detail that mentions a code is not the code.
+        assert!(matches!(
+            classify("ERR", "OOM command not allowed"),
+            Error::Redis(_)
+        ));
+    }
+
+    #[test]
+    fn unsupported_is_a_server_error_with_the_generic_body() {
+        let err = Error::Unsupported("WATCH on a cluster".into());
+        assert_eq!(err.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(err.public_message(), "internal server error");
+    }
+}
