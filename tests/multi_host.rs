@@ -941,6 +941,33 @@ fn read_states(admin: &Path) -> HashMap<String, String> {
     out
 }
 
+/// Right after a SIGTERM to the flagship at `addr`, for `period` (shorter than its lame duck):
+/// `/healthz` turns to 503 draining and stays so, `/whoami` answers 200 throughout. Returns when
+/// `/healthz` first said draining and how many requests were served meanwhile.
+fn watch_lame_duck(addr: &str, period: Duration) -> (Duration, usize) {
+    let t = Instant::now();
+    let mut first_503 = None;
+    let mut served = 0;
+    while t.elapsed() < period {
+        let (status, body) = raw_get(addr, "/healthz").expect("healthz during the lame duck");
+        if status == 503 {
+            assert_eq!(body, r#"{"ok":false,"draining":true}"#);
+            first_503.get_or_insert(t.elapsed());
+        } else {
+            assert!(
+                first_503.is_none(),
+                "healthy again after draining was reported"
+            );
+        }
+        let (status, _) = raw_get(addr, "/whoami").expect("whoami during the lame duck");
+        assert_eq!(status, 200, "a lame duck still serves");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first_503 = first_503.expect("/healthz never reported draining");
+    (first_503, served)
+}
+
 /// One host alone (the flagship as its own master, `HERD_LAME_DUCK_MS`): a rolling reload never
 /// reports draining; a SIGTERM does, at once, for the lame-duck period, while every route
 /// serves; then the host drains and exits 0.
@@ -989,25 +1016,7 @@ async fn lame_duck_reports_draining_while_serving_and_a_reload_does_not() {
         // A stop: draining at once, serving throughout the period, then gone.
         launcher_support::kill(child.id(), "TERM");
         let t = Instant::now();
-        let mut first_503 = None;
-        let mut served = 0;
-        while t.elapsed() < Duration::from_millis(1300) {
-            let (status, body) = raw_get(&addr, "/healthz").expect("healthz during the lame duck");
-            if status == 503 {
-                assert_eq!(body, r#"{"ok":false,"draining":true}"#);
-                first_503.get_or_insert(t.elapsed());
-            } else {
-                assert!(
-                    first_503.is_none(),
-                    "healthy again after draining was reported"
-                );
-            }
-            let (status, _) = raw_get(&addr, "/whoami").expect("whoami during the lame duck");
-            assert_eq!(status, 200, "a lame duck still serves");
-            served += 1;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let first_503 = first_503.expect("/healthz never reported draining");
+        let (first_503, served) = watch_lame_duck(&addr, Duration::from_millis(1300));
         println!(
             "lame duck: draining reported {first_503:?} after SIGTERM, {served} requests served \
              during the period"
@@ -1085,17 +1094,7 @@ async fn a_worker_without_a_master_is_a_lame_duck_on_its_own() {
         );
         launcher_support::kill(child.id(), "TERM");
         let t = Instant::now();
-        let mut first_503 = None;
-        while t.elapsed() < Duration::from_millis(800) {
-            let (status, _) = raw_get(&addr, "/healthz").expect("healthz during the lame duck");
-            if status == 503 {
-                first_503.get_or_insert(t.elapsed());
-            }
-            let (status, _) = raw_get(&addr, "/whoami").expect("whoami during the lame duck");
-            assert_eq!(status, 200, "a lame duck still serves");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(first_503.is_some(), "/healthz never reported draining");
+        watch_lame_duck(&addr, Duration::from_millis(800));
         let status = wait_exit(&mut child, Duration::from_secs(20), "the flagship");
         assert!(
             t.elapsed() >= Duration::from_millis(1000),
