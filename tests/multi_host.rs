@@ -853,8 +853,10 @@ async fn three_hosts_behind_haproxy_deploy_die_drain_and_fail_over() {
         "sentinel failover",
         &base,
         move |start| {
-            s.lock().unwrap().primary.kill();
-            start.elapsed().as_secs_f64()
+            let mut sentinel = s.lock().unwrap();
+            let killed_at = start.elapsed().as_secs_f64();
+            sentinel.primary.kill();
+            killed_at
         },
         Duration::from_secs(12),
     )
