@@ -194,7 +194,7 @@ fn router(state: AppState, redis: RedisClient) -> Router {
             redis_deadline,
         ));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/healthz", get(herd::launcher::healthz))
         .route("/whoami", get(whoami))
         .route("/slow", get(slow))
         .with_state(state)
