@@ -6,6 +6,10 @@
 //! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → until when it is listed (unix ms; the session's TTL never runs past it) |
 //! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
 //! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
+//! | a lease | `{prefix}:l:{<name>}` | string: the fencing token of the holder, with the lease's TTL |
+//! | a lease's token counter | `{prefix}:l:{<name>}:fence` | string: the last token handed out (no TTL) |
+//! | a fenced variable's mark | `{prefix}:f:{<group>}:<name>` | string: the highest fencing token that wrote the variable |
+//! | a rate limit of one key | `{prefix}:rl:<limiter>:{<hex(key)>}` | string: GCRA's theoretical arrival time (µs of Redis' clock), expiring when it no longer matters |
 //!
 //! `{prefix}` is [`Config::prefix`](crate::Config::prefix) (`herd` by default); globals and channels
 //! may use a prefix of their own ([`Globals::with_prefix`](crate::Globals::with_prefix)).
@@ -101,6 +105,40 @@ impl Keys {
     /// keys: no hash tag (a cluster delivers `PUBLISH` to every node).
     pub(crate) fn channel(&self, name: &str) -> String {
         format!("{}:chan:{name}", self.prefix)
+    }
+
+    /// The key holding lease `name` (its holder's fencing token, with the lease's TTL).
+    pub(crate) fn lease(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}", self.prefix)
+    }
+
+    /// The counter of fencing tokens of lease `name`: same hash tag as [`lease`](Self::lease), so
+    /// one script reads and writes both on a cluster.
+    pub(crate) fn lease_fence(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}:fence", self.prefix)
+    }
+
+    /// The highest fencing token that wrote variable `name` of `group` (same hash tag as the
+    /// variable; the `f:` namespace keeps it apart from every variable name).
+    pub(crate) fn fence_mark(&self, group: &str, name: &str) -> String {
+        format!("{}:f:{{{group}}}:{name}", self.prefix)
+    }
+
+    /// The state of rate limiter `limiter` for one client `key` (any bytes, hex-encoded: the key an
+    /// app derives from a request never reaches Redis raw). The key is the hash tag, so clients
+    /// spread over a cluster's slots.
+    pub(crate) fn rate_limit(&self, limiter: &str, key: &[u8]) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + limiter.len() + 8 + key.len() * 2);
+        out.push_str(&self.prefix);
+        out.push_str(":rl:");
+        out.push_str(limiter);
+        out.push_str(":{");
+        for b in key {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push('}');
+        out
     }
 
     /// The prefix every name built here starts with.
@@ -202,6 +240,11 @@ mod tests {
         assert_eq!(keys.global("bank", "acct-1"), "app:g:{bank}:acct-1");
         assert_eq!(keys.channel("cache"), "app:chan:cache");
         assert_eq!(keys.prefix(), "app");
+        assert_eq!(keys.lease("cron"), "app:l:{cron}");
+        assert_eq!(keys.lease_fence("cron"), "app:l:{cron}:fence");
+        assert_eq!(keys.fence_mark("stats", "ticks"), "app:f:{stats}:ticks");
+        assert_eq!(keys.rate_limit("login", b"1.2.3.4"), "app:rl:login:{312e322e332e34}");
+        assert_eq!(keys.rate_limit("login", b""), "app:rl:login:{}");
     }
 
     #[test]
