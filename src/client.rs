@@ -45,6 +45,7 @@ use crate::topology::Topology;
 
 #[cfg(feature = "cluster")]
 mod cluster;
+mod commands;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 

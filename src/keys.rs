@@ -243,7 +243,10 @@ mod tests {
         assert_eq!(keys.lease("cron"), "app:l:{cron}");
         assert_eq!(keys.lease_fence("cron"), "app:l:{cron}:fence");
         assert_eq!(keys.fence_mark("stats", "ticks"), "app:f:{stats}:ticks");
-        assert_eq!(keys.rate_limit("login", b"1.2.3.4"), "app:rl:login:{312e322e332e34}");
+        assert_eq!(
+            keys.rate_limit("login", b"1.2.3.4"),
+            "app:rl:login:{312e322e332e34}"
+        );
         assert_eq!(keys.rate_limit("login", b""), "app:rl:login:{}");
     }
 

@@ -400,7 +400,11 @@ impl Group {
     ///
     /// # Errors
     /// As [`set`](Self::set); [`Error::OutcomeUnknown`] means it may or may not have been set.
-    pub async fn set_if_absent<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<bool> {
+    pub async fn set_if_absent<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<bool> {
         self.set_if_absent_inner(name, value, None).await
     }
 
@@ -460,7 +464,12 @@ impl Group {
     ///
     /// # Errors
     /// As [`incr`](Self::incr).
-    pub async fn incr_fenced(&self, name: &str, by: i64, token: FencingToken) -> Result<Option<i64>> {
+    pub async fn incr_fenced(
+        &self,
+        name: &str,
+        by: i64,
+        token: FencingToken,
+    ) -> Result<Option<i64>> {
         self.fenced(name, "incrby", by.to_string(), token)
             .await
             .map_err(|e| not_an_integer(e, name))
@@ -473,9 +482,8 @@ impl Group {
         value: String,
         token: FencingToken,
     ) -> Result<Option<i64>> {
-        static FENCED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(include_str!("lease/fenced.lua"))
-        });
+        static FENCED: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(include_str!("lease/fenced.lua")));
         let key = self.key(name)?;
         let mark = self.globals.settings.keys.fence_mark(&self.name, name);
         let mut invocation = FENCED.prepare_invoke();

@@ -32,7 +32,10 @@ pub fn client_ip(parts: &http::request::Parts) -> Option<String> {
     let ext = &parts.extensions;
     ext.get::<ConnectInfo<PeerAddr>>()
         .map(|ConnectInfo(PeerAddr(addr))| addr)
-        .or_else(|| ext.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr))
+        .or_else(|| {
+            ext.get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr)
+        })
         .map(|addr| addr.ip().to_string())
 }
 

@@ -326,7 +326,10 @@ impl Decision {
 }
 
 fn whole_seconds(d: Duration) -> u64 {
-    d.as_micros().div_ceil(1_000_000).try_into().unwrap_or(u64::MAX)
+    d.as_micros()
+        .div_ceil(1_000_000)
+        .try_into()
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
