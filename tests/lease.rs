@@ -662,8 +662,7 @@ fn a_redis_restart_hands_the_lease_on_with_a_greater_token() {
                 .any(|(&t, &(_, first, _))| t > token && first > restarted_at)
         },
     );
-    // The counter was lost with the data; the token is still greater (Redis' clock).
-    assert!(h.holds.keys().all(|&t| t <= token || t > token));
+    // The counter was lost with the data; every later token is still greater (Redis' clock).
     let after: Vec<u64> = h
         .holds
         .iter()
