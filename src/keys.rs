@@ -8,6 +8,7 @@
 //! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
 //! | a lease | `{prefix}:l:{<name>}` | string: the fencing token of the holder, with the lease's TTL |
 //! | a lease's token counter | `{prefix}:l:{<name>}:fence` | string: the last token handed out (no TTL) |
+//! | when `Lease::every` last ran its job | `{prefix}:l:{<name>}:last` | string: µs of Redis' clock |
 //! | a fenced variable's mark | `{prefix}:f:{<group>}:<name>` | string: the highest fencing token that wrote the variable |
 //! | a rate limit of one key | `{prefix}:rl:<limiter>:{<hex(key)>}` | string: GCRA's theoretical arrival time (µs of Redis' clock), expiring when it no longer matters |
 //!
@@ -116,6 +117,12 @@ impl Keys {
     /// one script reads and writes both on a cluster.
     pub(crate) fn lease_fence(&self, name: &str) -> String {
         format!("{}:l:{{{name}}}:fence", self.prefix)
+    }
+
+    /// When [`Lease::every`](crate::Lease::every) last ran its job under lease `name` (same hash
+    /// tag as the lease).
+    pub(crate) fn lease_last_run(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}:last", self.prefix)
     }
 
     /// The highest fencing token that wrote variable `name` of `group` (same hash tag as the
@@ -242,6 +249,7 @@ mod tests {
         assert_eq!(keys.prefix(), "app");
         assert_eq!(keys.lease("cron"), "app:l:{cron}");
         assert_eq!(keys.lease_fence("cron"), "app:l:{cron}:fence");
+        assert_eq!(keys.lease_last_run("cron"), "app:l:{cron}:last");
         assert_eq!(keys.fence_mark("stats", "ticks"), "app:f:{stats}:ticks");
         assert_eq!(
             keys.rate_limit("login", b"1.2.3.4"),

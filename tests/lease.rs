@@ -188,6 +188,58 @@ async fn run_exclusive_runs_one_job_at_a_time() {
     assert_eq!(tokens.len(), 4, "each run had its own acquisition");
 }
 
+#[tokio::test]
+async fn every_keeps_its_schedule_across_a_handover() {
+    let server = RedisServer::start();
+    let globals = globals(&server, "lease-every").await;
+    let lease = globals
+        .lease("every", Duration::from_millis(300))
+        .expect("lease")
+        .with_retry_every(Duration::from_millis(10));
+    let interval = Duration::from_millis(50);
+    // (task, token, when) of every run.
+    let runs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (lease, runs) = (lease.clone(), runs.clone());
+            tokio::spawn(async move {
+                lease
+                    .every(interval, move |token| {
+                        runs.lock()
+                            .unwrap()
+                            .push((i, token, tokio::time::Instant::now()));
+                        async {}
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Stop whichever task holds the lease, twice: its lease is released, another continues.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let holder = runs.lock().unwrap().last().expect("a run").0;
+        tasks[holder].abort();
+        let _ = (&mut tasks[holder]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let runs = runs.lock().unwrap().clone();
+    let holders: std::collections::HashSet<usize> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(holders.len(), 3, "the job did not move on: {holders:?}");
+    for pair in runs.windows(2) {
+        let gap = pair[1].2 - pair[0].2;
+        assert!(
+            gap >= interval - Duration::from_millis(2),
+            "two runs {gap:?} apart (interval {interval:?}), across tasks {} → {}",
+            pair[0].0,
+            pair[1].0
+        );
+        assert!(pair[0].1 <= pair[1].1, "tokens go back");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The reference model.
 

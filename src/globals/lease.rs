@@ -47,8 +47,9 @@
 //!
 //! # Redis keys and round trips
 //! Lease `name` is the key `{prefix}:l:{name}` (the holder's token, with the TTL) and its token
-//! counter `{prefix}:l:{name}:fence`; both share the hash tag `{name}`, so each operation is one
-//! script on one slot, on every topology. Each operation is one round trip: acquire, renew and
+//! counter `{prefix}:l:{name}:fence` ([`Lease::every`] adds `{prefix}:l:{name}:last`, when its
+//! job last ran); all share the hash tag `{name}`, so each operation is one script on one slot,
+//! on every topology. Each operation is one round trip: acquire, renew and
 //! release are one Lua script each (the conditional write is simpler as a script than as
 //! `WATCH`/`MULTI`, and works on a cluster).
 
@@ -69,6 +70,10 @@ static RENEW: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lease/renew.lua")));
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lease/release.lua")));
+static DUE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lease/due.lua")));
+static MARK_RUN: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lease/mark_run.lua")));
 
 /// The shortest TTL a lease accepts: below it, one slow round trip would lose the lease.
 pub const MIN_LEASE_TTL: Duration = Duration::from_millis(30);
@@ -106,6 +111,7 @@ pub struct Lease {
     name: Arc<str>,
     key: Arc<str>,
     fence_key: Arc<str>,
+    last_run_key: Arc<str>,
     ttl: Duration,
     renew_every: Duration,
     retry_every: Duration,
@@ -141,6 +147,7 @@ impl Globals {
             globals: self.clone(),
             key: keys.lease(name).into(),
             fence_key: keys.lease_fence(name).into(),
+            last_run_key: keys.lease_last_run(name).into(),
             name: name.into(),
             ttl,
             renew_every: ttl / 3,
@@ -260,22 +267,33 @@ impl Lease {
     }
 
     /// Runs `job` once per `interval` across every worker that runs this: whoever holds the lease
-    /// calls `job` every `interval` (the first time one `interval` after it acquired the lease),
-    /// and when the lease is lost it goes back to waiting for it. Never returns: spawn it, and
-    /// drop the future (or abort the task) to stop; the lease is then released. A job that takes
-    /// longer than `interval` delays the next run (runs never overlap). When the holder stops,
-    /// the next holder's first run comes at most `ttl + retry_every + interval` after the last
-    /// one (a killed holder; a released lease passes on within `retry_every`).
+    /// calls `job` every `interval`, and when the lease is lost it goes back to waiting for it.
+    /// The schedule survives handovers: each run is recorded on Redis' clock (key
+    /// `{prefix}:l:{name}:last`, only while the token holds the lease), and a new holder's first
+    /// run comes one `interval` after the last run of any holder (at once if that is past).
+    /// Never returns: spawn it, and drop the future (or abort the task) to stop; the lease is
+    /// then released. Runs never overlap: a job that takes longer than `interval` delays the
+    /// next. A killed holder's runs are missed until its lease expires (at most `ttl` after its
+    /// last renewal) and another worker takes it (within `retry_every`). Each run costs one round
+    /// trip besides the job's own, and renewals one every `renew_every`.
     pub async fn every<F, Fut>(&self, interval: Duration, mut job: F)
     where
         F: FnMut(FencingToken) -> Fut,
         Fut: Future<Output = ()>,
     {
+        let interval = interval.max(Duration::from_millis(1));
         loop {
             let kept = self.acquire_patiently().await.keep();
             let token = kept.token();
             tracing::debug!(lease = %self.name, %token, "holding the lease");
-            let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+            let wait = match self.until_due(interval).await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, "reading the schedule: {e}");
+                    interval
+                }
+            };
+            let mut ticks = tokio::time::interval_at(Instant::now() + wait, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let lost = kept.lost();
             tokio::pin!(lost);
@@ -287,6 +305,13 @@ impl Lease {
                 if !kept.is_held() {
                     break;
                 }
+                match self.mark_run(token).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    // Unknown whether it was recorded: run anyway (the lease is held, the
+                    // schedule is at worst one interval behind).
+                    Err(e) => tracing::warn!(lease = %self.name, "recording the run: {e}"),
+                }
                 tokio::select! {
                     () = &mut lost => break,
                     () = job(token) => {}
@@ -295,6 +320,39 @@ impl Lease {
             tracing::info!(lease = %self.name, %token, "lost the lease; waiting for it again");
             drop(kept);
         }
+    }
+
+    /// How long until the job of [`every`](Self::every) is due (Redis' clock).
+    async fn until_due(&self, interval: Duration) -> Result<Duration> {
+        let mut invocation = DUE.prepare_invoke();
+        invocation
+            .key(&*self.last_run_key)
+            .arg(u64::try_from(interval.as_micros()).unwrap_or(u64::MAX));
+        let micros: u64 = self
+            .globals
+            .client
+            .run(false, |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(Duration::from_micros(micros))
+    }
+
+    /// Records a run of [`every`](Self::every)'s job, if `token` still holds the lease.
+    async fn mark_run(&self, token: FencingToken) -> Result<bool> {
+        let mut invocation = MARK_RUN.prepare_invoke();
+        invocation
+            .key(&*self.key)
+            .key(&*self.last_run_key)
+            .arg(token.0);
+        let marked: i64 = self
+            .globals
+            .client
+            .run(true, |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(marked == 1)
     }
 
     /// [`acquire`](Self::acquire), logging errors and retrying until it succeeds.
