@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderName, HeaderValue, Request, StatusCode};
 use tower_layer::Layer;
@@ -27,8 +26,11 @@ pub struct PeerAddr(pub SocketAddr);
 /// launcher's workers) or `ConnectInfo<SocketAddr>` (apps served with axum's
 /// `into_make_service_with_connect_info::<SocketAddr>()`); `None` without either, and the request
 /// is then not limited. The key function for "per client IP" limits. Behind a proxy, derive the
-/// key from the header your proxy sets instead (and trust it only from that proxy).
+/// key from the header your proxy sets instead (and trust it only from that proxy). With the
+/// `launcher` feature (which gives axum its `tokio` feature, where `ConnectInfo` lives).
+#[cfg(feature = "launcher")]
 pub fn client_ip(parts: &http::request::Parts) -> Option<String> {
+    use axum::extract::ConnectInfo;
     let ext = &parts.extensions;
     ext.get::<ConnectInfo<PeerAddr>>()
         .map(|ConnectInfo(PeerAddr(addr))| addr)

@@ -54,7 +54,9 @@ use crate::client::RedisClient;
 use crate::error::{Error, Result};
 use crate::keys::validate_name;
 
-pub use self::layer::{client_ip, PeerAddr, RateLimitLayer, RateLimitService};
+#[cfg(feature = "launcher")]
+pub use self::layer::client_ip;
+pub use self::layer::{PeerAddr, RateLimitLayer, RateLimitService};
 
 static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
