@@ -140,9 +140,10 @@ impl Keys {
         out.push_str(":rl:");
         out.push_str(limiter);
         out.push_str(":{");
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in key {
-            use std::fmt::Write as _;
-            let _ = write!(out, "{b:02x}");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         out.push('}');
         out

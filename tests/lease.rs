@@ -821,3 +821,82 @@ fn a_rolling_reload_under_the_launcher_keeps_one_holder_at_a_time() {
     h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
     master.assert_running();
 }
+
+#[tokio::test]
+async fn a_lost_token_counter_still_gives_a_greater_token_and_fences_the_old_holder() {
+    // What a failover to a replica that missed the last writes, or a restart without persistence,
+    // looks like: the lease and its counter are gone.
+    let server = RedisServer::start();
+    let globals = globals(&server, "lease-lost-counter").await;
+    let group = globals.group("jobs").expect("group");
+    let lease = globals
+        .lease("job", Duration::from_secs(30))
+        .expect("lease");
+    let old = lease.try_acquire().await.expect("acquire").expect("free");
+    assert_eq!(
+        group.incr_fenced("n", 1, old.token()).await.expect("w"),
+        Some(1)
+    );
+    let prefix = globals.prefix().to_owned();
+    server.cmd::<()>(&[
+        "DEL",
+        &format!("{prefix}:l:{{job}}"),
+        &format!("{prefix}:l:{{job}}:fence"),
+    ]);
+    let new = lease
+        .try_acquire()
+        .await
+        .expect("acquire")
+        .expect("free again");
+    assert!(
+        new.token() > old.token(),
+        "{:?} after {:?}",
+        new.token(),
+        old.token()
+    );
+    assert_eq!(
+        group.incr_fenced("n", 1, new.token()).await.expect("w"),
+        Some(2)
+    );
+    // The old holder, still believing it holds the lease, is refused.
+    assert!(old.is_held());
+    assert_eq!(
+        group.incr_fenced("n", 1, old.token()).await.expect("w"),
+        None
+    );
+}
+
+#[cfg(feature = "sentinel")]
+#[test]
+fn through_a_sentinel_failover_the_lease_passes_on_with_a_greater_token() {
+    let _serial = launcher_support::serial();
+    let mut setup = support::sentinel::SentinelSetup::start();
+    let contest = Contest::new("sentinel");
+    let log = contest.log();
+    let _workers = Workers::start(3, &setup.url(), &contest.prefix, &log, 0);
+    let h = wait_history(&log, "a holder writing", Duration::from_secs(30), |h| {
+        h.writes.iter().any(|w| w.value.is_some())
+    });
+    let (token, _) = h.current_holder().expect("holder");
+    setup.primary.kill();
+    let killed_at = now_us();
+    let h = wait_history(
+        &log,
+        "a write accepted by the promoted replica",
+        Duration::from_secs(30),
+        |h| {
+            h.writes
+                .iter()
+                .any(|w| w.value.is_some() && w.at > killed_at + 1_000_000)
+        },
+    );
+    assert_ne!(setup.master_port(), Some(setup.primary.port()));
+    // Whoever holds the lease now holds a token at least as great, and holding never overlapped.
+    let (now_token, _) = h.current_holder().expect("holder");
+    assert!(now_token >= token);
+    h.assert_no_overlap();
+    let before: Vec<&Write> = h.writes.iter().filter(|w| w.at < killed_at).collect();
+    let after: Vec<&Write> = h.writes.iter().filter(|w| w.at > killed_at).collect();
+    h.assert_fenced_order(&before);
+    h.assert_fenced_order(&after);
+}
