@@ -138,15 +138,6 @@ fn get(port: u16, path: &str, from: Option<std::net::IpAddr>) -> Result<(u16, Va
     Ok((status, json))
 }
 
-fn signal(pid: u64, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill(1)")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn ticks_grow_once_per_second_in_total_through_a_reload_and_a_killed_holder() {
     let _serial = launcher_support::serial();
@@ -162,13 +153,13 @@ fn ticks_grow_once_per_second_in_total_through_a_reload_and_a_killed_holder() {
         samples.push((started.elapsed().as_secs_f64(), flagship.ticks()));
         let t = started.elapsed();
         if !reloaded && t > Duration::from_secs(8) {
-            signal(u64::from(flagship.child.id()), "-HUP");
+            launcher_support::kill(flagship.child.id(), "HUP");
             reloaded = true;
         }
         if killed.is_none() && t > Duration::from_secs(22) {
             let holder: Option<String> = redis.cmd(&["GET", &holder_key]);
-            let pid: u64 = holder.expect("a holder").parse().expect("pid");
-            signal(pid, "-KILL");
+            let pid: u32 = holder.expect("a holder").parse().expect("pid");
+            launcher_support::kill(pid, "KILL");
             killed = Some(pid);
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -503,6 +503,12 @@ impl History {
         }
     }
 
+    /// Both invariants over the whole history (one era of the fenced counter).
+    fn assert_invariants(&self) {
+        self.assert_no_overlap();
+        self.assert_fenced_order(&self.writes.iter().collect::<Vec<_>>());
+    }
+
     fn current_holder(&self) -> Option<(u64, u32)> {
         self.holds
             .iter()
@@ -543,15 +549,6 @@ fn now_us() -> u128 {
         .as_micros()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill(1)")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 struct Contest {
     dir: tempfile::TempDir,
     prefix: String,
@@ -568,6 +565,13 @@ impl Contest {
     fn log(&self) -> PathBuf {
         self.dir.path().join("lease.log")
     }
+
+    /// `n` worker processes competing on `url`, each holding `hold_ms` before releasing (0: until
+    /// lost); and the log path.
+    fn start(&self, n: usize, url: &str, hold_ms: u64) -> (Workers, PathBuf) {
+        let log = self.log();
+        (Workers::start(n, url, &self.prefix, &log, hold_ms), log)
+    }
 }
 
 #[test]
@@ -575,15 +579,13 @@ fn processes_that_release_take_turns_and_never_overlap() {
     let _serial = launcher_support::serial();
     let server = RedisServer::start();
     let contest = Contest::new("turns");
-    let log = contest.log();
-    let _workers = Workers::start(4, &server.url(), &contest.prefix, &log, 150);
+    let (_workers, log) = contest.start(4, &server.url(), 150);
     let h = wait_history(&log, "12 acquisitions", Duration::from_secs(60), |h| {
         h.tokens() >= 12
     });
     let pids: std::collections::HashSet<u32> = h.holds.values().map(|v| v.0).collect();
     assert!(pids.len() >= 2, "only {pids:?} ever held the lease");
-    h.assert_no_overlap();
-    h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
+    h.assert_invariants();
     // Releases hand over promptly: no gap of a TTL between two holders.
     let gaps: Vec<u128> = h
         .holds
@@ -607,14 +609,13 @@ fn a_sigkilled_holder_is_replaced_within_the_ttl() {
     let _serial = launcher_support::serial();
     let server = RedisServer::start();
     let contest = Contest::new("sigkill");
-    let log = contest.log();
-    let workers = Workers::start(3, &server.url(), &contest.prefix, &log, 0);
+    let (workers, log) = contest.start(3, &server.url(), 0);
     let h = wait_history(&log, "a holder", Duration::from_secs(30), |h| {
         h.tokens() >= 1
     });
     let (token, pid) = h.current_holder().expect("holder");
     assert!(workers.pids().contains(&pid));
-    signal(pid, "-KILL");
+    launcher_support::kill(pid, "KILL");
     let killed_at = now_us();
     let h = wait_history(&log, "a new holder", Duration::from_secs(10), |h| {
         h.current_holder().is_some_and(|(t, _)| t > token)
@@ -628,8 +629,7 @@ fn a_sigkilled_holder_is_replaced_within_the_ttl() {
         after < u128::from(TTL_MS) * 1000 + 500_000,
         "took over {after} µs after the kill (TTL {TTL_MS} ms)"
     );
-    h.assert_no_overlap();
-    h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
+    h.assert_invariants();
 }
 
 #[test]
@@ -637,13 +637,12 @@ fn a_sigstopped_holder_resumed_after_its_ttl_is_refused_by_token() {
     let _serial = launcher_support::serial();
     let server = RedisServer::start();
     let contest = Contest::new("sigstop");
-    let log = contest.log();
-    let _workers = Workers::start(3, &server.url(), &contest.prefix, &log, 0);
+    let (_workers, log) = contest.start(3, &server.url(), 0);
     let h = wait_history(&log, "a holder", Duration::from_secs(30), |h| {
         h.writes.iter().any(|w| w.value.is_some())
     });
     let (token, pid) = h.current_holder().expect("holder");
-    signal(pid, "-STOP");
+    launcher_support::kill(pid, "STOP");
     let stopped_at = now_us();
     // The next holder takes over and writes (its token now guards the counter).
     wait_history(&log, "a new holder's write", Duration::from_secs(10), |h| {
@@ -653,7 +652,7 @@ fn a_sigstopped_holder_resumed_after_its_ttl_is_refused_by_token() {
     });
     std::thread::sleep(Duration::from_millis(TTL_MS));
     let resumed_at = now_us();
-    signal(pid, "-CONT");
+    launcher_support::kill(pid, "CONT");
     let h = wait_history(
         &log,
         "the resumed holder's late write",
@@ -682,8 +681,7 @@ fn a_sigstopped_holder_resumed_after_its_ttl_is_refused_by_token() {
     // It never logged a HOLD after its TTL ran out (its belief ended in time).
     let (_, _, last) = h.holds[&token];
     assert!(last < stopped_at + u128::from(TTL_MS) * 1000);
-    h.assert_no_overlap();
-    h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
+    h.assert_invariants();
 }
 
 #[test]
@@ -691,8 +689,7 @@ fn a_redis_restart_hands_the_lease_on_with_a_greater_token() {
     let _serial = launcher_support::serial();
     let mut server = RedisServer::start();
     let contest = Contest::new("restart");
-    let log = contest.log();
-    let _workers = Workers::start(3, &server.url(), &contest.prefix, &log, 0);
+    let (_workers, log) = contest.start(3, &server.url(), 0);
     let h = wait_history(&log, "a holder", Duration::from_secs(30), |h| {
         h.tokens() >= 1
     });
@@ -735,17 +732,15 @@ fn processes_on_a_redis_cluster_hold_one_at_a_time() {
     let _serial = launcher_support::serial();
     let cluster = support::cluster::RedisCluster::start();
     let contest = Contest::new("cluster");
-    let log = contest.log();
-    let workers = Workers::start(3, &cluster.url(), &contest.prefix, &log, 150);
+    let (workers, log) = contest.start(3, &cluster.url(), 150);
     let h = wait_history(&log, "8 acquisitions", Duration::from_secs(60), |h| {
         h.tokens() >= 8
     });
-    h.assert_no_overlap();
-    h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
+    h.assert_invariants();
     // And a killed holder is replaced there too.
     let (token, pid) = h.current_holder().expect("holder");
     if workers.pids().contains(&pid) {
-        signal(pid, "-KILL");
+        launcher_support::kill(pid, "KILL");
     }
     let h = wait_history(&log, "a new holder", Duration::from_secs(10), |h| {
         h.current_holder()
@@ -788,7 +783,7 @@ fn a_rolling_reload_under_the_launcher_keeps_one_holder_at_a_time() {
     });
     let mut before = first.clone();
     for round in 0..2 {
-        signal(master.pid(), "-HUP");
+        launcher_support::kill(master.pid(), "HUP");
         // Every worker replaced: none of the previous generation's pids left.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -817,8 +812,7 @@ fn a_rolling_reload_under_the_launcher_keeps_one_holder_at_a_time() {
         holders.iter().any(|p| first.contains(p)) && holders.iter().any(|p| now.contains(p)),
         "the lease did not pass from the first generation to the last: {holders:?}"
     );
-    h.assert_no_overlap();
-    h.assert_fenced_order(&h.writes.iter().collect::<Vec<_>>());
+    h.assert_invariants();
     master.assert_running();
 }
 
@@ -872,8 +866,7 @@ fn through_a_sentinel_failover_the_lease_passes_on_with_a_greater_token() {
     let _serial = launcher_support::serial();
     let mut setup = support::sentinel::SentinelSetup::start();
     let contest = Contest::new("sentinel");
-    let log = contest.log();
-    let _workers = Workers::start(3, &setup.url(), &contest.prefix, &log, 0);
+    let (_workers, log) = contest.start(3, &setup.url(), 0);
     let h = wait_history(&log, "a holder writing", Duration::from_secs(30), |h| {
         h.writes.iter().any(|w| w.value.is_some())
     });
