@@ -628,7 +628,7 @@ mod coordination {
             (Ok(lease), Ok(stats)) => (lease, stats),
             (Err(e), _) | (_, Err(e)) => return tracing::error!("ticks: {e}"),
         };
-        let job = Box::pin(lease.every(Duration::from_secs(1), move |token| {
+        let job = lease.every(Duration::from_secs(1), move |token| {
             let stats = stats.clone();
             async move {
                 if let Err(e) = stats.incr_fenced("ticks", 1, token).await {
@@ -639,7 +639,7 @@ mod coordination {
                     .set_fenced("ticks-holder", &std::process::id(), token)
                     .await;
             }
-        }));
+        });
         tokio::select! {
             () = job => {}
             () = shutdown => {}

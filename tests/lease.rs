@@ -196,7 +196,7 @@ async fn every_keeps_its_schedule_across_a_handover() {
         .lease("every", Duration::from_millis(300))
         .expect("lease")
         .with_retry_every(Duration::from_millis(10));
-    let interval = Duration::from_millis(50);
+    let interval = Duration::from_millis(100);
     // (task, token, when) of every run.
     let runs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks: Vec<_> = (0..3)
@@ -216,7 +216,7 @@ async fn every_keeps_its_schedule_across_a_handover() {
         .collect();
     // Stop whichever task holds the lease, twice: its lease is released, another continues.
     for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let holder = runs.lock().unwrap().last().expect("a run").0;
         tasks[holder].abort();
         let _ = (&mut tasks[holder]).await;
@@ -228,10 +228,13 @@ async fn every_keeps_its_schedule_across_a_handover() {
     let runs = runs.lock().unwrap().clone();
     let holders: std::collections::HashSet<usize> = runs.iter().map(|r| r.0).collect();
     assert_eq!(holders.len(), 3, "the job did not move on: {holders:?}");
+    // The schedule is kept on Redis' clock; a run is seen here after its record's round trip, so
+    // allow that much jitter. A new holder that ran at once would come within `retry_every`
+    // (10 ms) of the last run.
     for pair in runs.windows(2) {
         let gap = pair[1].2 - pair[0].2;
         assert!(
-            gap >= interval - Duration::from_millis(2),
+            gap >= interval - Duration::from_millis(25),
             "two runs {gap:?} apart (interval {interval:?}), across tasks {} → {}",
             pair[0].0,
             pair[1].0

@@ -14,7 +14,7 @@
 //!     .await?;
 //! // A script (sent as EVALSHA, loaded on first use).
 //! let script = redis::Script::new("return redis.call('GET', KEYS[1])");
-//! let v: Option<String> = redis.query_script(script.key("app:n")).await?;
+//! let v: Option<String> = redis.query_script(&script.key("app:n")).await?;
 //! # let _ = (members, added, n, v);
 //! # Ok(()) }
 //! ```

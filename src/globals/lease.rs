@@ -254,7 +254,7 @@ impl Lease {
         F: FnOnce(FencingToken) -> Fut,
         Fut: Future<Output = T>,
     {
-        let kept = self.acquire_patiently().await.keep();
+        let kept = Box::pin(self.acquire_patiently()).await.keep();
         let token = kept.token();
         let outcome = tokio::select! {
             out = job(token) => Some(out),
@@ -283,10 +283,12 @@ impl Lease {
     {
         let interval = interval.max(Duration::from_millis(1));
         loop {
-            let kept = self.acquire_patiently().await.keep();
+            // Boxed, as each step below: the futures of scripts nest deeply, and the whole loop
+            // unboxed can exceed the compiler's query depth limit in the app that awaits it.
+            let kept = Box::pin(self.acquire_patiently()).await.keep();
             let token = kept.token();
             tracing::debug!(lease = %self.name, %token, "holding the lease");
-            let wait = match self.until_due(interval).await {
+            let wait = match Box::pin(self.until_due(interval)).await {
                 Ok(wait) => wait,
                 Err(e) => {
                     tracing::warn!(lease = %self.name, "reading the schedule: {e}");
@@ -305,7 +307,7 @@ impl Lease {
                 if !kept.is_held() {
                     break;
                 }
-                match self.mark_run(token).await {
+                match Box::pin(self.mark_run(token)).await {
                     Ok(true) => {}
                     Ok(false) => break,
                     // Unknown whether it was recorded: run anyway (the lease is held, the

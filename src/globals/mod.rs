@@ -493,12 +493,11 @@ impl Group {
             .arg(token.get())
             .arg(op)
             .arg(value);
-        let (written, result): (i64, i64) = self
-            .client()
-            .run(true, |mut c| async move {
-                invocation.invoke_async(&mut c).await
-            })
-            .await?;
+        // Boxed: a script's future nests deeply (see `rate_limit`'s check).
+        let (written, result): (i64, i64) = Box::pin(self.client().run(true, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        }))
+        .await?;
         Ok((written == 1).then_some(result))
     }
 

@@ -230,11 +230,12 @@ impl RateLimiter {
             .arg(inner.quota.interval_micros())
             .arg(inner.quota.burst)
             .arg(cost);
-        let (allowed, remaining, retry_after, reset): (i64, i64, i64, i64) = inner
-            .client
-            .run(true, |mut c| async move {
+        // Boxed: the script's future nests deeply, and without the box an app's handler future
+        // that awaits a check can exceed the compiler's query depth limit.
+        let (allowed, remaining, retry_after, reset): (i64, i64, i64, i64) =
+            Box::pin(inner.client.run(true, |mut c| async move {
                 invocation.invoke_async(&mut c).await
-            })
+            }))
             .await?;
         let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         Ok(Decision {
