@@ -10,7 +10,7 @@
 //! | a lease's token counter | `{prefix}:l:{<name>}:fence` | string: the last token handed out (no TTL) |
 //! | when `Lease::every` last ran its job | `{prefix}:l:{<name>}:last` | string: µs of Redis' clock |
 //! | a fenced variable's mark | `{prefix}:f:{<group>}:<name>` | string: the highest fencing token that wrote the variable |
-//! | a rate limit of one key | `{prefix}:rl:<limiter>:{<hex(key)>}` | string: GCRA's theoretical arrival time (µs of Redis' clock), expiring when it no longer matters |
+//! | a rate limit of one key | `{prefix}:rl:<limiter>:{<hex(key)>}` (`{h<hex(sha256(key))>}` for keys over 32 bytes) | string: GCRA's theoretical arrival time (µs of Redis' clock), expiring when it no longer matters |
 //!
 //! `{prefix}` is [`Config::prefix`](crate::Config::prefix) (`herd` by default); globals and channels
 //! may use a prefix of their own ([`Globals::with_prefix`](crate::Globals::with_prefix)).
@@ -135,11 +135,23 @@ impl Keys {
     /// app derives from a request never reaches Redis raw). The key is the hash tag, so clients
     /// spread over a cluster's slots.
     pub(crate) fn rate_limit(&self, limiter: &str, key: &[u8]) -> String {
+        // A key longer than a SHA-256 digest (a whole header, say) is replaced by its digest, so
+        // that a client cannot make herd build huge key names; digests start with `h`, which no
+        // hex encoding does, so they never collide with a short key.
+        let digest;
+        let (mark, key) = if key.len() > 32 {
+            use sha2::Digest as _;
+            digest = sha2::Sha256::digest(key);
+            ("h", digest.as_slice())
+        } else {
+            ("", key)
+        };
         let mut out = String::with_capacity(self.prefix.len() + limiter.len() + 8 + key.len() * 2);
         out.push_str(&self.prefix);
         out.push_str(":rl:");
         out.push_str(limiter);
         out.push_str(":{");
+        out.push_str(mark);
         const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in key {
             out.push(char::from(HEX[usize::from(b >> 4)]));
@@ -257,6 +269,9 @@ mod tests {
             "app:rl:login:{312e322e332e34}"
         );
         assert_eq!(keys.rate_limit("login", b""), "app:rl:login:{}");
+        let long = keys.rate_limit("login", &[b'x'; 33]);
+        assert!(long.starts_with("app:rl:login:{h") && long.len() == "app:rl:login:{h}".len() + 64);
+        assert_ne!(long, keys.rate_limit("login", &[b'x'; 34]));
     }
 
     #[test]

@@ -42,8 +42,9 @@
 //!
 //! # Keys in Redis
 //! Limiter `name`, client key `k`: `{prefix}:rl:name:{hex(k)}`, one string (the GCRA state) that
-//! expires as soon as the client is back to a full burst. Keys from requests are hex-encoded, so
-//! nothing a client sends reaches a key name raw.
+//! expires as soon as the client is back to a full burst. Keys from requests are hex-encoded (and
+//! replaced by their SHA-256 over 32 bytes), so nothing a client sends reaches a key name raw and
+//! no client can make a key name long.
 
 mod layer;
 
