@@ -205,7 +205,8 @@ impl RateLimiter {
     }
 
     /// [`check`](Self::check) for a request that costs `cost` units (at least 1): allowed only if
-    /// all of them are available, and then all are counted.
+    /// all of them are available, and then all are counted. A cost over the quota's burst is
+    /// never allowed.
     ///
     /// # Errors
     /// As [`check`](Self::check).
