@@ -60,6 +60,7 @@
 //! | [`atomic`](Group::atomic)`…apply` | `MULTI … EXEC` | 1 | a transaction, sent as one pipeline |
 //! | [`update`](Group::update) | `WATCH`+`MGET`, then `MULTI … EXEC` | 2 per attempt, on a pooled connection (+1 `UNWATCH`+`PING` the pool sends when it hands out an idle connection) | optimistic: `EXEC` fails if a watched variable changed |
 //! | [`set_if_absent`](Group::set_if_absent) | `SET NX [PX]` | 1 | one command |
+//! | [`hash`](Group::hash)`…get/set/incr/delete/get_all` | `HGET` / `HSET` / `HINCRBY` / `HDEL` / `HGETALL` on one variable | 1 | one command |
 //! | [`set_fenced`](Group::set_fenced), [`incr_fenced`](Group::incr_fenced) | one script | 1 | a script: token check and write in one step |
 //! | [`Channel::publish`] | `PUBLISH` | 1 | — |
 //!
@@ -113,6 +114,7 @@
 
 mod atomic;
 mod channel;
+mod hash;
 pub mod lease;
 mod update;
 
@@ -128,6 +130,7 @@ use crate::keys::{validate_name, validate_prefix, Keys};
 
 pub use self::atomic::{AtomicWrites, Outcome};
 pub use self::channel::{Channel, Received, Subscription};
+pub use self::hash::Hash;
 pub use self::lease::{FencingToken, KeptLease, Lease, LeaseGuard};
 pub use self::update::UpdateError;
 
