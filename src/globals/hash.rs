@@ -31,7 +31,7 @@ pub struct Hash {
 }
 
 impl Group {
-    /// The variable `name` of this group as a typed hash (see [`Hash`]).
+    /// The variable `name` of this group as a typed hash (see [`Hash`](struct@Hash)).
     ///
     /// # Errors
     /// [`Error::InvalidName`] unless the name is 1–128 characters of
