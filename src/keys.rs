@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | a session | `{prefix}:s:{<id>}` | hash: one field per session key, plus meta fields starting with `$` |
 //! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → until when it is listed (unix ms; the session's TTL never runs past it) |
-//! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
+//! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters); a hash for [`Group::hash`](crate::globals::Group::hash) (one JSON value per field) |
 //! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
 //! | a lease | `{prefix}:l:{<name>}` | string: the fencing token of the holder, with the lease's TTL |
 //! | a lease's token counter | `{prefix}:l:{<name>}:fence` | string: the last token handed out (no TTL) |
