@@ -91,6 +91,7 @@ async fn a_lost_reply_is_outcome_unknown_for_writes_and_unavailable_for_reads() 
     }
 }
 
+#[cfg(feature = "cluster")]
 #[tokio::test]
 async fn on_a_cluster_commands_reach_the_node_of_their_slot() {
     let cluster = support::cluster::RedisCluster::start();

@@ -730,6 +730,7 @@ fn a_redis_restart_hands_the_lease_on_with_a_greater_token() {
     h.assert_fenced_order(&since);
 }
 
+#[cfg(feature = "cluster")]
 #[test]
 fn processes_on_a_redis_cluster_hold_one_at_a_time() {
     let _serial = launcher_support::serial();
@@ -758,6 +759,8 @@ fn processes_on_a_redis_cluster_hold_one_at_a_time() {
     );
 }
 
+/// Needs the `herd` binary (`cli` feature).
+#[cfg(feature = "cli")]
 #[test]
 fn a_rolling_reload_under_the_launcher_keeps_one_holder_at_a_time() {
     let _serial = launcher_support::serial();

@@ -348,6 +348,7 @@ fn a_process_whose_clock_is_an_hour_ahead_sees_the_same_budget() {
     assert_eq!((on_time[0], ahead[0], behind[0]), (100, 50, 0));
 }
 
+#[cfg(feature = "cluster")]
 #[test]
 fn on_a_redis_cluster_budgets_are_exact_per_key() {
     let cluster = support::cluster::RedisCluster::start();
