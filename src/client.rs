@@ -46,6 +46,7 @@ use crate::topology::Topology;
 
 #[cfg(feature = "cluster")]
 mod cluster;
+mod commands;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 

@@ -54,13 +54,15 @@ pub(crate) mod keys;
 #[cfg_attr(docsrs, doc(cfg(all(unix, feature = "launcher"))))]
 pub mod launcher;
 pub mod observe;
+pub mod rate_limit;
 pub mod session;
 pub(crate) mod topology;
 
 pub use crate::client::RedisClient;
 pub use crate::config::{Config, ConfigBuilder};
 pub use crate::error::{Error, Result};
-pub use crate::globals::Globals;
+pub use crate::globals::{FencingToken, Globals, Lease};
+pub use crate::rate_limit::{RateLimitLayer, RateLimiter};
 pub use crate::session::{Session, SessionLayer, SessionStore};
 
 /// Re-exported so users name the same versions herd uses.

@@ -339,11 +339,15 @@ impl Worker {
             let app = crate::observe::RequestsTotalLayer.layer(app);
             axum::serve(
                 listener,
-                axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+                axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                    crate::rate_limit::PeerAddr,
+                >(app),
             )
             .with_graceful_shutdown(drained)
             .await
         } else {
+            // With the peer address (`ConnectInfo`), for per-client rate limits.
+            let app = app.into_make_service_with_connect_info::<crate::rate_limit::PeerAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(drained)
                 .await
@@ -454,6 +458,16 @@ impl axum::serve::Listener for StopAccepting {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// The peer address of each connection, as `ConnectInfo<PeerAddr>` (axum implements
+/// `Connected` for `SocketAddr` on its own listeners only).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, StopAccepting>>
+    for crate::rate_limit::PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, StopAccepting>) -> Self {
+        crate::rate_limit::PeerAddr(*stream.remote_addr())
     }
 }
 
