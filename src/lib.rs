@@ -5,7 +5,8 @@
 //! | module | what it gives | start with |
 //! |---|---|---|
 //! | [`session`] | a tower layer and an extractor: lazy, one round trip per read or write, only changed fields written, never resurrecting a destroyed session, signed cookies | [`SessionLayer`], [`Session`] |
-//! | [`globals`] | process-global variables in Redis: typed `get`/`set`/`incr`, `MULTI`/`EXEC` groups, optimistic read-modify-write, broadcast channels | [`Globals`] |
+//! | [`globals`] | process-global variables in Redis: typed `get`/`set`/`incr`, `MULTI`/`EXEC` groups, optimistic read-modify-write, broadcast channels; leases with fencing tokens for run-once jobs | [`Globals`], [`Lease`] |
+//! | [`rate_limit`] | a rate limit shared by every worker and host: one script per request, `429` with `Retry-After` and `RateLimit` headers | [`RateLimitLayer`], [`RateLimiter`] |
 //! | [`launcher`] | N worker processes on one socket: restarts, rolling reload, scaling, systemd (Unix) | [`launcher::Launcher`] |
 //! | [`client`], [`config`] | the Redis connection sessions and globals share, on one server, Redis Cluster or Sentinel, with TLS | [`RedisClient`], [`Config`] |
 //! | [`error`] | one error type, and how each error becomes an HTTP response | [`Error`] |
@@ -82,4 +83,9 @@ mod guides {
     #[cfg(unix)]
     #[doc = include_str!("../docs/launcher.md")]
     struct Launcher;
+    #[doc = include_str!("../docs/coordination.md")]
+    struct Coordination;
+    #[cfg(unix)]
+    #[doc = include_str!("../docs/several-machines.md")]
+    struct SeveralMachines;
 }
