@@ -14,7 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::cookie as codec;
-use super::store::Expiry;
+use super::timing::Expiry;
 use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
 use crate::client::RedisClient;
 
@@ -306,10 +306,10 @@ where
         let fut = async move {
             let mut res = inner.await?;
             let committed = match session.commit_if_clean() {
-                Some(action) => Ok(action),
+                Some(committed) => committed,
                 None => session.commit().await,
             };
-            finish(&settings, &mut res, committed);
+            finish(&settings, &mut res, committed, &session);
             Ok(res)
         };
         ResponseFuture {
@@ -344,6 +344,7 @@ pin_project_lite::pin_project! {
         Committing {
             commit: Pin<Box<dyn Future<Output = crate::Result<CookieAction>> + Send>>,
             res: Option<Response>,
+            session: Session,
             settings: Arc<Settings>,
         },
         // With the request's tracing span enabled.
@@ -379,21 +380,27 @@ where
                         Poll::Ready(Ok(res)) => res,
                     };
                     // Untouched or read-only: settled at once, without a future.
-                    if let Some(action) = session.commit_if_clean() {
-                        finish(settings, &mut res, Ok(action));
+                    if let Some(committed) = session.commit_if_clean() {
+                        finish(settings, &mut res, committed, session);
                         return Poll::Ready(Ok(res));
                     }
                     let session = session.clone();
                     let settings = settings.clone();
+                    let commit = {
+                        let session = session.clone();
+                        Box::pin(async move { session.commit().await })
+                    };
                     self.as_mut().project().kind.set(Kind::Committing {
-                        commit: Box::pin(async move { session.commit().await }),
+                        commit,
                         res: Some(res),
+                        session,
                         settings,
                     });
                 }
                 KindProj::Committing {
                     commit,
                     res,
+                    session,
                     settings,
                 } => {
                     let committed = match commit.as_mut().poll(cx) {
@@ -401,7 +408,7 @@ where
                         Poll::Ready(committed) => committed,
                     };
                     let mut res = res.take().expect("ResponseFuture polled after completion");
-                    finish(settings, &mut res, committed);
+                    finish(settings, &mut res, committed, session);
                     return Poll::Ready(Ok(res));
                 }
                 KindProj::Observed { fut } => return fut.as_mut().poll(cx),
@@ -411,14 +418,20 @@ where
 }
 
 /// Puts the commit's outcome on the response: the cookie to set or remove, or the error (a failed
-/// save never reports success).
-fn finish(settings: &Settings, res: &mut Response, committed: crate::Result<CookieAction>) {
+/// save never reports success). A session that ended loses its cookie, unless its id was cycled
+/// away: the browser may already hold the new id's cookie, which a removal would delete.
+fn finish(
+    settings: &Settings,
+    res: &mut Response,
+    committed: crate::Result<CookieAction>,
+    session: &Session,
+) {
     match committed {
         Ok(action) => apply_cookie(settings, res, action),
         Err(e) => {
             let gone = e.is_session_gone();
             *res = e.into_response();
-            if gone {
+            if gone && !session.is_cycled_away() {
                 apply_cookie(settings, res, CookieAction::Remove);
             }
         }
