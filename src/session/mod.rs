@@ -28,16 +28,38 @@
 //!   [`set_owner`](Session::set_owner) only record a change. After the handler, the changes are applied
 //!   in one round trip, *before the response leaves*: the visitor's next request, on any worker, reads
 //!   its own writes. Only changed fields are written, so two concurrent requests of one visitor that
-//!   change different keys both keep their change. A write after a read (the request knows the
-//!   session's timing and size) is a plain pipeline (`HSET`/`HDEL`, `PEXPIRE`, `HEXISTS`); every other
-//!   write is one Lua script that checks before it writes.
+//!   change different keys both keep their change.
+//! * **Planned, then executed.** After the handler (or at an `incr`) a pure planner turns the buffered
+//!   changes and what the request knows of the stored session into one write plan; the store runs it
+//!   as one Lua script that checks, then writes, atomically; its reply (the id, the timing record, the
+//!   owner, the counter) replaces the request's view of the session. So a later write in the same
+//!   request works from what Redis holds, never from a stale copy.
 //! * **Never resurrect.** A save into a session that was destroyed (logout in another tab) or expired
-//!   while the request ran keeps nothing (a pipeline that lands after a destroy leaves a hash without
-//!   the timing record, which no read accepts and which is deleted at once). If the handler had read
-//!   the session, the response becomes `409` ([`Error::SessionGone`]); if it only wrote blindly, the
-//!   changes go into a fresh session with a fresh id.
+//!   while the request ran keeps nothing. If the handler had read the session, the response becomes
+//!   `409` ([`Error::SessionGone`](crate::Error::SessionGone)) and removes the cookie; if it only
+//!   wrote blindly, the changes go into a fresh session with a fresh id.
 //! * **Atomic counters.** [`incr`](Session::incr) runs `HINCRBY` in Redis at once (with any buffered
-//!   changes, still one round trip) and returns the new value.
+//!   changes, still one round trip) and returns the new value. An acknowledged increment was applied
+//!   exactly once; a lost reply is [`OutcomeUnknown`](crate::Error::OutcomeUnknown) (it may have
+//!   been applied: do not repeat it), never `Unavailable`.
+//!
+//! # Logins and concurrent requests
+//! [`cycle_id`](Session::cycle_id) moves the session to a fresh id and leaves under the old id a
+//! **tombstone** for one minute: no data and no pointer to the new id, so a fixated pre-login id
+//! gains nothing. A request that carries the old id and meets the tombstone (it reads, writes,
+//! increments or logs out after the login moved the session, e.g. an XHR fired before the login's
+//! response arrived) gets `409` ([`Error::SessionGone`](crate::Error::SessionGone)) **without any
+//! `Set-Cookie`**: it neither deletes the login's cookie nor replaces it with a fresh session's, and
+//! nothing it buffered is written anywhere. Within that minute no request creates a fresh session
+//! for the old id. So a login is never undone by a request that started before it; the browser's
+//! next request carries the new cookie. (After the minute the old id is an unknown id: ignored, as
+//! any cookie that names no session.)
+//!
+//! The guarantees, for concurrent requests of one visitor and "log out everywhere" from elsewhere:
+//! every write is all or nothing; a destroyed or expired session is never resurrected; the TTL of
+//! every write follows the idle timeout stored in the session (its own, if one was set) and never
+//! runs past the absolute deadline or the owner index's coverage; each acknowledged `incr` counts
+//! once; a login is never undone by an earlier-started request.
 //!
 //! | handler does | Redis round trips |
 //! |---|---|
@@ -46,7 +68,7 @@
 //! | writes without reading | 1 |
 //! | reads, then writes | 2 |
 //! | `incr` | 1 |
-//! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 |
+//! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 (a cycle on a Redis Cluster: 3) |
 //!
 //! # Cookies
 //! Signed with the configured key ([`Config`](crate::Config)), `HttpOnly`, `SameSite=Lax`, `Path=/`,
@@ -66,7 +88,8 @@
 //!
 //! # Owners: log out everywhere
 //! [`Session::set_owner`] ties a session to a user id; [`SessionStore::destroy_owner`] destroys every
-//! session of that user, in two round trips, without scanning keys. The index is a sorted set of
+//! session of that user, in two round trips, without scanning keys (a login that races it on a
+//! cluster notices and removes its new session). The index is a sorted set of
 //! session ids, each listed until a time its session cannot outlive: an owned session's TTL is
 //! capped at its index entry, and while the session is used its entry is pushed forward (to `7/4`
 //! of the idle timeout ahead, when less than `5/4` is left; off the request's path, about once per
@@ -75,9 +98,11 @@
 //! also takes it out of the index in the same round trip.
 
 mod cookie;
+mod cycle;
 mod fields;
 mod handle;
 mod layer;
+mod owners;
 mod plan;
 pub(crate) mod store;
 mod timing;
@@ -119,8 +144,9 @@ impl SessionStore {
     /// Returns how many sessions were deleted. Two round trips, whatever the number of sessions.
     ///
     /// # Errors
-    /// [`Error::InvalidName`] for an empty or over-long owner; [`Error::Unavailable`] /
-    /// [`Error::OutcomeUnknown`] when Redis does not answer.
+    /// [`Error::InvalidName`](crate::Error::InvalidName) for an empty or over-long owner;
+    /// [`Error::Unavailable`](crate::Error::Unavailable) /
+    /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) when Redis does not answer.
     pub async fn destroy_owner(&self, owner: &str) -> Result<usize> {
         store::destroy_owner(&self.client, owner).await
     }

@@ -8,7 +8,7 @@
 //!   timeout in ms (empty: the layer's), and until when its owner's index lists it (empty: no owner).
 //!   One field, so that a read (`HGETALL`) and an `incr` (`HGET $c`) learn all of it at once;
 //! * `$o`, the owner ("log out everywhere");
-//! * `$m`, only on a cluster while the id is being cycled (see [`cycle_across_slots`]);
+//! * `$m`, only on a cluster while the id is being cycled (see `cycle::cycle_across_slots`);
 //! * `$t`, alone in the hash: the **tombstone** of an id that was cycled away (see `save.lua`).
 //!
 //! Every write of a session's data is one run of the save script ([`execute`]): it checks the
@@ -19,15 +19,17 @@
 //! for an owned session, past the time its owner's index lists it until: the index always knows
 //! every live session of its owner, and it never outlives them by more than one idle timeout
 //! (entries are pushed forward by `7/4` of the idle timeout when less than `5/4` of it is left, off
-//! the request's path — see [`bump_index`]).
+//! the request's path — see `owners::bump_index`).
 
 use std::sync::LazyLock;
 
 use redis::{Cmd, Pipeline, Script, Value};
 
+use super::cycle::cycle_across_slots;
 use super::fields::Fields;
+pub(crate) use super::owners::{add_owner_index, bump_index, destroy_owner};
 pub(crate) use super::plan::{Delta, IfGone, SaveMode, SavePlan};
-use super::timing::{index_target, ms, now_ms, Expiry, Timing};
+use super::timing::{ms, now_ms, Expiry, Timing};
 use crate::client::RedisClient;
 use crate::error::{Error, Result};
 use crate::keys::SessionId;
@@ -38,14 +40,6 @@ use crate::keys::SessionId;
 /// meanwhile must not be resurrected, an id must not be taken twice, and nothing may be written when
 /// a check (size, integer) fails. All checks run before the first write.
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
-
-/// First step of a cycle on a Redis Cluster: marks the old session as moving and reads it (see
-/// [`cycle_across_slots`]).
-const TAKE_SOURCE: &str = include_str!("take.lua");
-
-/// Last step of a cycle on a Redis Cluster: the old key becomes a tombstone (see
-/// [`cycle_across_slots`]).
-const SETTLE_SOURCE: &str = include_str!("settle.lua");
 
 /// A logout: deletes a session unless its id was cycled away (rare enough for `EVAL` with the source).
 const DESTROY_SOURCE: &str = include_str!("destroy.lua");
@@ -169,7 +163,7 @@ pub(crate) async fn touch(client: &RedisClient, id: &SessionId, expiry: Expiry) 
 
 /// The save script on an existing session with no change: its TTL pushed back (and `touched`
 /// recorded), its index coverage moved to `index` if given.
-async fn save_nothing(
+pub(crate) async fn save_nothing(
     client: &RedisClient,
     id: &SessionId,
     expiry: Expiry,
@@ -190,44 +184,6 @@ async fn save_nothing(
     )
     .await?;
     Ok(())
-}
-
-/// Pushes an owned session's entry in its owner's index forward (to [`index_target`]), then lets the
-/// session live that long (the save script with nothing else to change: it also refreshes the
-/// idle timeout). Index first: a failure in between leaves the index covering more than the session,
-/// never less. `owner`, if not known, is read from the session. Runs off the request's path, at
-/// most about once per idle timeout and session.
-pub(crate) async fn bump_index(
-    client: &RedisClient,
-    id: &SessionId,
-    expiry: Expiry,
-    owner: Option<String>,
-    idle_ms: u64,
-) -> Result<()> {
-    let owner = match owner {
-        Some(owner) => owner,
-        None => {
-            let key = client.keys().session(id);
-            let owner: Option<String> = client
-                .run(false, |mut c| async move {
-                    redis::cmd("HGET")
-                        .arg(&key)
-                        .arg("$o")
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            match owner {
-                Some(owner) => owner,
-                None => return Ok(()),
-            }
-        }
-    };
-    let index = IndexUpdate {
-        owner: &owner,
-        until: index_target(now_ms(), idle_ms),
-    };
-    save_nothing(client, id, expiry, Some(index)).await
 }
 
 /// An owner index update sent with a save: the index lists the session until `until`, and the
@@ -291,7 +247,7 @@ pub(crate) enum Executed {
 /// Runs a [`SavePlan`] for the session `id` (`None`: none yet): one round trip (the save script,
 /// with the owner index update in the same pipeline on one server, alongside on a cluster), and
 /// reports what Redis now holds. More only where unavoidable: a cycle on a cluster (three, see
-/// [`cycle_across_slots`]); a blind cycle of an owned session on one server (the owner is learnt
+/// `cycle::cycle_across_slots`); a blind cycle of an owned session on one server (the owner is learnt
 /// from the save, the new id is listed in a second round trip); a blind write into a session that
 /// ended (a fresh session: the save again); an id collision (never in practice).
 ///
@@ -391,7 +347,7 @@ pub(crate) async fn execute(
 
 /// Applies a save in one round trip: the save script, plus the owner index update when the session
 /// (re)gets an id under an owner. On a cluster the index update (another slot) is sent alongside,
-/// not in the same pipeline, and cycling an id takes three round trips ([`cycle_across_slots`]).
+/// not in the same pipeline, and cycling an id takes three round trips (`cycle::cycle_across_slots`).
 pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
     if save.mode == SaveMode::Cycle && client.is_cluster() {
         return cycle_across_slots(client, save).await;
@@ -399,142 +355,8 @@ pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOut
     save_in_place(client, save).await
 }
 
-/// Cycles a session id on a Redis Cluster, where the old and new keys live in different slots, so
-/// neither `RENAME` nor one script may touch both. Three round trips, each on one slot:
-///
-/// 1. on the old key, a script checks the session exists, **marks** it as moving
-///    (field `$m` = the new id) and reads it (`take.lua`). From then on the old id is dead: loads see it as
-///    absent and saves into it answer "gone", exactly as after a destroy;
-/// 2. the session's data (the old fields with this request's changes applied) is written under the
-///    new id by the usual save script in `new` mode (all checks before any write), with the owner
-///    index update sent alongside;
-/// 3. the old key is deleted.
-///
-/// What a crash or a lost reply leaves: after 1, the old session is marked and unusable and the
-/// visitor is logged out — the marked key expires with its idle timeout; after 2, the new session is
-/// complete and the marked old key also just expires. Never two usable sessions, never the old id
-/// still valid after a login (no fixation). If step 2 refuses (too large, not an integer, id taken)
-/// nothing was written under the new id, and the mark is removed again: the old session is intact.
-async fn cycle_across_slots(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
-    let (Some(new_id), delta) = (save.new_id, save.delta) else {
-        return save_in_place(client, save).await;
-    };
-    let old_key = client.keys().session(save.id);
-    // EVAL with the source, not EVALSHA: logins are rare, and this way the first one on each node
-    // costs no NOSCRIPT round trip. A retry with the same new id is harmless (see take.lua).
-    let taken: Value = {
-        let take = redis::cmd("EVAL")
-            .arg(TAKE_SOURCE)
-            .arg(1)
-            .arg(&old_key)
-            .arg(new_id.as_str())
-            .to_owned();
-        client
-            .run(true, |mut c| async move { take.query_async(&mut c).await })
-            .await?
-    };
-    let old: Vec<(Vec<u8>, Vec<u8>)> = match taken {
-        Value::Nil => return Ok(SaveOutcome::Gone),
-        Value::Int(_) => return Ok(SaveOutcome::Cycled),
-        taken => redis::from_redis_value(taken).map_err(|e| Error::Redis(e.into()))?,
-    };
-
-    // The old session with this request's changes applied, as a save of a brand-new session.
-    let mut merged = Delta {
-        clear: false,
-        set: Vec::with_capacity(old.len() + delta.set.len()),
-        ..delta.clone()
-    };
-    merged.remove.clear();
-    let mut old_owner = None;
-    for (field, value) in old {
-        let Ok(field) = String::from_utf8(field) else {
-            continue; // not a name herd wrote (see `load`)
-        };
-        match field.strip_prefix('$') {
-            Some("o") => old_owner = Some(String::from_utf8_lossy(&value).into_owned()),
-            Some("c") if merged.idle_override_ms.is_none() => {
-                merged.idle_override_ms = Timing::parse(&value).and_then(|t| t.idle);
-            }
-            Some(_) => {}
-            None if delta.clear
-                || delta.remove.contains(&field)
-                || delta.set.iter().any(|(f, _)| *f == field) => {}
-            None => merged.set.push((field, value)),
-        }
-    }
-    merged.set.extend(delta.set.iter().cloned());
-    // An owned session keeps its owner, and its new id goes into the owner's index with it (the
-    // caller may not have known the owner: the take told).
-    if merged.owner.is_none() {
-        merged.owner = old_owner;
-    }
-    let idle = merged.idle_override_ms.unwrap_or(ms(save.expiry.idle));
-    let index = match (save.index, &merged.owner) {
-        (Some(index), _) => Some(index),
-        (None, Some(owner)) => Some(IndexUpdate {
-            owner,
-            until: index_target(now_ms(), idle),
-        }),
-        (None, None) => None,
-    };
-
-    let outcome = save_in_place(
-        client,
-        Save {
-            mode: SaveMode::New,
-            id: new_id,
-            new_id: None,
-            delta: &merged,
-            expiry: save.expiry,
-            max_bytes: save.max_bytes,
-            index,
-        },
-    )
-    .await?;
-    if !matches!(outcome, SaveOutcome::Applied { .. }) {
-        // Nothing was written under the new id: the old session stays valid.
-        let unmark = redis::cmd("HDEL").arg(&old_key).arg("$m").to_owned();
-        if let Err(e) = client
-            .run(true, |mut c| async move {
-                unmark.query_async::<i64>(&mut c).await
-            })
-            .await
-        {
-            // The old key stays marked (unusable) until it expires.
-            tracing::debug!(error = %e, "herd: could not unmark a session whose cycle was refused");
-        }
-        return Ok(outcome);
-    }
-    let settle = redis::cmd("EVAL")
-        .arg(SETTLE_SOURCE)
-        .arg(1)
-        .arg(&old_key)
-        .arg(new_id.as_str())
-        .to_owned();
-    match client
-        .run(true, |mut c| async move {
-            settle.query_async::<i64>(&mut c).await
-        })
-        .await
-    {
-        Ok(1) => {}
-        Ok(_) => {
-            // The old session was deleted while it moved ("log out everywhere" read the index
-            // before the new id was listed): the new one must not outlive that logout.
-            destroy_key(client, new_id).await?;
-            return Ok(SaveOutcome::Gone);
-        }
-        // The old key stays marked (unusable) until it expires; the new session is what counts.
-        Err(e) => {
-            tracing::debug!(error = %e, "herd: could not settle the old key of a cycled session")
-        }
-    }
-    Ok(outcome)
-}
-
 /// The save script on one key (plus the new key on a single server when cycling).
-async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
+pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
     let key = client.keys().session(save.id);
     let now = now_ms();
     let mut cmd = evalsha(&SAVE);
@@ -645,42 +467,6 @@ async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Result<SaveOutco
     })
 }
 
-/// Adds the commands that list `id` in `owner`'s index until `until` (unix ms): the member with
-/// `until` as score (never lowered: a concurrent push forward wins), members whose time has passed
-/// pruned, and the index's TTL pushed to its latest member, so that it never outlives the sessions
-/// it lists by more than their coverage (at most `7/4` of an idle timeout past their last activity).
-pub(crate) fn add_owner_index(
-    pipe: &mut Pipeline,
-    client: &RedisClient,
-    owner: &str,
-    id: &SessionId,
-    now: u64,
-    until: u64,
-) {
-    let index = client.keys().owner_index(owner);
-    pipe.cmd("ZADD")
-        .arg(&index)
-        .arg("GT")
-        .arg(until)
-        .arg(id.as_str())
-        .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(&index)
-        .arg("-inf")
-        .arg(now)
-        .ignore()
-        .cmd("PEXPIREAT")
-        .arg(&index)
-        .arg(until)
-        .arg("NX")
-        .ignore()
-        .cmd("PEXPIREAT")
-        .arg(&index)
-        .arg(until)
-        .arg("GT")
-        .ignore();
-}
-
 /// What a logout found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Destroyed {
@@ -732,7 +518,7 @@ pub(crate) async fn destroy(
 }
 
 /// Deletes a session's key, whatever it holds.
-async fn destroy_key(client: &RedisClient, id: &SessionId) -> Result<()> {
+pub(crate) async fn destroy_key(client: &RedisClient, id: &SessionId) -> Result<()> {
     let del = redis::cmd("DEL").arg(client.keys().session(id)).to_owned();
     client
         .run(
@@ -741,50 +527,6 @@ async fn destroy_key(client: &RedisClient, id: &SessionId) -> Result<()> {
         )
         .await?;
     Ok(())
-}
-
-/// Destroys every session of `owner` ("log out everywhere"): reads the owner's index, deletes each
-/// listed session and removes exactly those members (a session created meanwhile stays indexed).
-/// Two round trips whatever the number of sessions. Returns how many sessions existed and were
-/// deleted.
-pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<usize> {
-    crate::keys::validate_owner(owner)?;
-    let index = client.keys().owner_index(owner);
-    let ids: Vec<String> = {
-        let index = index.clone();
-        client
-            .run(false, |mut c| async move {
-                redis::cmd("ZRANGE")
-                    .arg(&index)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?
-    };
-    let ids: Vec<SessionId> = ids.iter().filter_map(|s| SessionId::parse(s)).collect();
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    // One DEL per key: keys of different sessions live in different cluster slots (run_each sends
-    // them as one pipeline on a single server, one command per slot at once on a cluster).
-    let mut cmds: Vec<Cmd> = ids
-        .iter()
-        .map(|id| redis::cmd("DEL").arg(client.keys().session(id)).to_owned())
-        .collect();
-    cmds.push(
-        redis::cmd("ZREM")
-            .arg(&index)
-            .arg(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
-            .to_owned(),
-    );
-    let replies = client.run_each(true, cmds).await?;
-    Ok(replies
-        .iter()
-        .take(ids.len())
-        .filter(|v| matches!(v, Value::Int(n) if *n > 0))
-        .count())
 }
 
 /// An `EVALSHA` of `script` to which the caller appends numkeys, keys and args.
