@@ -103,6 +103,8 @@ mod fields;
 mod handle;
 mod layer;
 mod owners;
+#[doc(hidden)]
+pub mod pause;
 mod plan;
 pub(crate) mod store;
 mod timing;

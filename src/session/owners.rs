@@ -115,6 +115,7 @@ pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<u
         if ids.is_empty() {
             break;
         }
+        super::pause::at(super::pause::Step::DestroyOwner).await;
         // One DEL per key: keys of different sessions live in different cluster slots (run_each
         // sends them as one pipeline on a single server, one command per slot at once on a cluster).
         let mut cmds: Vec<Cmd> = ids

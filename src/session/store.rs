@@ -97,6 +97,7 @@ pub(crate) enum Found {
 /// to decide whether the idle timeout should be refreshed. One command instead of a pipeline of two
 /// is measurably cheaper on the request's path (fewer replies to parse, no pipeline bookkeeping).
 pub(crate) async fn load(client: &RedisClient, id: &SessionId, expiry: Expiry) -> Result<Found> {
+    super::pause::at(super::pause::Step::Load).await;
     let key = client.keys().session(id);
     // Pairs, not a map, and names as bytes: they are sorted into `Loaded` right below; a name that
     // is not UTF-8 (herd never writes one) is skipped rather than making the session unreadable.
@@ -273,6 +274,7 @@ pub(crate) async fn execute(
             (SaveMode::Cycle, Some(id)) => (id, Some(SessionId::generate())),
             (SaveMode::Existing, Some(id)) => (id, None),
         };
+        super::pause::at(super::pause::Step::Save).await;
         let outcome = save(
             client,
             Save {
@@ -286,6 +288,7 @@ pub(crate) async fn execute(
             },
         )
         .await?;
+        super::pause::at(super::pause::Step::Saved).await;
         return Ok(match outcome {
             SaveOutcome::Gone if plan.if_gone == IfGone::StartFresh && attempts < 3 => {
                 if !plan.delta.has_content() {
@@ -484,6 +487,7 @@ pub(crate) async fn destroy(
     id: &SessionId,
     owner: Option<&str>,
 ) -> Result<Destroyed> {
+    super::pause::at(super::pause::Step::Destroy).await;
     let del = redis::cmd("EVAL")
         .arg(DESTROY_SOURCE)
         .arg(1)
