@@ -1864,3 +1864,31 @@ async fn a_request_racing_a_login_never_undoes_it() {
         assert_eq!(live_sessions(&app, &server).len(), 1, "{name}");
     }
 }
+
+/// Regression: the longest timeouts (`Duration::MAX`) neither overflow nor break a session.
+#[tokio::test]
+async fn the_longest_timeouts_work() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "longest", |l| {
+        l.with_idle_timeout(Duration::MAX)
+            .with_absolute_timeout(Duration::MAX)
+    });
+    let r = app.send("POST", "/login/max", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let cookie = r.cookie().expect("cookie");
+    for (method, path) in [
+        ("GET", "/get/user"),
+        ("POST", "/read-then-write/n"),
+        ("GET", "/incr/n"),
+        ("POST", &format!("/idle/{}", u64::MAX) as &str),
+        ("POST", "/set/k/v"),
+    ] {
+        let r = app.send(method, path, Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {:?}", r.body);
+    }
+    let (key, _) = app.only_session(&server);
+    let pttl: i64 = server.cmd(&["PTTL", &key]);
+    assert!(pttl > 24 * 3600 * 1000, "TTL {pttl}");
+    let r = app.send("GET", "/get/user", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": "max" }));
+}

@@ -403,11 +403,28 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
     let reply = match save.index {
         // One command on its own: cheaper than a pipeline, and Redis errors keep their codes.
         None => run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?,
+        Some(index) if client.is_cluster() && save.mode == SaveMode::Existing => {
+            // An existing session (a new owner, or its index pushed forward): the index (another
+            // slot) first, then the save, one after the other. A failed index update then leaves
+            // the session as it was (never deleted for it), and the index never lists less than
+            // the session's record says. Two round trips, only for this rare write.
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
+            client
+                .run(
+                    true,
+                    |mut c| async move { pipe.query_async::<()>(&mut c).await },
+                )
+                .await?;
+            run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?
+        }
         Some(index) if client.is_cluster() => {
-            // The index lives in another slot: sent alongside, at the same time (one round trip
-            // of latency), so their order is not known. If the index update fails, a session the
-            // save did write must not live unlisted: it is removed again and the save reported failed.
-            // Atomic, so that a refusal during resharding (MOVED, ASK) can be re-sent safely.
+            // A new id (created or cycled): the index lives in another slot, sent alongside, at the
+            // same time (one round trip of latency), so their order is not known. If the index
+            // update fails, the new session the save wrote must not live unlisted: it is removed
+            // again and the save reported failed. Atomic, so that a refusal during resharding
+            // (MOVED, ASK) can be re-sent safely.
             let mut pipe = redis::pipe();
             pipe.atomic();
             add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
