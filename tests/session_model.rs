@@ -204,7 +204,16 @@ fn snapshot(redis: &TestRedis, prefix: &str, what: &str) -> Snapshot {
         .as_millis() as u64;
     let mut live = Vec::new();
     for k in redis.keys(&format!("{prefix}:s:*")) {
-        let fields: std::collections::HashMap<String, String> = redis.cmd(&["HGETALL", &k]);
+        // The record and the TTL of one moment: a background refresh (not held by the scheduler)
+        // may land between two reads; read again until the record did not change around the PTTL.
+        let (fields, pttl) = loop {
+            let before: std::collections::HashMap<String, String> = redis.cmd(&["HGETALL", &k]);
+            let pttl: i64 = redis.cmd(&["PTTL", &k]);
+            let after: Option<String> = redis.cmd(&["HGET", &k, "$c"]);
+            if before.get("$c") == after.as_ref() {
+                break (before, pttl);
+            }
+        };
         let Some(record) = fields.get("$c") else {
             // Not a session: only a tombstone (or a cluster cycle's mark) may be here.
             let names: HashSet<&str> = fields.keys().map(String::as_str).collect();
@@ -229,7 +238,6 @@ fn snapshot(redis: &TestRedis, prefix: &str, what: &str) -> Snapshot {
         if let (Some(indexed), true) = (num(3), fields.contains_key("$o")) {
             limit = limit.min(indexed.saturating_sub(now));
         }
-        let pttl: i64 = redis.cmd(&["PTTL", &k]);
         assert!(pttl > 0, "{what}: {k} has no TTL ({pttl})");
         // Slack for the time since the write (and clock reads of the two processes).
         assert!(
@@ -370,10 +378,11 @@ async fn run_case(
             );
         }
         if let Some(set) = &reply.set_cookie {
-            browser = set
-                .ends_with('=')
-                .then_some(None)
-                .unwrap_or(Some(set.clone()));
+            browser = if set.ends_with('=') {
+                None
+            } else {
+                Some(set.clone())
+            };
         }
         // A login: this request cycled the visitor's (live) session; its old key is a tombstone.
         let cycled = p.existing
@@ -464,7 +473,7 @@ fn cases() -> u32 {
         .unwrap_or(48)
 }
 
-fn run_model(redis: TestRedis) {
+fn run_model(redis: &TestRedis) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -479,7 +488,7 @@ fn run_model(redis: TestRedis) {
     });
     let result = runner.run(&program(), |p| {
         let case = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        rt.block_on(run_case(&redis, case, &p, &coverage))
+        rt.block_on(run_case(redis, case, &p, &coverage))
     });
     if let Err(e) = result {
         panic!("{e}");
@@ -501,11 +510,11 @@ fn run_model(redis: TestRedis) {
 
 #[test]
 fn model_on_one_server() {
-    run_model(TestRedis::Single(support::RedisServer::start()));
+    run_model(&TestRedis::Single(support::RedisServer::start()));
 }
 
 #[cfg(feature = "cluster")]
 #[test]
 fn model_on_a_cluster() {
-    run_model(TestRedis::Cluster(support::cluster::RedisCluster::start()));
+    run_model(&TestRedis::Cluster(support::cluster::RedisCluster::start()));
 }
