@@ -23,7 +23,8 @@ pub(crate) struct Expiry {
 pub(crate) struct Timing {
     /// Start of the absolute timeout.
     pub(crate) created: u64,
-    /// When the TTL was last pushed back by a save (an `incr` pushes it without saying so).
+    /// When a save last wrote the timing record; a write of user fields only pushes the TTL back
+    /// without recording it, so the TTL may run later than `touched` says, never earlier.
     pub(crate) touched: u64,
     /// The session's own idle timeout, ms.
     pub(crate) idle: Option<u64>,
