@@ -47,6 +47,18 @@ local first_del = first_set + 2 * nset
 
 local gone = {0, 0, false, false, false}
 local tombstone_ms = 60000
+
+-- HINCRBY of the session's key, checked by Redis itself (it refuses a non-integer and writes
+-- nothing): the new value, or nil and the reply to give. Only "not an integer" is the caller's
+-- mistake; anything else (READONLY, OOM, ...) goes back to the client as the error it is.
+local function incr_checked()
+  local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'not an integer', 1, true) then return nil, {4, 0, false, false, false} end
+    return nil, redis.error_reply(r.err)
+  end
+  return r
+end
 local created = now
 local session_idle = nil
 local indexed = nil
@@ -77,12 +89,9 @@ else
     if ttl <= 0 then return gone end
     local n = 0
     if incr_field ~= '' then
-      local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
-      if type(r) == 'table' and r.err then
-        if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false, false, false} end
-        return redis.error_reply(r.err)
-      end
-      n = r
+      local refused
+      n, refused = incr_checked()
+      if refused then return refused end
     end
     if nset > 0 then redis.call('HSET', key, unpack(ARGV, first_set, first_del - 1)) end
     if first_del <= #ARGV then redis.call('HDEL', key, unpack(ARGV, first_del, #ARGV)) end
@@ -141,14 +150,9 @@ end
 -- Checks done: write.
 local n = 0
 if incr_first then
-  local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
-  if type(r) == 'table' and r.err then
-    -- Only "not an integer" is the caller's mistake; anything else (READONLY, OOM, ...) goes back
-    -- to the client as the error it is. Nothing has been written either way.
-    if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false, false, false} end
-    return redis.error_reply(r.err)
-  end
-  n = r
+  local refused
+  n, refused = incr_checked()
+  if refused then return refused end
 end
 if mode == 'cycle' then
   redis.call('RENAME', key, KEYS[2])
