@@ -1892,3 +1892,27 @@ async fn the_longest_timeouts_work() {
     let r = app.send("GET", "/get/user", Some(&cookie)).await;
     assert_eq!(r.body, json!({ "value": "max" }));
 }
+
+/// Regression: a slower request that read the session before another request shortened its idle
+/// timeout ("sudo mode") does not lengthen the TTL again when it writes.
+#[tokio::test]
+async fn a_stale_request_never_overrides_a_shorter_idle_timeout() {
+    let server = RedisServer::start();
+    let app = App::with(&server, "sudo", |l| {
+        l.with_idle_timeout(Duration::from_secs(3600))
+    });
+    let cookie = new_session(&app).await;
+    let slow = spawn_request(&app, "/slow-read-write?ms=400", &cookie);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = app.send("POST", "/idle/5000", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let late = slow.await.expect("task");
+    assert_eq!(late.status, StatusCode::OK, "{:?}", late.body);
+    let (key, fields) = app.only_session(&server);
+    assert_eq!(timing_part(&fields, 2).as_deref(), Some("5000"));
+    let pttl: i64 = server.cmd(&["PTTL", &key]);
+    assert!(
+        (1..=5000).contains(&pttl),
+        "TTL {pttl} ms: the stale request's write restored the longer idle timeout"
+    );
+}
