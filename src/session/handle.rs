@@ -181,7 +181,8 @@ impl Session {
     ///
     /// # Errors
     /// [`Error::Decode`] naming the key if the stored value is not a `T`; [`Error::Unavailable`] when
-    /// Redis does not answer in time.
+    /// Redis does not answer in time. [`Error::SessionGone`] when the cookie names an id that
+    /// was cycled away (see the [module docs](super)).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let mut state = self.state().await;
         if !state.clear && !state.changes.contains_key(key) {
@@ -211,7 +212,8 @@ impl Session {
     ///
     /// # Errors
     /// [`Error::Decode`] naming the key if a stored value is not JSON; [`Error::Unavailable`] when
-    /// Redis does not answer in time.
+    /// Redis does not answer in time. [`Error::SessionGone`] when the cookie names an id that
+    /// was cycled away (see the [module docs](super)).
     pub async fn entries(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
         let mut state = self.state().await;
         if !state.clear {
@@ -362,7 +364,8 @@ impl Session {
     /// The session's owner, if one was set (reads the session: one round trip if not loaded yet).
     ///
     /// # Errors
-    /// [`Error::Unavailable`] when Redis does not answer in time.
+    /// [`Error::Unavailable`] when Redis does not answer in time. [`Error::SessionGone`] when the cookie names an id that
+    /// was cycled away (see the [module docs](super)).
     pub async fn owner(&self) -> Result<Option<String>> {
         let mut state = self.state().await;
         if let Some(owner) = &state.owner {
@@ -386,7 +389,8 @@ impl Session {
     /// session if needed (one round trip).
     ///
     /// # Errors
-    /// [`Error::Unavailable`] when Redis does not answer in time.
+    /// [`Error::Unavailable`] when Redis does not answer in time. [`Error::SessionGone`] when the cookie names an id that
+    /// was cycled away (see the [module docs](super)).
     pub async fn is_empty(&self) -> Result<bool> {
         let mut state = self.state().await;
         self.ensure_loaded(&mut state).await?;

@@ -6,7 +6,7 @@
 //! * `$c`, the **timing record** `created:touched:idle:indexed` ([`Timing`]): when the session was
 //!   created (start of the absolute timeout), when its TTL was last pushed back, its own idle
 //!   timeout in ms (empty: the layer's), and until when its owner's index lists it (empty: no owner).
-//!   One field, so that a read (`HGETALL`) and an `incr` (`HGET $c`) learn all of it at once;
+//!   One field, so that a read (`HGETALL`) and the save script (`HMGET`) learn all of it at once;
 //! * `$o`, the owner ("log out everywhere");
 //! * `$m`, only on a cluster while the id is being cycled (see `cycle::cycle_across_slots`);
 //! * `$t`, alone in the hash: the **tombstone** of an id that was cycled away (see `save.lua`).
