@@ -41,7 +41,7 @@ pub async fn serve(
     if app == "herd-observed" {
         // As `Worker::serve` does under `--metrics`: the request counter around the whole router.
         use tower::Layer as _;
-        let router = herd::observe::CountRequests.layer(herd_app(redis_url, true).await?);
+        let router = herd::observe::RequestsTotalLayer.layer(herd_app(redis_url, true).await?);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(router);
         axum::serve(listener, service).await?;

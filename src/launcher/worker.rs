@@ -336,7 +336,7 @@ impl Worker {
             // Around the whole router, not `Router::layer` (which wraps every route in one more
             // boxed service: an allocation per request, measured at ~1 400 instructions).
             use tower_layer::Layer as _;
-            let app = crate::observe::CountRequests.layer(app);
+            let app = crate::observe::RequestsTotalLayer.layer(app);
             axum::serve(
                 listener,
                 axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
