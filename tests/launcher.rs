@@ -1155,3 +1155,90 @@ fn measure_restart_and_reload_times() {
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
 }
+
+#[test]
+fn a_hung_worker_is_killed_and_replaced_like_a_crash() {
+    let _serial = serial();
+    let mut m = Master::herd_run(
+        &["--workers", "2", "--hang-timeout", "1"],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let status = m.wait_online(2, START);
+    let victim = status.workers[0].pid.unwrap();
+    let other = status.workers[1].pid.unwrap();
+    // A stopped process runs nothing, its runtime included: the heartbeats stop as they do when
+    // every thread of the runtime is blocked (the flagship's /stall does that; see
+    // tests/flagship_stall.rs).
+    let stopped = Instant::now();
+    kill(victim, "STOP");
+    let s = wait_until("the hung worker replaced", Duration::from_secs(15), || {
+        let s = m.status()?;
+        let w = s.workers.iter().find(|w| w.index == 0)?;
+        (w.state == "online" && w.pid.is_some_and(|p| p != victim)).then_some(s)
+    });
+    let replaced = stopped.elapsed();
+    wait_until("the hung worker gone", Duration::from_secs(5), || {
+        (!alive(victim)).then_some(())
+    });
+    let gone = stopped.elapsed();
+    eprintln!("MEASURE hang: worker stopped -> replacement online {replaced:?}, killed {gone:?}");
+    let w0 = s.workers.iter().find(|w| w.index == 0).unwrap();
+    assert_eq!((w0.hangs, w0.restarts), (1, 1), "{s:?}");
+    assert!(
+        w0.last_exit
+            .as_deref()
+            .is_some_and(|e| e.starts_with("hung")),
+        "{s:?}"
+    );
+    let w1 = s.workers.iter().find(|w| w.index == 1).unwrap();
+    assert_eq!(
+        (w1.pid, w1.hangs),
+        (Some(other), 0),
+        "the other worker was not touched"
+    );
+    // The silence counts from the last heartbeat, up to one period (250 ms) before the stop;
+    // the upper bound is generous for a shared machine.
+    assert!(
+        replaced >= Duration::from_millis(750),
+        "judged too early: {replaced:?}"
+    );
+    assert!(replaced < Duration::from_secs(5), "{replaced:?}");
+    assert!(get(m.port(), "/").is_ok());
+    let table = Command::new(herd_bin())
+        .args(["status", "--socket"])
+        .arg(&m.socket)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("hangs"));
+    let out = m.output();
+    assert!(
+        out.contains(&format!("worker 0 (pid {victim}) hung")),
+        "{out}"
+    );
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}
+
+#[test]
+fn a_program_without_heartbeats_is_never_judged_hung() {
+    let _serial = serial();
+    // No herd protocol at all: counted ready after 0.1 s, never a heartbeat.
+    let mut m = Master::herd_run(
+        &[
+            "--workers",
+            "1",
+            "--ready-after",
+            "0.1",
+            "--hang-timeout",
+            "0.2",
+        ],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    let pid = m.wait_online(1, START).workers[0].pid.unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = m.status().unwrap();
+    assert_eq!(s.workers[0].pid, Some(pid), "{s:?}");
+    assert_eq!((s.workers[0].hangs, s.workers[0].restarts), (0, 0), "{s:?}");
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}

@@ -85,6 +85,10 @@ struct RunArgs {
     /// Seconds a stopping worker may take to finish in-flight requests before SIGKILL.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     drain_timeout: Duration,
+    /// Seconds without a heartbeat after which a worker is hung: killed and replaced
+    /// (0: never; only workers built with herd::launcher send heartbeats).
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    hang_timeout: Duration,
     /// Seconds a stopping host keeps serving while its workers report draining (lame duck),
     /// so that a load balancer's health checks move traffic away first (default: none, or
     /// HERD_LAME_DUCK_MS).
@@ -175,6 +179,7 @@ impl RunArgs {
         let mut l = Launcher::new()
             .bind(self.bind.clone())
             .drain_timeout(self.drain_timeout)
+            .hang_timeout(self.hang_timeout)
             .ready_timeout(self.ready_timeout)
             .max_restarts(self.max_restarts)
             .restart_backoff(self.restart_backoff)
@@ -223,6 +228,7 @@ impl RunArgs {
             name: _,
             socket,
             drain_timeout,
+            hang_timeout,
             lame_duck,
             ready_timeout,
             ready_after,
@@ -247,6 +253,7 @@ impl RunArgs {
             push("--socket", socket.to_string_lossy().into_owned());
         }
         push("--drain-timeout", fmt_secs(*drain_timeout));
+        push("--hang-timeout", fmt_secs(*hang_timeout));
         if let Some(s) = lame_duck {
             push("--lame-duck", fmt_secs(*s));
         }

@@ -88,8 +88,12 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// Seconds since the worker started.
     pub uptime_secs: u64,
-    /// Restarts of this slot after crashes.
+    /// Restarts of this slot after crashes (hung workers included).
     pub restarts: u32,
+    /// Workers of this slot killed and replaced because they hung (see
+    /// [`Launcher::hang_timeout`](super::Launcher::hang_timeout)).
+    #[serde(default)]
+    pub hangs: u32,
     /// Resident memory in bytes (from `/proc`).
     pub memory_bytes: Option<u64>,
     /// `online`, `starting`, `waiting` (backoff before a restart), `errored` (crash loop),
@@ -139,13 +143,13 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} state",
-            "index", "pid", "gen", "uptime", "restarts", "memory", "cpu", "req/s"
+            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} state",
+            "index", "pid", "gen", "uptime", "restarts", "hangs", "memory", "cpu", "req/s"
         )?;
         for w in &self.workers {
             writeln!(
                 f,
-                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} {}",
+                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} {}",
                 w.index,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -155,6 +159,7 @@ impl fmt::Display for Status {
                     "-".into()
                 },
                 w.restarts,
+                w.hangs,
                 human_bytes(w.memory_bytes),
                 w.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
                 w.requests_per_sec.map_or("-".into(), |r| format!("{r:.1}")),
@@ -288,6 +293,7 @@ mod tests {
                 generation: 2,
                 uptime_secs: 0,
                 restarts: 6,
+                hangs: 0,
                 memory_bytes: None,
                 state: "errored".into(),
                 last_exit: Some("exit code 1".into()),

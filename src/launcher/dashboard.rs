@@ -35,6 +35,7 @@ pub(crate) struct WorkerSnapshot {
     pub(crate) slot: usize,
     pub(crate) pid: u32,
     pub(crate) restarts: u32,
+    pub(crate) hangs: u32,
     pub(crate) rss: Option<u64>,
     pub(crate) cpu_secs: Option<f64>,
     /// The worker's latest Prometheus text, if it sends one.
@@ -275,6 +276,12 @@ impl Observer {
             "counter",
             "Restarts of the slot after crashes.",
             rows(&|w| Some(w.restarts.to_string())),
+        );
+        master(
+            "herd_worker_hangs_total",
+            "counter",
+            "Workers of the slot killed and replaced because their heartbeat stopped.",
+            rows(&|w| Some(w.hangs.to_string())),
         );
         master(
             "herd_worker_resident_memory_bytes",

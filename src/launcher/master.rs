@@ -28,6 +28,9 @@ use super::{spawn, systemd, Config, Error, Result};
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Resolution of deadlines (backoff, ready timeout, drain timeout).
 const TICK: Duration = Duration::from_millis(50);
+/// How long a hung worker gets between `SIGTERM` and `SIGKILL`: its runtime is stuck, so it
+/// rarely acts on the first, but a worker stuck in a blocking call of its own may still exit.
+const HANG_KILL_GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) fn run(config: Config, program: PathBuf, args: Vec<OsString>) -> Result<()> {
     // `herd run` itself socket-activated by systemd: keep that socket (it outlives master
@@ -51,6 +54,8 @@ pub(crate) fn run(config: Config, program: PathBuf, args: Vec<OsString>) -> Resu
 enum Event {
     Ready(u64),
     Recycle(u64),
+    /// A heartbeat: the worker's runtime runs.
+    Alive(u64),
     /// The worker's latest metrics, Prometheus text.
     Metrics(u64, String),
     Exited(u64, std::io::Result<ExitStatus>),
@@ -75,6 +80,9 @@ struct Proc {
     role: Role,
     kill_at: Option<Instant>,
     killed: bool,
+    /// The last heartbeat; `None` until the first, and a worker that never sends one is never
+    /// judged hung.
+    last_beat: Option<Instant>,
     /// The master's writing end of the worker's channel (`DRAINING`); shares the non-blocking
     /// mode that [`read_channel`] sets.
     channel: Option<std::os::unix::net::UnixStream>,
@@ -85,6 +93,8 @@ struct Slot {
     current: Option<u64>,
     generation: u64,
     restarts: u32,
+    /// Workers of this slot killed because they hung (also counted in `restarts`).
+    hangs: u32,
     failures: u32,
     restart_at: Option<Instant>,
     errored: bool,
@@ -359,6 +369,7 @@ async fn read_channel(
         let event = match line.trim() {
             "READY" | "READY=1" => Event::Ready(id),
             "RECYCLE" => Event::Recycle(id),
+            "ALIVE" => Event::Alive(id),
             // `METRICS "<Prometheus text as a JSON string>"`, once a second (feature `metrics`).
             other => match other.strip_prefix("METRICS ") {
                 Some(json) => match serde_json::from_str::<String>(json) {
@@ -517,6 +528,10 @@ impl Master {
         if let Some(n) = self.config.max_requests {
             env.push((super::ENV_MAX_REQUESTS, n.to_string()));
         }
+        if !self.config.hang_timeout.is_zero() {
+            let ms = u64::try_from(self.config.hang_timeout.as_millis()).unwrap_or(u64::MAX);
+            env.push((super::ENV_HANG_TIMEOUT_MS, ms.to_string()));
+        }
         if self.observer.is_some() {
             env.push((super::ENV_METRICS, "1".to_owned()));
         }
@@ -558,6 +573,7 @@ impl Master {
                 role,
                 kill_at: None,
                 killed: false,
+                last_beat: None,
                 channel: writer,
             },
         );
@@ -652,6 +668,11 @@ impl Master {
                         self.recycle_queue.insert(p.slot);
                         self.start_recycle();
                     }
+                }
+            }
+            Event::Alive(id) => {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.last_beat = Some(Instant::now());
                 }
             }
             Event::Metrics(id, text) => {
@@ -802,6 +823,7 @@ impl Master {
             self.stop();
             return;
         }
+        self.check_hung(now);
         // Ready deadline of a rolling replacement.
         if let Some((slot, _, deadline)) = self.rollout.as_ref().and_then(|r| r.candidate) {
             if deadline <= now {
@@ -852,6 +874,47 @@ impl Master {
                     }
                 }
                 self.start_recycle();
+            }
+        }
+    }
+
+    /// Kill and replace the serving workers whose heartbeats stopped for the hang timeout.
+    fn check_hung(&mut self, now: Instant) {
+        let timeout = self.config.hang_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        let hung: Vec<u64> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.role == Role::Current && p.kill_at.is_none())
+            .filter(|(_, p)| {
+                p.last_beat
+                    .is_some_and(|at| now.duration_since(at) >= timeout)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in hung {
+            let Some(p) = self.procs.get_mut(&id) else {
+                continue;
+            };
+            let (slot, pid, uptime) = (p.slot, p.pid, p.started.elapsed());
+            tracing::error!(
+                "herd: worker {slot} (pid {pid}) hung: no heartbeat for {:?}; killing it \
+                 (SIGTERM, SIGKILL after {HANG_KILL_GRACE:?}) and starting a replacement",
+                timeout
+            );
+            // Retiring: its exit is the end of a replaced worker, not one more crash.
+            p.role = Role::Retiring;
+            p.kill_at = Some(later(HANG_KILL_GRACE.min(self.config.drain_timeout)));
+            signal_group(pid, Signal::SIGTERM);
+            let Some(s) = self.slots.get_mut(&slot) else {
+                continue;
+            };
+            s.hangs += 1;
+            if s.current == Some(id) {
+                let why = format!("hung: no heartbeat for {:.1}s", timeout.as_secs_f64());
+                self.crashed(slot, uptime, &why);
             }
         }
     }
@@ -908,6 +971,7 @@ impl Master {
                 slot: p.slot,
                 pid: p.pid,
                 restarts: self.slots.get(&p.slot).map_or(0, |s| s.restarts),
+                hangs: self.slots.get(&p.slot).map_or(0, |s| s.hangs),
                 rss: rss(p.pid),
                 cpu_secs: dashboard::cpu_seconds(p.pid),
                 text: self.worker_metrics.get(id).cloned(),
@@ -967,6 +1031,7 @@ impl Master {
             generation: p.generation,
             uptime_secs: p.started.elapsed().as_secs(),
             restarts: s.map_or(0, |s| s.restarts),
+            hangs: s.map_or(0, |s| s.hangs),
             memory_bytes: rss(p.pid),
             state: state.into(),
             last_exit: s.and_then(|s| s.last_exit.clone()),
@@ -989,6 +1054,7 @@ impl Master {
                     generation: s.generation,
                     uptime_secs: 0,
                     restarts: s.restarts,
+                    hangs: s.hangs,
                     memory_bytes: None,
                     state: if s.errored { "errored" } else { "waiting" }.into(),
                     last_exit: s.last_exit.clone(),

@@ -41,6 +41,7 @@
 //! |---|---|
 //! | listening socket | fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the worker's pid (set through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, because the pid is only known after `fork` and setting the environment between `fork` and `exec` is not async-signal-safe) |
 //! | master channel | fd 4 (`HERD_MASTER_FD=4`), a unix stream socket: the worker writes `READY\n` (and `RECYCLE\n` to ask for a replacement); end-of-file means the master died, and the worker drains and exits |
+//! | heartbeat | `HERD_HANG_TIMEOUT_MS` when the master's [hang timeout](Launcher::hang_timeout) is on: the worker writes `ALIVE\n` four times per timeout (at most once a second) from a task on its runtime; a worker that sent one and then stays silent for the timeout is killed and replaced |
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
 //! | cookie key | `HERD_SECRET`: the master's own, checked at its start (a malformed key stops the master with a clear error) and passed through unchanged; when unset or blank, 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
@@ -106,7 +107,7 @@ use std::time::Duration;
 
 pub use control::{request, socket_path, Request, Response, Status, WorkerStatus};
 pub use systemd::{systemd_unit, UnitOptions};
-pub use worker::{healthz, is_draining, RequestCounter, RequestCounterService, Worker};
+pub use worker::{healthz, is_draining, MaxRequestsLayer, MaxRequestsService, Worker};
 
 /// Environment variable carrying the shared cookie key to every worker.
 pub const ENV_SECRET: &str = "HERD_SECRET";
@@ -120,6 +121,9 @@ pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
 pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
 /// Environment variable carrying the request limit after which a worker asks to be recycled.
 pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+/// Environment variable carrying the master's [hang timeout](Launcher::hang_timeout) in
+/// milliseconds, when it is on: the worker then sends heartbeats.
+pub const ENV_HANG_TIMEOUT_MS: &str = "HERD_HANG_TIMEOUT_MS";
 /// Environment variable read by [`Launcher::new`] as the default [lame-duck
 /// period](Launcher::lame_duck), in milliseconds.
 pub const ENV_LAME_DUCK_MS: &str = "HERD_LAME_DUCK_MS";
@@ -198,6 +202,7 @@ pub(crate) struct Config {
     pub(crate) name: Option<String>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) hang_timeout: Duration,
     pub(crate) lame_duck: Duration,
     pub(crate) ready_timeout: Duration,
     pub(crate) min_uptime: Duration,
@@ -240,6 +245,7 @@ impl Launcher {
                 name: None,
                 socket: None,
                 drain_timeout: Duration::from_secs(30),
+                hang_timeout: Duration::from_secs(30),
                 lame_duck: std::env::var(ENV_LAME_DUCK_MS)
                     .ok()
                     .and_then(|ms| ms.trim().parse().ok())
@@ -303,6 +309,24 @@ impl Launcher {
     /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// A worker whose runtime sent no heartbeat for this long is **hung**: the master kills it
+    /// (`SIGTERM`, then `SIGKILL` after a second) and starts a replacement, as after a crash
+    /// (logged as "hung", counted in `herd status`, the metrics and the dashboard). Zero turns
+    /// the check off. Default 30 s (Gunicorn's `--timeout`).
+    ///
+    /// The heartbeat is a task on the worker's own runtime, so a deadlock, a blocking call on
+    /// every runtime thread or a CPU loop stops it. Only workers that send heartbeats are judged:
+    /// programs built with [`Launcher::run`]; other programs under `herd run` never are.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let launcher = herd::launcher::Launcher::new().hang_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn hang_timeout(mut self, timeout: Duration) -> Self {
+        self.config.hang_timeout = timeout;
         self
     }
 

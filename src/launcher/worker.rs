@@ -14,8 +14,8 @@ use nix::sys::stat::{fstat, SFlag};
 use tokio::sync::watch;
 
 use super::{
-    systemd, Config, Error, Result, ENV_DRAIN_TIMEOUT_MS, ENV_GENERATION, ENV_MASTER_FD,
-    ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
+    systemd, Config, Error, Result, ENV_DRAIN_TIMEOUT_MS, ENV_GENERATION, ENV_HANG_TIMEOUT_MS,
+    ENV_MASTER_FD, ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
 };
 
 /// Between "stop accepting" and "close idle connections": a connection accepted just before the
@@ -24,6 +24,8 @@ const ACCEPT_GRACE: Duration = Duration::from_millis(500);
 
 /// The line the master writes on the channel when its lame-duck period begins.
 pub(crate) const DRAINING_LINE: &str = "DRAINING\n";
+/// The heartbeat line a worker writes on the channel when the master judges hung workers.
+pub(crate) const ALIVE_LINE: &str = "ALIVE\n";
 
 /// Whether this process's host is draining (a lame duck, see the [module
 /// docs](super#lame-duck-several-hosts-behind-a-load-balancer)): one per process, because a process
@@ -93,7 +95,9 @@ pub struct Worker {
     shutdown: watch::Receiver<bool>,
     shutdown_tx: Option<watch::Sender<bool>>,
     drain_timeout: Duration,
-    requests: RequestCounter,
+    /// The master's hang timeout (`HERD_HANG_TIMEOUT_MS`): heartbeats are sent when set.
+    hang_timeout: Option<Duration>,
+    requests: MaxRequestsLayer,
     /// The master collects metrics: `serve` counts requests.
     observed: bool,
 }
@@ -259,11 +263,20 @@ impl Worker {
         let drain_timeout = env_parse::<u64>(ENV_DRAIN_TIMEOUT_MS)
             .map_or(Duration::from_secs(30), Duration::from_millis);
         let max_requests = env_parse::<u64>(ENV_MAX_REQUESTS);
+        let hang_timeout = env_parse::<u64>(ENV_HANG_TIMEOUT_MS)
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
         let index = env_parse(ENV_WORKER_INDEX);
         let generation = env_parse(ENV_GENERATION).unwrap_or(0);
         // The process is still single-threaded here (no runtime yet): editing the environment is
         // sound. Children of the app must not believe the fds are theirs.
-        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENV_MASTER_FD] {
+        for var in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            ENV_MASTER_FD,
+            ENV_HANG_TIMEOUT_MS,
+        ] {
             std::env::remove_var(var);
         }
         let (tx, rx) = watch::channel(false);
@@ -272,7 +285,7 @@ impl Worker {
             index,
             generation,
             listener: Some(listener),
-            requests: RequestCounter {
+            requests: MaxRequestsLayer {
                 inner: Arc::new(CounterInner {
                     count: AtomicU64::new(0),
                     limit: max_requests,
@@ -283,6 +296,7 @@ impl Worker {
             shutdown: rx,
             shutdown_tx: Some(tx),
             drain_timeout,
+            hang_timeout,
             observed: false,
         }))
     }
@@ -417,7 +431,7 @@ impl Worker {
     /// A request counter for [`Launcher::max_requests`](super::Launcher::max_requests): it is a
     /// tower layer, so `router.layer(worker.requests())` counts every request, and the worker asks
     /// to be recycled when the limit is reached.
-    pub fn requests(&self) -> RequestCounter {
+    pub fn requests(&self) -> MaxRequestsLayer {
         self.requests.clone()
     }
 }
@@ -464,14 +478,16 @@ struct CounterInner {
     channel: Arc<Channel>,
 }
 
-/// Counts requests of a worker; a tower [`Layer`](tower_layer::Layer). See
-/// [`Worker::requests`].
+/// Counts the requests of a worker for [`Launcher::max_requests`](super::Launcher::max_requests)
+/// and asks the master for a replacement at the limit; a tower [`Layer`](tower_layer::Layer). See
+/// [`Worker::requests`]. (The Prometheus counter `herd_requests_total` is
+/// [`RequestsTotalLayer`](crate::observe)'s.)
 #[derive(Debug, Clone)]
-pub struct RequestCounter {
+pub struct MaxRequestsLayer {
     inner: Arc<CounterInner>,
 }
 
-impl RequestCounter {
+impl MaxRequestsLayer {
     /// Count one request; at the limit, ask the master for a replacement.
     pub fn record(&self) {
         let n = self.inner.count.fetch_add(1, Ordering::Relaxed) + 1;
@@ -486,25 +502,25 @@ impl RequestCounter {
     }
 }
 
-impl<S> tower_layer::Layer<S> for RequestCounter {
-    type Service = RequestCounterService<S>;
+impl<S> tower_layer::Layer<S> for MaxRequestsLayer {
+    type Service = MaxRequestsService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestCounterService {
+        MaxRequestsService {
             inner,
             counter: self.clone(),
         }
     }
 }
 
-/// The service made by the [`RequestCounter`] layer.
+/// The service made by the [`MaxRequestsLayer`].
 #[derive(Debug, Clone)]
-pub struct RequestCounterService<S> {
+pub struct MaxRequestsService<S> {
     inner: S,
-    counter: RequestCounter,
+    counter: MaxRequestsLayer,
 }
 
-impl<S, R> tower_service::Service<R> for RequestCounterService<S>
+impl<S, R> tower_service::Service<R> for MaxRequestsService<S>
 where
     S: tower_service::Service<R>,
 {
@@ -607,11 +623,35 @@ where
         .is_none_or(|s| s.as_raw_fd() != MASTER_FD));
     let result = runtime.block_on(async move {
         tokio::spawn(watch_shutdown(tx, watch_stream, drain, lame_duck));
+        if let Some(timeout) = worker.hang_timeout {
+            tokio::spawn(heartbeat(worker.channel.clone(), timeout));
+        }
         worker.observed = send_metrics(&worker.channel);
         app(worker).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result.map_err(|e| Error::App(e.into()))
+}
+
+/// Tell the master that this worker's runtime runs: an `ALIVE` line four times per hang timeout
+/// (at most once a second, at least every 50 ms).
+///
+/// A task on the app's runtime, not a thread of its own: when every thread of the runtime is
+/// blocked (a deadlock, a blocking call, a CPU loop), the heartbeat stops, and the master replaces
+/// the worker after its hang timeout. The blocking write goes through `spawn_blocking` (see
+/// [`Channel`]), started by the task, so it too stops with the runtime.
+async fn heartbeat(channel: Arc<Channel>, hang_timeout: Duration) {
+    if channel.master.is_none() {
+        return;
+    }
+    let every = (hang_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let channel = channel.clone();
+        let _ = tokio::task::spawn_blocking(move || channel.send(ALIVE_LINE)).await;
+    }
 }
 
 /// When the master asks for metrics (`HERD_METRICS=1`): install the Prometheus recorder and send
