@@ -714,11 +714,21 @@ fn the_same_program_runs_under_systemd_socket_activation() {
     });
     assert!(status.success(), "{status}");
 
-    // `herd run` socket-activated: the master keeps systemd's socket instead of binding.
+    // `herd run` socket-activated: the master keeps systemd's socket instead of binding. Two
+    // more sockets (fds 4 and 5) are not used, and must not leak into the workers.
     let port = free_port();
+    let extra: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let extra_addrs: Vec<String> = extra
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    drop(extra);
     let control = dir.path().join("c.sock");
     let child = Command::new("systemd-socket-activate")
         .args(["-l", &format!("127.0.0.1:{port}")])
+        .args(["-l", &extra_addrs[0], "-l", &extra_addrs[1]])
         .arg(herd_bin())
         .args(["run", "--workers", "2", "--bind", "127.0.0.1:1", "--socket"])
         .arg(&control)
@@ -740,6 +750,18 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .unwrap();
     assert_eq!(s.listen, format!("127.0.0.1:{port}"));
     assert_eq!(s.pid, child.0.id());
+    let link = |pid: u32, fd: u32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    let unused = link(s.pid, 5).expect("the master holds fd 5 (LISTEN_FDS=3)");
+    for pid in s.workers.iter().filter_map(|w| w.pid) {
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(
+            !fds.contains(&unused),
+            "worker {pid} inherited the unused socket {unused:?}: {fds:?}"
+        );
+    }
     kill(child.0.id(), "TERM");
     let status = wait_until("herd exit", Duration::from_secs(20), || {
         child.0.try_wait().ok().flatten()
@@ -1241,4 +1263,38 @@ fn a_program_without_heartbeats_is_never_judged_hung() {
     assert_eq!((s.workers[0].hangs, s.workers[0].restarts), (0, 0), "{s:?}");
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
+}
+
+#[test]
+fn an_orphaned_worker_still_keeps_its_drain_deadline() {
+    let _serial = serial();
+    let mut m = Master::herd_run(
+        &["--workers", "1", "--drain-timeout", "2"],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let port = m.wait_online(1, START).workers[0]
+        .pid
+        .map(|_| m.port())
+        .unwrap();
+    let worker = m.status().unwrap().workers[0].pid.unwrap();
+    let slow =
+        std::thread::spawn(move || get_timeout(port, "/slow?ms=30000", Duration::from_secs(40)));
+    std::thread::sleep(Duration::from_millis(300));
+    // The worker's SIGTERM first, then the master dies: the SIGTERM branch of the worker's
+    // watcher wins, and the master's end-of-file comes during the drain.
+    let started = Instant::now();
+    kill(worker, "TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    kill(m.pid(), "KILL");
+    m.wait_exit(START);
+    wait_until("the orphan to exit", Duration::from_secs(15), || {
+        (!alive(worker)).then_some(())
+    });
+    let took = started.elapsed();
+    eprintln!("orphan with a 30 s request exited {took:?} after its SIGTERM (drain timeout 2 s)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the 30 s request cannot have finished"
+    );
 }

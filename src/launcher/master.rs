@@ -214,9 +214,18 @@ async fn exited_unreaped(pid: u32) {
 )))]
 async fn exited_unreaped(_pid: u32) {}
 
+/// The process group led by worker `pid`: never 0 (`killpg(0, …)` would signal the master's
+/// own group) nor 1, nor a number that does not fit a pid.
+fn group_of(pid: u32) -> Option<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|&pid| pid > 1)
+        .map(Pid::from_raw)
+}
+
 fn signal_group(pid: u32, sig: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = killpg(Pid::from_raw(pid), sig);
+    if let Some(group) = group_of(pid) {
+        let _ = killpg(group, sig);
     }
 }
 
@@ -267,9 +276,19 @@ fn bind_control(path: &Path, name: &str, private_dir: bool) -> Result<tokio::net
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(Error::AlreadyRunning(name.to_owned()));
+        }
+        // Only a socket left by a master that died is ours to replace: any other file at that
+        // path (a typo in `--socket`, a config file) stays.
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "the control socket path {} is taken by a file that is not a socket; remove it \
+                 or choose another path",
+                path.display()
+            )));
         }
         let _ = std::fs::remove_file(path);
     }
@@ -479,7 +498,7 @@ impl Master {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
                 Some((request, reply)) = control_rx.recv() => self.on_control(request, reply),
-                _ = hup.recv() => self.reload(None),
+                _ = hup.recv() => self.reload(Vec::new()),
                 _ = term.recv() => self.begin_stop(),
                 _ = int.recv() => self.begin_stop(),
                 _ = ttin.recv() => {
@@ -537,7 +556,10 @@ impl Master {
         }
         let spawn::Spawned { mut child, channel } =
             spawn::spawn_worker(&self.program, &self.args, &self.listener, &env)?;
-        let pid = child.id().unwrap_or(0);
+        // `None` only once the child was reaped, which nothing did yet; no pid, no worker.
+        let Some(pid) = child.id() else {
+            return Err(std::io::Error::other("the new worker has no pid"));
+        };
         let id = self.next_id;
         self.next_id += 1;
         if let Some(out) = child.stdout.take() {
@@ -992,7 +1014,7 @@ impl Master {
                     status: Some(status),
                 });
             }
-            Request::Reload => self.reload(Some(reply)),
+            Request::Reload => self.reload(vec![reply]),
             Request::Scale { workers } => {
                 if self.leaving() {
                     let _ = reply.send(Response::err("the master is stopping"));
@@ -1128,9 +1150,11 @@ impl Master {
         self.config.workers = self.slots.len();
     }
 
-    fn reload(&mut self, waiter: Option<oneshot::Sender<Response>>) {
+    /// Start a rolling reload answered to `waiters` when it ends, or queue one after the
+    /// running rollout.
+    fn reload(&mut self, waiters: Vec<oneshot::Sender<Response>>) {
         if self.leaving() {
-            if let Some(w) = waiter {
+            for w in waiters {
                 let _ = w.send(Response::err("the master is stopping"));
             }
             return;
@@ -1138,7 +1162,7 @@ impl Master {
         if self.rollout.is_some() {
             // One more reload after the current rollout (the program may have changed again).
             let pending = self.pending_reload.get_or_insert_with(Vec::new);
-            pending.extend(waiter);
+            pending.extend(waiters);
             return;
         }
         let generation = self
@@ -1158,7 +1182,7 @@ impl Master {
             candidate: None,
             generation: Some(generation),
             started: Instant::now(),
-            waiters: waiter.into_iter().collect(),
+            waiters,
         });
         self.advance_rollout();
     }
@@ -1246,10 +1270,9 @@ impl Master {
 
     fn after_rollout(&mut self) {
         if let Some(waiters) = self.pending_reload.take() {
-            self.reload(None);
-            if let Some(r) = self.rollout.as_mut() {
-                r.waiters.extend(waiters);
-            }
+            // The waiters go into the new rollout before it starts: one that aborts at once
+            // (its first worker cannot be spawned) answers them with its own outcome.
+            self.reload(waiters);
         } else {
             self.start_recycle();
         }
@@ -1340,5 +1363,41 @@ impl Master {
         for id in ids {
             self.retire(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_group_to_signal_without_a_real_pid() {
+        // 0 would make killpg signal the caller's own group; 1 is init.
+        assert_eq!(group_of(0), None);
+        assert_eq!(group_of(1), None);
+        assert_eq!(group_of(u32::MAX), None);
+        assert_eq!(group_of(1234), Some(Pid::from_raw(1234)));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_never_deleted_for_the_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "keep me").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = runtime
+            .block_on(async { bind_control(&path, "x", false) })
+            .unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+        // A socket left by a dead master is replaced.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        runtime
+            .block_on(async { bind_control(&stale, "x", false) })
+            .expect("a stale socket is replaced");
     }
 }

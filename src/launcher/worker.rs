@@ -127,12 +127,20 @@ impl Channel {
         }
     }
 
-    /// Write one whole line (blocking until the master has room for it).
-    fn send(&self, line: &str) {
-        if let Some(mut stream) = self.master.as_ref() {
-            let _whole_line = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = stream.write_all(line.as_bytes()) {
+    /// Write one whole line (blocking until the master has room for it); `false` when the master
+    /// is gone (or there is none).
+    fn send(&self, line: &str) -> bool {
+        let Some(mut stream) = self.master.as_ref() else {
+            return false;
+        };
+        let _whole_line = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        match stream.write_all(line.as_bytes()) {
+            Ok(()) => true,
+            // The master is gone, and with it the reader of our stderr (see `orphaned`).
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+            Err(e) => {
                 tracing::warn!("herd worker: cannot write to the master: {e}");
+                false
             }
         }
     }
@@ -233,6 +241,15 @@ pub(crate) fn inherited_listener(strict_pid: bool) -> Result<Option<std::net::Tc
     }
     if fds > 1 {
         tracing::warn!("herd: LISTEN_FDS={fds}, only fd 3 is used");
+        // The others must not leak into every worker (or the app's children): close-on-exec.
+        for fd in (LISTEN_FD + 1)..LISTEN_FD.saturating_add(i32::try_from(fds).unwrap_or(i32::MAX))
+        {
+            if let Ok(flags) = fcntl(borrow_inherited(fd), FcntlArg::F_GETFD) {
+                let mut flags = FdFlag::from_bits_truncate(flags);
+                flags.insert(FdFlag::FD_CLOEXEC);
+                let _ = fcntl(borrow_inherited(fd), FcntlArg::F_SETFD(flags));
+            }
+        }
     }
     let fd = adopt_fd(LISTEN_FD, "listening socket")?;
     let stat = fstat(&fd).map_err(|e| Error::io("fstat on fd 3", e.into()))?;
@@ -375,7 +392,7 @@ impl Worker {
             return;
         }
         if self.channel.master.is_some() {
-            self.channel.send("READY\n");
+            let _ = self.channel.send("READY\n");
         } else {
             systemd::notify("READY=1");
         }
@@ -439,7 +456,7 @@ impl Worker {
 impl Channel {
     fn recycle(&self) {
         if self.master.is_some() && !self.recycle_sent.swap(true, Ordering::SeqCst) {
-            self.send("RECYCLE\n");
+            let _ = self.send("RECYCLE\n");
         }
     }
 }
@@ -571,15 +588,11 @@ async fn watch_shutdown(
             None => std::future::pending().await,
         }
     };
+    let mut master_gone = std::pin::pin!(master_gone);
     tokio::select! {
         () = recv_or_pending(term.as_mut()) => {}
         () = recv_or_pending(int.as_mut()) => {}
-        () = master_gone => {
-            tracing::warn!("herd worker: the master is gone, draining then exiting");
-            let _ = tx.send(true);
-            tokio::time::sleep(drain).await;
-            std::process::exit(1);
-        }
+        () = &mut master_gone => orphaned(&tx, drain).await,
     }
     if own_lame_duck {
         start_draining();
@@ -590,6 +603,22 @@ async fn watch_shutdown(
         }
     }
     let _ = tx.send(true);
+    // The master enforces the drain timeout while it lives. One that dies meanwhile (its
+    // PR_SET_PDEATHSIG SIGTERM can win the select above over the channel's end-of-file) leaves
+    // nobody to do it: the worker does it itself, so no orphan lives on with a long request.
+    master_gone.await;
+    orphaned(&tx, drain).await;
+}
+
+/// The master is gone: drain, and exit after the drain timeout at the latest.
+///
+/// Nothing is logged: a worker's stdout and stderr are pipes to its master, so a line written now
+/// fails with `EPIPE`, and a tracing subscriber that reports that with `eprintln!` panics, which
+/// would end this task before its deadline.
+async fn orphaned(tx: &watch::Sender<bool>, drain: Duration) -> ! {
+    let _ = tx.send(true);
+    tokio::time::sleep(drain).await;
+    std::process::exit(1);
 }
 
 pub(crate) fn run_worker<F, Fut, E>(mut worker: Worker, config: &Config, app: F) -> Result<()>
@@ -650,7 +679,10 @@ async fn heartbeat(channel: Arc<Channel>, hang_timeout: Duration) {
     loop {
         tick.tick().await;
         let channel = channel.clone();
-        let _ = tokio::task::spawn_blocking(move || channel.send(ALIVE_LINE)).await;
+        let sent = tokio::task::spawn_blocking(move || channel.send(ALIVE_LINE)).await;
+        if !matches!(sent, Ok(true)) {
+            return;
+        }
     }
 }
 
@@ -679,7 +711,10 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
                 // A blocking write (see `Channel`), off the runtime's threads.
                 let channel = channel.clone();
                 let line = format!("METRICS {text}\n");
-                let _ = tokio::task::spawn_blocking(move || channel.send(&line)).await;
+                let sent = tokio::task::spawn_blocking(move || channel.send(&line)).await;
+                if !matches!(sent, Ok(true)) {
+                    return;
+                }
             }
         }
     });
@@ -712,8 +747,8 @@ mod tests {
         let writer = {
             let (channel, big) = (channel.clone(), big.clone());
             std::thread::spawn(move || {
-                channel.send(&big);
-                channel.send("READY\n");
+                assert!(channel.send(&big));
+                assert!(channel.send("READY\n"));
             })
         };
         let expected = format!("{big}READY\n");
