@@ -1298,3 +1298,115 @@ fn an_orphaned_worker_still_keeps_its_drain_deadline() {
         "the 30 s request cannot have finished"
     );
 }
+
+/// A line of `herd logs` or of the log file starts with `2026-12-05T22:10:00.123Z `.
+fn timestamped(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 25 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z' && b[24] == b' '
+}
+
+#[test]
+fn logs_follow_across_a_reload_and_the_log_file_reopens_on_sigusr1() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herd.log");
+    let mut m = Master::herd_run(
+        &[
+            "--workers",
+            "2",
+            "--timestamps",
+            "--log-file",
+            file.to_str().unwrap(),
+        ],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let first: HashSet<u32> = m.online_pids(2, START).into_iter().collect();
+    let socket = m.socket.clone();
+    let herd = |args: &[&str]| {
+        let out = Command::new(herd_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The hello example prints `serving` on stdout when its worker starts.
+    let tail = wait_until("both workers' first lines", Duration::from_secs(10), || {
+        let tail = herd(&["logs", "--lines", "5"]);
+        (tail.contains("[worker 0] serving") && tail.contains("[worker 1] serving")).then_some(tail)
+    });
+    assert!(tail.lines().all(timestamped), "{tail}");
+    let only = herd(&["logs", "--worker", "1"]);
+    assert!(only.lines().all(|l| l.contains("[worker 1]")), "{only}");
+
+    // Follow across a reload: the new workers' lines arrive on the open connection.
+    let mut follow = std::process::Command::new(herd_bin())
+        .args(["logs", "--lines", "0", "--follow", "--socket"])
+        .arg(&m.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let followed = followed.clone();
+        let out = follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                followed.lock().unwrap().push(line);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(herd(&["reload"]).contains("reload of 2 workers done"));
+    wait_until(
+        "the new workers' lines followed",
+        Duration::from_secs(10),
+        || {
+            let lines = followed.lock().unwrap();
+            let serving = lines.iter().filter(|l| l.contains("] serving")).count();
+            (serving >= 2).then_some(())
+        },
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let _ = reader.join();
+    let second: HashSet<u32> = m.online_pids(2, START).into_iter().collect();
+    assert!(first.is_disjoint(&second));
+
+    // Everything went to the file, with timestamps and without colour; nothing to the terminal.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("[worker 0] serving") && text.contains("rolling reload"),
+        "{text}"
+    );
+    assert!(text.lines().all(timestamped), "{text}");
+    assert!(!text.contains('\x1b'), "colour escapes in the log file");
+    assert!(!m.output().contains("[worker"), "{}", m.output());
+
+    // logrotate: move the file away, SIGUSR1, the master writes to a new file at the path.
+    let rotated = dir.path().join("herd.log.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    kill(m.pid(), "USR1");
+    wait_until("the reopened log file", Duration::from_secs(5), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.contains("log file reopened"))
+    });
+    herd(&["reload"]);
+    let new = wait_until("new lines in the new file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.matches("] serving").count() >= 2)
+    });
+    assert!(
+        !new.contains("generation 2"),
+        "old lines stay in the old file: {new}"
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(!old.contains("log file reopened"), "{old}");
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}

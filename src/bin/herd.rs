@@ -49,6 +49,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// The last lines of every worker, prefixed `[worker N]` (like `pm2 logs`).
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// Lines per worker.
+        #[arg(short, long, default_value_t = 15)]
+        lines: usize,
+        /// Only this worker slot.
+        #[arg(short, long)]
+        worker: Option<usize>,
+        /// Keep printing new lines until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Graceful stop (after the lame-duck period, if any): workers finish their in-flight
     /// requests, then the master exits.
     Stop {
@@ -133,6 +147,13 @@ struct RunArgs {
     /// Allow the dashboard and metrics on a non-loopback address without a token.
     #[arg(long)]
     dashboard_allow_remote: bool,
+    /// Write the master's and the workers' lines to this file (appending) instead of
+    /// stdout/stderr; SIGUSR1 reopens it (logrotate).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Start every line of the master and of its workers with a UTC timestamp.
+    #[arg(long)]
+    timestamps: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     program: Vec<OsString>,
@@ -214,7 +235,11 @@ impl RunArgs {
         if let Some(token) = &self.dashboard_token {
             l = l.dashboard_token(token.clone());
         }
+        if let Some(path) = &self.log_file {
+            l = l.log_file(path.clone());
+        }
         l.dashboard_allow_remote(self.dashboard_allow_remote)
+            .log_timestamps(self.timestamps)
     }
 
     /// The `herd run` arguments that give these same options, for a unit's `ExecStart=`: every
@@ -241,6 +266,8 @@ impl RunArgs {
             dashboard,
             dashboard_token: _,
             dashboard_allow_remote,
+            log_file,
+            timestamps,
             program,
         } = self;
         let mut words: Vec<String> = vec!["run".into(), "--name".into(), name.to_owned()];
@@ -276,8 +303,14 @@ impl RunArgs {
         if let Some(addr) = dashboard {
             push("--dashboard", addr.clone());
         }
+        if let Some(path) = log_file {
+            push("--log-file", path.to_string_lossy().into_owned());
+        }
         if *dashboard_allow_remote {
             words.push("--dashboard-allow-remote".into());
+        }
+        if *timestamps {
+            words.push("--timestamps".into());
         }
         words.push("--".into());
         words.extend(program.iter().map(|w| w.to_string_lossy().into_owned()));
@@ -417,18 +450,68 @@ fn watch_status(target: &Target, interval: Duration) -> ExitCode {
     }
 }
 
+/// herd's timestamps ([`launcher::log_timestamp`]) on the master's own lines too.
+struct Utc;
+
+impl tracing_subscriber::fmt::time::FormatTime for Utc {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{}", launcher::log_timestamp())
+    }
+}
+
+/// The master's own lines: to the log file when one is given (through [`launcher::LogWriter`]),
+/// else stderr; colour only on a terminal (and never with `NO_COLOR`); timestamps on request.
+fn init_logging(args: &RunArgs) {
+    use std::io::IsTerminal;
+    let colour = args.log_file.is_none()
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_ansi(colour)
+        .with_writer(|| launcher::LogWriter);
+    if args.timestamps {
+        builder.with_timer(Utc).init();
+    } else {
+        builder.without_time().init();
+    }
+}
+
+/// `herd logs`: print the lines; with `--follow`, until Ctrl-C or the master exits.
+fn print_logs(target: &Target, lines: usize, worker: Option<usize>, follow: bool) -> ExitCode {
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let result = launcher::read_logs(&socket, lines, follow, worker, |line| {
+        use std::io::Write;
+        // A closed stdout (`herd logs -f | head`) ends the follow.
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_target(false)
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging(&args);
             let mut program = args.program.clone();
             let path = PathBuf::from(program.remove(0));
             match args.launcher().supervise(path, program) {
@@ -478,6 +561,12 @@ fn main() -> ExitCode {
             Duration::from_secs(10),
         ),
         Command::Stop { target } => control(&target, &Request::Stop, Duration::from_secs(10)),
+        Command::Logs {
+            target,
+            lines,
+            worker,
+            follow,
+        } => print_logs(&target, lines, worker, follow),
         Command::SystemdUnit {
             user,
             working_directory,

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::control::{Request, Response, Status, WorkerStatus};
 use super::dashboard::{self, ControlMsg, Observer, WorkerSnapshot};
+use super::logs::{self, LogBook};
 use super::{spawn, systemd, Config, Error, Result};
 
 /// Cap of the restart backoff.
@@ -141,6 +142,8 @@ struct Master {
     /// Latest metrics text of each worker process.
     worker_metrics: HashMap<u64, String>,
     last_sample: Instant,
+    /// The workers' output: forwarded, kept for `herd logs`.
+    logs: Arc<LogBook>,
 }
 
 fn describe(status: &std::io::Result<ExitStatus>) -> String {
@@ -296,7 +299,11 @@ fn bind_control(path: &Path, name: &str, private_dir: bool) -> Result<tokio::net
         .map_err(|e| Error::io(format!("cannot bind control socket {}", path.display()), e))
 }
 
-async fn serve_control(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender<ControlMsg>) {
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    tx: mpsc::UnboundedSender<ControlMsg>,
+    logs: Arc<LogBook>,
+) {
     let mut failing = false;
     loop {
         let stream = match listener.accept().await {
@@ -315,6 +322,7 @@ async fn serve_control(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSe
             }
         };
         let tx = tx.clone();
+        let logs = logs.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
@@ -325,6 +333,14 @@ async fn serve_control(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSe
             .await;
             let response = match read {
                 Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Logs {
+                        lines,
+                        follow,
+                        worker,
+                    }) => {
+                        send_logs(&mut write, &logs, lines, follow, worker).await;
+                        return;
+                    }
                     Ok(request) => {
                         let (reply, answer) = oneshot::channel();
                         if tx.send((request, reply)).is_err() {
@@ -346,28 +362,33 @@ async fn serve_control(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSe
     }
 }
 
-/// Copy a worker's output to ours, one prefixed line at a time.
-async fn forward_output(stream: impl tokio::io::AsyncRead + Unpin, slot: usize, stderr: bool) {
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
+/// Answer `herd logs`: the latest lines, then (`follow`) each new one, until the client hangs up.
+async fn send_logs(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    logs: &LogBook,
+    lines: usize,
+    follow: bool,
+    worker: Option<usize>,
+) {
+    // Subscribed before the backlog is read: no line falls in between.
+    let mut feed = follow.then(|| logs.follow(worker));
+    let mut response = Response::ok("");
+    response.lines = logs.tail(lines, worker);
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() != Some(&b'\n') {
-                    line.push(b'\n');
-                }
-                let mut out = format!("[worker {slot}] ").into_bytes();
-                out.extend_from_slice(&line);
-                // Whole lines in one write: lines of different workers never interleave.
-                let _ = if stderr {
-                    std::io::stderr().lock().write_all(&out)
-                } else {
-                    std::io::stdout().lock().write_all(&out)
-                };
-            }
+        let Ok(mut out) = serde_json::to_string(&response) else {
+            return;
+        };
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
         }
+        let Some(line) = (match feed.as_mut() {
+            Some(feed) => feed.next().await,
+            None => None,
+        }) else {
+            return;
+        };
+        response.lines = vec![line];
     }
 }
 
@@ -430,6 +451,9 @@ impl Master {
         let listen = listener
             .local_addr()
             .map_or(config.bind.clone(), |a| a.to_string());
+        if let Some(path) = &config.log_file {
+            logs::open(path)?;
+        }
         let secret = shared_secret()?;
         if config.workers > super::MAX_WORKERS {
             return Err(Error::Config(format!(
@@ -465,6 +489,7 @@ impl Master {
             observer: None,
             worker_metrics: HashMap::new(),
             last_sample: Instant::now(),
+            logs: LogBook::new(config.log_timestamps),
             config,
         })
     }
@@ -473,13 +498,14 @@ impl Master {
         let control = bind_control(&self.socket_path, &self.name, self.config.socket.is_none())?;
         let (control_tx, mut control_rx) = mpsc::unbounded_channel();
         let observer_tasks = self.start_observer(&control_tx)?;
-        let control_task = tokio::spawn(serve_control(control, control_tx));
+        let control_task = tokio::spawn(serve_control(control, control_tx, self.logs.clone()));
         let sig = |kind| signal(kind).map_err(|e| Error::io("cannot install signal handler", e));
         let mut hup = sig(SignalKind::hangup())?;
         let mut term = sig(SignalKind::terminate())?;
         let mut int = sig(SignalKind::interrupt())?;
         let mut ttin = sig(SignalKind::from_raw(Signal::SIGTTIN as i32))?;
         let mut ttou = sig(SignalKind::from_raw(Signal::SIGTTOU as i32))?;
+        let mut usr1 = sig(SignalKind::user_defined1())?;
         let mut events = self.events_rx.take().expect("run once");
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -512,6 +538,10 @@ impl Master {
                     }
                 }
                 _ = ttou.recv() => self.scale_to(self.slots.len().saturating_sub(1)),
+                _ = usr1.recv() => {
+                    logs::reopen();
+                    tracing::info!("herd: SIGUSR1: log file reopened");
+                }
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -554,6 +584,11 @@ impl Master {
         if self.observer.is_some() {
             env.push((super::ENV_METRICS, "1".to_owned()));
         }
+        // Colour only on a terminal: tracing-subscriber and most colouring crates honour
+        // NO_COLOR (no-color.org). An explicit NO_COLOR of ours is passed through unchanged.
+        if std::env::var_os("NO_COLOR").is_none() && !self.output_is_terminal() {
+            env.push(("NO_COLOR", "1".to_owned()));
+        }
         let spawn::Spawned { mut child, channel } =
             spawn::spawn_worker(&self.program, &self.args, &self.listener, &env)?;
         // `None` only once the child was reaped, which nothing did yet; no pid, no worker.
@@ -563,10 +598,10 @@ impl Master {
         let id = self.next_id;
         self.next_id += 1;
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_output(out, slot, false));
+            tokio::spawn(self.logs.clone().forward(out, slot, false));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_output(err, slot, true));
+            tokio::spawn(self.logs.clone().forward(err, slot, true));
         }
         let writer = channel
             .try_clone()
@@ -603,6 +638,12 @@ impl Master {
             self.tell_draining(id);
         }
         Ok(id)
+    }
+
+    /// Whether the workers' output reaches a terminal (no log file, stdout and stderr are one).
+    fn output_is_terminal(&self) -> bool {
+        use std::io::IsTerminal;
+        !logs::to_file() && std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
     }
 
     /// Start the serving worker of `slot`; a failure to spawn counts as a crash.
@@ -1008,11 +1049,9 @@ impl Master {
         match request {
             Request::Status => {
                 let status = self.status();
-                let _ = reply.send(Response {
-                    ok: true,
-                    message: String::new(),
-                    status: Some(status),
-                });
+                let mut response = Response::ok("");
+                response.status = Some(status);
+                let _ = reply.send(response);
             }
             Request::Reload => self.reload(vec![reply]),
             Request::Scale { workers } => {
@@ -1036,6 +1075,10 @@ impl Master {
             Request::Stop => {
                 let _ = reply.send(Response::ok("stopping"));
                 self.begin_stop();
+            }
+            // Answered by the control server itself (`send_logs`).
+            Request::Logs { .. } => {
+                let _ = reply.send(Response::err("logs are answered by the control server"));
             }
         }
     }

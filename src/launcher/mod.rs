@@ -95,6 +95,7 @@
 
 mod control;
 mod dashboard;
+mod logs;
 mod master;
 mod spawn;
 mod systemd;
@@ -105,7 +106,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use control::{request, socket_path, Request, Response, Status, WorkerStatus};
+pub use control::{read_logs, request, socket_path, Request, Response, Status, WorkerStatus};
+pub use logs::{log_timestamp, LogWriter};
 pub use systemd::{systemd_unit, UnitOptions};
 pub use worker::{healthz, is_draining, MaxRequestsLayer, MaxRequestsService, Worker};
 
@@ -216,6 +218,8 @@ pub(crate) struct Config {
     pub(crate) dashboard: Option<String>,
     pub(crate) dashboard_token: Option<String>,
     pub(crate) dashboard_allow_remote: bool,
+    pub(crate) log_file: Option<PathBuf>,
+    pub(crate) log_timestamps: bool,
 }
 
 /// Builder of the pre-fork launcher. See the [module docs](self).
@@ -262,6 +266,8 @@ impl Launcher {
                 dashboard: None,
                 dashboard_token: None,
                 dashboard_allow_remote: false,
+                log_file: None,
+                log_timestamps: false,
             },
         }
     }
@@ -444,6 +450,22 @@ impl Launcher {
     /// pages, visible to anyone who can reach the address). Default: refused.
     pub fn dashboard_allow_remote(mut self, allow: bool) -> Self {
         self.config.dashboard_allow_remote = allow;
+        self
+    }
+
+    /// Write the workers' output (each line prefixed `[worker N]`) to this file instead of the
+    /// master's stdout and stderr, appending, created with mode 0640. `SIGUSR1` to the master
+    /// reopens it, for logrotate without `copytruncate`. The master's own lines go there too when
+    /// its tracing subscriber writes through [`LogWriter`] (`herd run` does). Default: none.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.log_file = Some(path.into());
+        self
+    }
+
+    /// Start every forwarded worker line with a UTC timestamp ([`log_timestamp`]). Default: off
+    /// (journald and most log collectors add their own).
+    pub fn log_timestamps(mut self, on: bool) -> Self {
+        self.config.log_timestamps = on;
         self
     }
 
