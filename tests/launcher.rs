@@ -1410,3 +1410,147 @@ fn logs_follow_across_a_reload_and_the_log_file_reopens_on_sigusr1() {
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
 }
+
+/// The environment of a running process, from `/proc/PID/environ`.
+fn environ_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_config_file_runs_the_master_and_a_reload_reads_its_environment_again() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    let socket = dir.path().join("c.sock");
+    let file = |greeting: &str, workers: usize| {
+        format!(
+            "program = [{hello:?}]\nworkers = {workers}\nbind = \"127.0.0.1:0\"\n\
+             socket = {socket:?}\nhang_timeout = 5\n\n[env]\nGREETING = {greeting:?}\n",
+            hello = hello_bin(),
+            socket = socket,
+        )
+    };
+    // Unknown keys and options next to --config are refused before anything starts.
+    std::fs::write(&config, "workers = 2\nwrokers = 3\n").unwrap();
+    let out = Command::new(herd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("wrokers"),
+        "{stderr}"
+    );
+    std::fs::write(&config, file("one", 2)).unwrap();
+    let out = Command::new(herd_bin())
+        .args(["run", "--workers", "3", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--workers cannot be combined with --config"),
+        "{stderr}"
+    );
+
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .env_remove("HERD_SECRET");
+    let child = cmd.spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let online = |n: usize| {
+        wait_until("workers online", START, || {
+            let s = request(&socket, &Request::Status, Duration::from_secs(5))
+                .ok()?
+                .status?;
+            let pids: Vec<u32> = s
+                .workers
+                .iter()
+                .filter(|w| w.state == "online")
+                .filter_map(|w| w.pid)
+                .collect();
+            (pids.len() == n && s.workers.len() == n).then_some(pids)
+        })
+    };
+    let first = online(2);
+    for &pid in &first {
+        assert!(environ_of(pid).contains(&"GREETING=one".to_owned()));
+        assert!(environ_of(pid).contains(&"HERD_HANG_TIMEOUT_MS=5000".to_owned()));
+    }
+    // A new environment (and a worker count, which needs a restart of the master).
+    std::fs::write(&config, file("two", 3)).unwrap();
+    let r = request(&socket, &Request::Reload, Duration::from_secs(60)).unwrap();
+    assert!(r.ok, "{}", r.message);
+    let second = online(2);
+    for &pid in &second {
+        assert!(!first.contains(&pid));
+        let env = environ_of(pid);
+        assert!(env.contains(&"GREETING=two".to_owned()), "{env:?}");
+    }
+    // A broken file aborts the reload, naming the line; the workers keep serving.
+    std::fs::write(&config, format!("{}\nbind = 3\n", file("three", 2))).unwrap();
+    let r = request(&socket, &Request::Reload, Duration::from_secs(60)).unwrap();
+    assert!(!r.ok);
+    assert!(
+        r.message.contains("line") && r.message.contains("bind"),
+        "{}",
+        r.message
+    );
+    assert_eq!(online(2), second);
+    kill(child.0.id(), "TERM");
+    let status = wait_until("herd exit", START, || child.0.try_wait().ok().flatten());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("changed workers since the master started"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn systemd_unit_points_at_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    std::fs::write(
+        &config,
+        "program = [\"/srv/shop/shop\"]\nname = \"shop\"\ndrain_timeout = 20\nlame_duck = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(herd_bin())
+        .args(["systemd-unit", "--user", "shop", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let unit = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        unit.contains(&format!("run --config {}\n", config.display())),
+        "{unit}"
+    );
+    assert!(unit.contains("Description=shop "), "{unit}");
+    assert!(
+        unit.contains("TimeoutStopSec=33"),
+        "20 s + 3 s + 10 s: {unit}"
+    );
+    assert!(unit.contains("User=shop"), "{unit}");
+}

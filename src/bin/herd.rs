@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use herd::launcher::{self, Launcher, Request, UnitOptions};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use herd::launcher::{self, Launcher, Request, RunFile, UnitOptions};
 
 /// Pre-fork supervisor for web apps: N workers share one socket.
 #[derive(Parser, Debug)]
@@ -154,8 +155,13 @@ struct RunArgs {
     /// Start every line of the master and of its workers with a UTC timestamp.
     #[arg(long)]
     timestamps: bool,
+    /// Read the run options, the program and the workers' environment from this TOML file
+    /// (docs/launcher.md); no other run option may be given with it. A reload reads its [env]
+    /// again.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// The program and its arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
+    #[arg(last = true, required_unless_present = "config", num_args = 1..)]
     program: Vec<OsString>,
 }
 
@@ -268,6 +274,7 @@ impl RunArgs {
             dashboard_allow_remote,
             log_file,
             timestamps,
+            config,
             program,
         } = self;
         let mut words: Vec<String> = vec!["run".into(), "--name".into(), name.to_owned()];
@@ -306,15 +313,72 @@ impl RunArgs {
         if let Some(path) = log_file {
             push("--log-file", path.to_string_lossy().into_owned());
         }
+        if let Some(path) = config {
+            // Absolute: systemd starts the unit elsewhere.
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            push("--config", path.to_string_lossy().into_owned());
+        }
         if *dashboard_allow_remote {
             words.push("--dashboard-allow-remote".into());
         }
         if *timestamps {
             words.push("--timestamps".into());
         }
-        words.push("--".into());
-        words.extend(program.iter().map(|w| w.to_string_lossy().into_owned()));
+        if !program.is_empty() {
+            words.push("--".into());
+            words.extend(program.iter().map(|w| w.to_string_lossy().into_owned()));
+        }
         words
+    }
+
+    /// The configuration file, checked: with `--config`, no other run option on the command
+    /// line (the file is their one source), and the program in exactly one of the two places.
+    fn file(&self, matches: &ArgMatches, allowed: &[&str]) -> Result<Option<RunFile>, String> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        // The subcommand's arguments (its matches also hold the ids of argument groups).
+        let command = Cli::command();
+        let arguments: Vec<String> = command
+            .get_subcommands()
+            .flat_map(|c| c.get_arguments())
+            .map(|a| a.get_id().as_str().to_owned())
+            .collect();
+        let given: Vec<String> = matches
+            .ids()
+            .map(|id| id.as_str())
+            .filter(|id| arguments.iter().any(|a| a == id))
+            .filter(|id| !["config", "program"].contains(id) && !allowed.contains(id))
+            .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !given.is_empty() {
+            return Err(format!(
+                "{} cannot be combined with --config: set it in {}",
+                given.join(", "),
+                path.display()
+            ));
+        }
+        let file = RunFile::load(path).map_err(|e| e.to_string())?;
+        match (file.program().is_some(), self.program.is_empty()) {
+            (true, false) => Err(format!(
+                "{} names the program already: drop the one after --",
+                path.display()
+            )),
+            (false, true) => Err(format!(
+                "{}: no program: add `program = [\"/path/to/app\"]` or give it after --",
+                path.display()
+            )),
+            _ => Ok(Some(file)),
+        }
+    }
+
+    /// The program and its arguments: after `--`, or the file's.
+    fn program(&self, file: Option<&RunFile>) -> Vec<OsString> {
+        match file.and_then(RunFile::program) {
+            Some(program) => program,
+            None => self.program.clone(),
+        }
     }
 }
 
@@ -461,9 +525,9 @@ impl tracing_subscriber::fmt::time::FormatTime for Utc {
 
 /// The master's own lines: to the log file when one is given (through [`launcher::LogWriter`]),
 /// else stderr; colour only on a terminal (and never with `NO_COLOR`); timestamps on request.
-fn init_logging(args: &RunArgs) {
+fn init_logging(to_file: bool, timestamps: bool) {
     use std::io::IsTerminal;
-    let colour = args.log_file.is_none()
+    let colour = !to_file
         && std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
@@ -474,7 +538,7 @@ fn init_logging(args: &RunArgs) {
         .with_target(false)
         .with_ansi(colour)
         .with_writer(|| launcher::LogWriter);
-    if args.timestamps {
+    if timestamps {
         builder.with_timer(Utc).init();
     } else {
         builder.without_time().init();
@@ -507,14 +571,35 @@ fn print_logs(target: &Target, lines: usize, worker: Option<usize>, follow: bool
     }
 }
 
+/// The matches of the subcommand, for [`RunArgs::file`].
+fn sub_matches(matches: &ArgMatches) -> &ArgMatches {
+    matches.subcommand().map_or(matches, |(_, m)| m)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run(args) => {
-            init_logging(&args);
-            let mut program = args.program.clone();
+            let file = match args.file(sub_matches(&matches), &[]) {
+                Ok(file) => file,
+                Err(e) => {
+                    eprintln!("herd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let launcher = file
+                .as_ref()
+                .map_or_else(|| args.launcher(), RunFile::launcher);
+            let (to_file, timestamps) = file
+                .as_ref()
+                .map_or((args.log_file.is_some(), args.timestamps), |f| {
+                    (f.logs_to_file(), f.timestamps())
+                });
+            init_logging(to_file, timestamps);
+            let mut program = args.program(file.as_ref());
             let path = PathBuf::from(program.remove(0));
-            match args.launcher().supervise(path, program) {
+            match launcher.supervise(path, program) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     print_error(&e);
@@ -572,13 +657,25 @@ fn main() -> ExitCode {
             working_directory,
             run,
         } => {
+            let file = match run.file(sub_matches(&matches), &["user", "working_directory"]) {
+                Ok(file) => file,
+                Err(e) => {
+                    eprintln!("herd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let herd = std::env::current_exe()
                 .map_or_else(|_| "herd".to_owned(), |p| p.to_string_lossy().into_owned());
-            let name = run.name.clone().unwrap_or_else(|| {
-                PathBuf::from(&run.program[0])
-                    .file_name()
-                    .map_or("app".into(), |n| n.to_string_lossy().into_owned())
-            });
+            let program = run.program(file.as_ref());
+            let name = file
+                .as_ref()
+                .and_then(|f| f.name().map(str::to_owned))
+                .or_else(|| run.name.clone())
+                .unwrap_or_else(|| {
+                    PathBuf::from(&program[0])
+                        .file_name()
+                        .map_or("app".into(), |n| n.to_string_lossy().into_owned())
+                });
             if run.dashboard_token.is_some() {
                 eprintln!(
                     "herd: the dashboard token is not written into the unit: give it to the \
@@ -586,7 +683,15 @@ fn main() -> ExitCode {
                 );
             }
             let mut words = vec![herd];
-            words.extend(run.to_args(&name));
+            match &file {
+                // Everything is in the file: `--name` would be refused next to `--config`.
+                Some(f) => words.extend([
+                    "run".to_owned(),
+                    "--config".to_owned(),
+                    f.path().to_string_lossy().into_owned(),
+                ]),
+                None => words.extend(run.to_args(&name)),
+            }
             let exec_start = words
                 .iter()
                 .map(|w| systemd_quote(w))
@@ -600,7 +705,10 @@ fn main() -> ExitCode {
                     working_directory,
                     user,
                     // The unit's stop timeout covers the lame-duck period too.
-                    drain_timeout: run.drain_timeout + run.lame_duck.unwrap_or_default(),
+                    drain_timeout: file.as_ref().map_or_else(
+                        || run.drain_timeout + run.lame_duck.unwrap_or_default(),
+                        RunFile::stop_time
+                    ),
                 })
             );
             ExitCode::SUCCESS

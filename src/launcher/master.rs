@@ -232,16 +232,18 @@ fn signal_group(pid: u32, sig: Signal) {
     }
 }
 
-/// The shared cookie key: `HERD_SECRET` from our environment, or 64 fresh random bytes.
+/// The shared cookie key: `HERD_SECRET` from the configured environment (a configuration
+/// file's `[env]`) or ours, or 64 fresh random bytes.
 ///
 /// A blank `HERD_SECRET` counts as unset (what `HERD_SECRET=` or compose's `${HERD_SECRET:-}`
 /// give), exactly as the workers' own configuration reads it: passing a blank one through would
 /// make each worker invent its own key, and a cookie would verify in one worker only. A given key
 /// is checked here, once, so that a malformed one is a clear startup error of the master instead
 /// of every worker failing and being restarted in a loop.
-fn shared_secret() -> Result<String> {
-    if let Some(secret) = std::env::var(super::ENV_SECRET)
-        .ok()
+fn shared_secret(configured: Option<&String>) -> Result<String> {
+    if let Some(secret) = configured
+        .cloned()
+        .or_else(|| std::env::var(super::ENV_SECRET).ok())
         .filter(|s| !s.trim().is_empty())
     {
         crate::config::key_from_base64(super::ENV_SECRET, &secret)
@@ -454,7 +456,7 @@ impl Master {
         if let Some(path) = &config.log_file {
             logs::open(path)?;
         }
-        let secret = shared_secret()?;
+        let secret = shared_secret(config.env.get(super::ENV_SECRET))?;
         if config.workers > super::MAX_WORKERS {
             return Err(Error::Config(format!(
                 "{} workers asked for, at most {} are supported",
@@ -563,7 +565,14 @@ impl Master {
     }
 
     fn spawn(&mut self, slot: usize, generation: u64, role: Role) -> std::io::Result<u64> {
-        let mut env = vec![
+        // The configured environment first: herd's own variables below take precedence.
+        let mut env: Vec<(&str, String)> = self
+            .config
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        env.extend([
             (super::ENV_WORKER_INDEX, slot.to_string()),
             (super::ENV_GENERATION, generation.to_string()),
             (super::ENV_SECRET, self.secret.clone()),
@@ -573,7 +582,7 @@ impl Master {
                     .unwrap_or(u64::MAX)
                     .to_string(),
             ),
-        ];
+        ]);
         if let Some(n) = self.config.max_requests {
             env.push((super::ENV_MAX_REQUESTS, n.to_string()));
         }
@@ -1208,6 +1217,13 @@ impl Master {
             pending.extend(waiters);
             return;
         }
+        if let Err(message) = self.reread_file() {
+            tracing::error!("herd: {message}");
+            for w in waiters {
+                let _ = w.send(Response::err(message.clone()));
+            }
+            return;
+        }
         let generation = self
             .procs
             .values()
@@ -1228,6 +1244,35 @@ impl Master {
             waiters,
         });
         self.advance_rollout();
+    }
+
+    /// Read the configuration file again for the new workers' environment. A file that no
+    /// longer parses aborts the reload (the message says why); changes of keys other than
+    /// `[env]` are logged as needing a restart of the master.
+    fn reread_file(&mut self) -> std::result::Result<(), String> {
+        let Some(started_with) = &self.config.file else {
+            return Ok(());
+        };
+        let file = super::RunFile::load(started_with.path()).map_err(|e| {
+            format!("reload aborted: {e}; the workers keep serving with their environment")
+        })?;
+        let fixed = file.fixed_changes(started_with);
+        if !fixed.is_empty() {
+            tracing::warn!(
+                "herd: {} changed {} since the master started: only [env] is read on a \
+                 reload; the rest takes effect when the master restarts",
+                file.path().display(),
+                fixed.join(", ")
+            );
+        }
+        if file.env() != &self.config.env {
+            tracing::info!(
+                "herd: new workers get the environment of {}",
+                file.path().display()
+            );
+        }
+        self.config.env = file.env().clone();
+        Ok(())
     }
 
     fn start_recycle(&mut self) {

@@ -95,6 +95,7 @@
 
 mod control;
 mod dashboard;
+mod file;
 mod logs;
 mod master;
 mod spawn;
@@ -107,6 +108,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use control::{read_logs, request, socket_path, Request, Response, Status, WorkerStatus};
+pub use file::RunFile;
 pub use logs::{log_timestamp, LogWriter};
 pub use systemd::{systemd_unit, UnitOptions};
 pub use worker::{healthz, is_draining, MaxRequestsLayer, MaxRequestsService, Worker};
@@ -220,6 +222,10 @@ pub(crate) struct Config {
     pub(crate) dashboard_allow_remote: bool,
     pub(crate) log_file: Option<PathBuf>,
     pub(crate) log_timestamps: bool,
+    /// The configuration file, read again at each reload for its `[env]`.
+    pub(crate) file: Option<RunFile>,
+    /// Environment of the workers, on top of the master's own.
+    pub(crate) env: std::collections::BTreeMap<String, String>,
 }
 
 /// Builder of the pre-fork launcher. See the [module docs](self).
@@ -268,6 +274,8 @@ impl Launcher {
                 dashboard_allow_remote: false,
                 log_file: None,
                 log_timestamps: false,
+                file: None,
+                env: std::collections::BTreeMap::new(),
             },
         }
     }
@@ -466,6 +474,12 @@ impl Launcher {
     /// (journald and most log collectors add their own).
     pub fn log_timestamps(mut self, on: bool) -> Self {
         self.config.log_timestamps = on;
+        self
+    }
+
+    /// Set an environment variable for the workers (on top of the master's environment).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.env.insert(key.into(), value.into());
         self
     }
 
