@@ -1554,3 +1554,101 @@ fn systemd_unit_points_at_the_config_file() {
     );
     assert!(unit.contains("User=shop"), "{unit}");
 }
+
+#[test]
+fn systemd_socket_unit_pair_is_verified_and_serves_under_socket_activation() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let control = dir.path().join("c.sock");
+    let out = Command::new(herd_bin())
+        .args(["systemd-unit", "--socket-unit", "--dir"])
+        .arg(dir.path())
+        .args(["--name", "shop", "--workers", "2", "--bind"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--socket")
+        .arg(&control)
+        .arg("--")
+        .arg(hello_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let service = std::fs::read_to_string(dir.path().join("shop.service")).unwrap();
+    let socket = std::fs::read_to_string(dir.path().join("shop.socket")).unwrap();
+    assert!(
+        service.contains("Requires=shop.socket\nAfter=shop.socket\n"),
+        "{service}"
+    );
+    let listen = socket
+        .lines()
+        .find_map(|l| l.strip_prefix("ListenStream="))
+        .expect("ListenStream=");
+    assert_eq!(listen, format!("127.0.0.1:{port}"));
+    if systemd_tool(
+        "systemd-analyze",
+        "checking the units with `systemd-analyze verify`",
+    ) {
+        let verify = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join("shop.socket"))
+            .arg(dir.path().join("shop.service"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&verify.stderr);
+        let about_units: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("shop.service") || l.contains("shop.socket"))
+            .collect();
+        assert!(about_units.is_empty(), "{stderr}");
+    }
+    if !systemd_tool(
+        "systemd-socket-activate",
+        "running the socket unit's service under socket activation",
+    ) {
+        return;
+    }
+    // What systemd does with the pair: bind ListenStream=, start ExecStart= with the socket.
+    let exec_start: Vec<&str> = service
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=")
+        .split_whitespace()
+        .collect();
+    let child = Command::new("systemd-socket-activate")
+        .args(["-l", listen])
+        .args(&exec_start)
+        .env_remove("HERD_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let body = wait_until(
+        "the socket-activated service",
+        Duration::from_secs(20),
+        || get(port, "/").ok(),
+    );
+    assert!(body.contains("generation=1"), "{body}");
+    let s = request(&control, &Request::Status, Duration::from_secs(5))
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        s.pid,
+        child.0.id(),
+        "the master got the socket from systemd"
+    );
+    assert_eq!(s.listen, listen);
+    kill(child.0.id(), "TERM");
+    let status = wait_until("herd exit", Duration::from_secs(20), || {
+        child.0.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
+}

@@ -78,6 +78,13 @@ enum Command {
         /// `WorkingDirectory=` of the unit.
         #[arg(long)]
         working_directory: Option<String>,
+        /// Also a NAME.socket unit: systemd binds the address and hands it to the master, so
+        /// that even a restart of the master loses no connection.
+        #[arg(long)]
+        socket_unit: bool,
+        /// Write NAME.service (and NAME.socket) into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -571,6 +578,32 @@ fn print_logs(target: &Target, lines: usize, worker: Option<usize>, follow: bool
     }
 }
 
+/// `herd systemd-unit`: print the unit(s), or write NAME.service (and NAME.socket) into `dir`.
+fn write_units(options: &UnitOptions, dir: Option<&std::path::Path>) -> ExitCode {
+    let mut units = vec![("service", launcher::systemd_unit(options))];
+    if options.listen_socket.is_some() {
+        units.push(("socket", launcher::systemd_socket_unit(options)));
+    }
+    let Some(dir) = dir else {
+        for (i, (kind, text)) in units.iter().enumerate() {
+            if units.len() > 1 {
+                println!("{}# {}.{kind}", if i > 0 { "\n" } else { "" }, options.name);
+            }
+            print!("{text}");
+        }
+        return ExitCode::SUCCESS;
+    };
+    for (kind, text) in &units {
+        let path = dir.join(format!("{}.{kind}", options.name));
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("herd: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
 /// The matches of the subcommand, for [`RunArgs::file`].
 fn sub_matches(matches: &ArgMatches) -> &ArgMatches {
     matches.subcommand().map_or(matches, |(_, m)| m)
@@ -655,9 +688,12 @@ fn main() -> ExitCode {
         Command::SystemdUnit {
             user,
             working_directory,
+            socket_unit,
+            dir,
             run,
         } => {
-            let file = match run.file(sub_matches(&matches), &["user", "working_directory"]) {
+            let allowed = ["user", "working_directory", "socket_unit", "dir"];
+            let file = match run.file(sub_matches(&matches), &allowed) {
                 Ok(file) => file,
                 Err(e) => {
                     eprintln!("herd: {e}");
@@ -697,21 +733,23 @@ fn main() -> ExitCode {
                 .map(|w| systemd_quote(w))
                 .collect::<Vec<_>>()
                 .join(" ");
-            print!(
-                "{}",
-                launcher::systemd_unit(&UnitOptions {
-                    name,
-                    exec_start,
-                    working_directory,
-                    user,
-                    // The unit's stop timeout covers the lame-duck period too.
-                    drain_timeout: file.as_ref().map_or_else(
-                        || run.drain_timeout + run.lame_duck.unwrap_or_default(),
-                        RunFile::stop_time
-                    ),
-                })
-            );
-            ExitCode::SUCCESS
+            let bind = file
+                .as_ref()
+                .and_then(|f| f.bind().map(str::to_owned))
+                .unwrap_or_else(|| run.bind.clone());
+            let options = UnitOptions {
+                name,
+                exec_start,
+                working_directory,
+                user,
+                // The unit's stop timeout covers the lame-duck period too.
+                drain_timeout: file.as_ref().map_or_else(
+                    || run.drain_timeout + run.lame_duck.unwrap_or_default(),
+                    RunFile::stop_time,
+                ),
+                listen_socket: socket_unit.then_some(bind),
+            };
+            write_units(&options, dir.as_deref())
         }
     }
 }

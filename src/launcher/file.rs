@@ -239,6 +239,11 @@ impl RunFile {
         self.options.timestamps.unwrap_or(false)
     }
 
+    /// The address to listen on (`bind`), if the file gives one.
+    pub fn bind(&self) -> Option<&str> {
+        self.options.bind.as_deref()
+    }
+
     /// The name of the master (`name`), if the file gives one.
     pub fn name(&self) -> Option<&str> {
         self.options.name.as_deref()

@@ -110,7 +110,7 @@ use std::time::Duration;
 pub use control::{read_logs, request, socket_path, Request, Response, Status, WorkerStatus};
 pub use file::RunFile;
 pub use logs::{log_timestamp, LogWriter};
-pub use systemd::{systemd_unit, UnitOptions};
+pub use systemd::{systemd_socket_unit, systemd_unit, UnitOptions};
 pub use worker::{healthz, is_draining, MaxRequestsLayer, MaxRequestsService, Worker};
 
 /// Environment variable carrying the shared cookie key to every worker.

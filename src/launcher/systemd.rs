@@ -53,6 +53,9 @@ pub struct UnitOptions {
     pub user: Option<String>,
     /// The drain timeout of the master; the unit's stop timeout is set above it.
     pub drain_timeout: Duration,
+    /// The address of a socket unit (`ListenStream=`) that systemd binds and hands to the
+    /// master ([`systemd_socket_unit`]); the service then requires it. `None`: the master binds.
+    pub listen_socket: Option<String>,
 }
 
 /// The text of a systemd service unit for a herd master.
@@ -70,6 +73,7 @@ pub struct UnitOptions {
 ///     working_directory: None,
 ///     user: None,
 ///     drain_timeout: std::time::Duration::from_secs(30),
+///     listen_socket: None,
 /// });
 /// assert!(unit.contains("Type=notify"));
 /// assert!(unit.contains("TimeoutStopSec=40"));
@@ -81,6 +85,10 @@ pub fn systemd_unit(options: &UnitOptions) -> String {
     let _ = writeln!(unit, "Description={} (herd pre-fork master)", options.name);
     let _ = writeln!(unit, "After=network-online.target");
     let _ = writeln!(unit, "Wants=network-online.target");
+    if options.listen_socket.is_some() {
+        let _ = writeln!(unit, "Requires={}.socket", options.name);
+        let _ = writeln!(unit, "After={}.socket", options.name);
+    }
     let _ = writeln!(unit);
     let _ = writeln!(unit, "[Service]");
     let _ = writeln!(unit, "Type=notify");
@@ -101,5 +109,42 @@ pub fn systemd_unit(options: &UnitOptions) -> String {
     let _ = writeln!(unit);
     let _ = writeln!(unit, "[Install]");
     let _ = writeln!(unit, "WantedBy=multi-user.target");
+    unit
+}
+
+/// The socket unit (`NAME.socket`) that goes with [`systemd_unit`] when
+/// [`UnitOptions::listen_socket`] is set: systemd binds the address and passes it to the master
+/// (`LISTEN_FDS`), which uses it instead of binding. The socket then outlives the master: during
+/// a restart of the service (an upgrade of herd itself), connections wait in its backlog instead
+/// of being refused. Empty when `listen_socket` is `None`.
+///
+/// ```
+/// use herd::launcher::{systemd_socket_unit, UnitOptions};
+/// let socket = systemd_socket_unit(&UnitOptions {
+///     name: "app".into(),
+///     exec_start: "/usr/local/bin/herd run --name app -- /srv/app/app".into(),
+///     working_directory: None,
+///     user: None,
+///     drain_timeout: std::time::Duration::from_secs(30),
+///     listen_socket: Some("0.0.0.0:8080".into()),
+/// });
+/// assert!(socket.contains("ListenStream=0.0.0.0:8080"));
+/// ```
+pub fn systemd_socket_unit(options: &UnitOptions) -> String {
+    let Some(listen) = &options.listen_socket else {
+        return String::new();
+    };
+    let mut unit = String::new();
+    let _ = writeln!(unit, "[Unit]");
+    let _ = writeln!(unit, "Description={} listening socket (herd)", options.name);
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Socket]");
+    let _ = writeln!(unit, "ListenStream={listen}");
+    // The backlog herd gives its own socket: connections wait here while workers are replaced.
+    let _ = writeln!(unit, "Backlog=1024");
+    let _ = writeln!(unit, "ReusePort=false");
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Install]");
+    let _ = writeln!(unit, "WantedBy=sockets.target");
     unit
 }
