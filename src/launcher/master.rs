@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::control::{Request, Response, Status, WorkerStatus};
 use super::dashboard::{self, ControlMsg, Observer, WorkerSnapshot};
 use super::logs::{self, LogBook};
-use super::{spawn, systemd, Config, Error, Result};
+use super::systemd::{self, NotifyState};
+use super::{spawn, Config, Error, Result};
 
 /// Cap of the restart backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -694,7 +695,9 @@ impl Master {
                  not restarting until the next reload",
                 s.failures
             );
-            systemd::notify(&format!("STATUS=worker {slot} errored: {why}"));
+            systemd::notify(&[NotifyState::Status(&format!(
+                "worker {slot} errored: {why}"
+            ))]);
             return;
         }
         // First restart immediate, then base, 2*base, 4*base ... capped.
@@ -816,11 +819,8 @@ impl Master {
                 self.slots.len(),
                 self.started.elapsed()
             );
-            systemd::notify(&format!(
-                "READY=1\nSTATUS={} workers on {}",
-                self.slots.len(),
-                self.listen
-            ));
+            let status = format!("{} workers on {}", self.slots.len(), self.listen);
+            systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }
     }
 
@@ -1234,7 +1234,7 @@ impl Master {
             + 1;
         self.generation = generation;
         tracing::info!("herd: rolling reload to generation {generation}");
-        systemd::notify("RELOADING=1");
+        systemd::notify(&[NotifyState::Reloading]);
         self.rollout = Some(Rollout {
             what: "reload",
             queue: self.slots.keys().copied().collect(),
@@ -1330,7 +1330,7 @@ impl Master {
             took.as_secs_f64()
         );
         tracing::info!("herd: {message}");
-        systemd::notify("READY=1");
+        systemd::notify(&[NotifyState::Ready]);
         for w in rollout.waiters {
             let _ = w.send(Response::ok(message.clone()));
         }
@@ -1349,7 +1349,7 @@ impl Master {
             rollout.what
         );
         tracing::error!("herd: {message}");
-        systemd::notify(&format!("READY=1\nSTATUS={message}"));
+        systemd::notify(&[NotifyState::Ready, NotifyState::Status(&message)]);
         for w in rollout.waiters {
             let _ = w.send(Response::err(message.clone()));
         }
@@ -1382,7 +1382,7 @@ impl Master {
             "herd: lame duck for {:?}: reporting draining while serving, then stopping",
             self.config.lame_duck
         );
-        systemd::notify("STOPPING=1");
+        systemd::notify(&[NotifyState::Stopping]);
         self.cancel_rollouts();
         self.lame_duck_until = Some(later(self.config.lame_duck));
         let ids: Vec<u64> = self.procs.keys().copied().collect();
@@ -1443,7 +1443,7 @@ impl Master {
             self.config.drain_timeout
         );
         if self.lame_duck_until.take().is_none() {
-            systemd::notify("STOPPING=1");
+            systemd::notify(&[NotifyState::Stopping]);
         }
         self.cancel_rollouts();
         self.stopping = true;

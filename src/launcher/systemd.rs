@@ -4,38 +4,47 @@ use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-/// Send a state line to systemd (`READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=...`) when
-/// `NOTIFY_SOCKET` is set; silently nothing otherwise.
-pub(crate) fn notify(state: &str) {
+pub(crate) use sd_notify::NotifyState;
+
+/// Tell systemd about a state change (`READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=...`)
+/// when `NOTIFY_SOCKET` is set; silently nothing otherwise. `RELOADING=1` goes with
+/// `MONOTONIC_USEC`, which `Type=notify-reload` (systemd 253 and later) requires.
+pub(crate) fn notify(states: &[NotifyState<'_>]) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let Ok(socket) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(name) = bytes.strip_prefix(b"@") {
-        abstract_send(&socket, name, state)
-    } else {
-        socket.send_to(state.as_bytes(), &path).map(|_| ())
+    let mut states: Vec<NotifyState<'_>> = states.to_vec();
+    if states.iter().any(|s| matches!(s, NotifyState::Reloading)) {
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+    }
+    let result = match path.as_encoded_bytes().strip_prefix(b"@") {
+        // sd-notify sends to socket paths only; systemd may also give an abstract socket.
+        Some(name) => {
+            let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+            abstract_send(name, &message)
+        }
+        None => sd_notify::notify(&states),
     };
     if let Err(e) = result {
-        tracing::debug!("sd_notify {state:?}: {e}");
+        tracing::debug!("sd_notify {states:?}: {e}");
     }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn abstract_send(socket: &UnixDatagram, name: &[u8], state: &str) -> std::io::Result<()> {
+fn abstract_send(name: &[u8], message: &str) -> std::io::Result<()> {
     #[cfg(target_os = "android")]
     use std::os::android::net::SocketAddrExt;
     #[cfg(target_os = "linux")]
     use std::os::linux::net::SocketAddrExt;
+    let socket = UnixDatagram::unbound()?;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-    socket.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+    socket.send_to_addr(message.as_bytes(), &addr).map(|_| ())
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn abstract_send(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+fn abstract_send(_: &[u8], _: &str) -> std::io::Result<()> {
     Err(std::io::Error::other("abstract sockets are Linux only"))
 }
 

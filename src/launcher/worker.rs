@@ -394,7 +394,7 @@ impl Worker {
         if self.channel.master.is_some() {
             let _ = self.channel.send("READY\n");
         } else {
-            systemd::notify("READY=1");
+            systemd::notify(&[systemd::NotifyState::Ready]);
         }
     }
 
@@ -655,7 +655,7 @@ where
         if let Some(timeout) = worker.hang_timeout {
             tokio::spawn(heartbeat(worker.channel.clone(), timeout));
         }
-        worker.observed = send_metrics(&worker.channel);
+        worker.observed = send_metrics(&worker.channel, worker.index);
         app(worker).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -690,11 +690,17 @@ async fn heartbeat(channel: Arc<Channel>, hang_timeout: Duration) {
 /// the rendered series every second as one `METRICS "<text as a JSON string>"` line. Masters that
 /// do not know the line ignore it. Returns whether metrics are collected.
 #[cfg(feature = "metrics")]
-fn send_metrics(channel: &Arc<Channel>) -> bool {
+fn send_metrics(channel: &Arc<Channel>, index: Option<usize>) -> bool {
     if channel.master.is_none() || std::env::var(super::ENV_METRICS).as_deref() != Ok("1") {
         return false;
     }
-    let handle = match crate::observe::install_prometheus() {
+    // Every series carries `worker="N"` (the exporter's global label): the master serves the
+    // workers' series side by side without touching them.
+    let labels: Vec<(&str, String)> = index
+        .map(|i| ("worker", i.to_string()))
+        .into_iter()
+        .collect();
+    let handle = match crate::observe::install_prometheus_labelled(&labels) {
         Ok(handle) => handle,
         Err(e) => {
             tracing::warn!("herd worker: metrics disabled: {e}");
@@ -722,7 +728,7 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
 }
 
 #[cfg(not(feature = "metrics"))]
-fn send_metrics(_channel: &Arc<Channel>) -> bool {
+fn send_metrics(_channel: &Arc<Channel>, _index: Option<usize>) -> bool {
     false
 }
 
