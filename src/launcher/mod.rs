@@ -96,8 +96,10 @@
 mod control;
 mod dashboard;
 mod file;
+mod lame_duck;
 mod logs;
 mod master;
+mod max_requests;
 mod spawn;
 mod systemd;
 mod worker;
@@ -109,9 +111,11 @@ use std::time::Duration;
 
 pub use control::{read_logs, request, socket_path, Request, Response, Status, WorkerStatus};
 pub use file::RunFile;
+pub use lame_duck::{healthz, is_draining};
 pub use logs::{log_timestamp, LogWriter};
+pub use max_requests::{MaxRequestsLayer, MaxRequestsService};
 pub use systemd::{systemd_socket_unit, systemd_unit, UnitOptions};
-pub use worker::{healthz, is_draining, MaxRequestsLayer, MaxRequestsService, Worker};
+pub use worker::Worker;
 
 /// Environment variable carrying the shared cookie key to every worker.
 pub const ENV_SECRET: &str = "HERD_SECRET";

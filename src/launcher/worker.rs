@@ -4,15 +4,16 @@ use std::future::Future;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{fstat, SFlag};
 use tokio::sync::watch;
 
+use super::lame_duck::{is_draining, start_draining, DRAINING};
+use super::max_requests::MaxRequestsLayer;
 use super::{
     systemd, Config, Error, Result, ENV_DRAIN_TIMEOUT_MS, ENV_GENERATION, ENV_HANG_TIMEOUT_MS,
     ENV_MASTER_FD, ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
@@ -26,57 +27,6 @@ const ACCEPT_GRACE: Duration = Duration::from_millis(500);
 pub(crate) const DRAINING_LINE: &str = "DRAINING\n";
 /// The heartbeat line a worker writes on the channel when the master judges hung workers.
 pub(crate) const ALIVE_LINE: &str = "ALIVE\n";
-
-/// Whether this process's host is draining (a lame duck, see the [module
-/// docs](super#lame-duck-several-hosts-behind-a-load-balancer)): one per process, because a process
-/// is at most one worker. Never set back to `false`: a lame duck only stops.
-static DRAINING: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
-
-/// Mark this process's host as draining (idempotent).
-fn start_draining() {
-    if !DRAINING.send_replace(true) {
-        tracing::info!("herd worker: the host is a lame duck: /healthz reports draining");
-    }
-}
-
-/// Whether the host this worker runs on is in its lame-duck period: it still serves, but it is
-/// about to stop, and its health route should say so (`503`) so that a load balancer moves
-/// traffic away. `false` outside a herd worker and during rolling reloads. See
-/// [`Worker::is_draining`] and [`healthz`].
-pub fn is_draining() -> bool {
-    *DRAINING.borrow()
-}
-
-/// A ready health-check handler for a load balancer: `200 {"ok":true}`, or `503
-/// {"ok":false,"draining":true}` with `Retry-After: 1` while the host [is
-/// draining](is_draining).
-///
-/// ```no_run
-/// use axum::{routing::get, Router};
-/// let app: Router = Router::new().route("/healthz", get(herd::launcher::healthz));
-/// ```
-pub async fn healthz() -> axum::response::Response {
-    use axum::http::{header, HeaderValue, StatusCode};
-    let (status, body) = if is_draining() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"ok":false,"draining":true}"#,
-        )
-    } else {
-        (StatusCode::OK, r#"{"ok":true}"#)
-    };
-    let mut res = axum::response::Response::new(axum::body::Body::from(body));
-    *res.status_mut() = status;
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    res
-}
 
 /// fd of the listening socket (systemd's `SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
@@ -109,7 +59,7 @@ pub struct Worker {
 /// description, shared by every dup of the fd, and a non-blocking writer could cut a line short
 /// when the buffer is full (and a following `READY` would be lost in the garbage).
 #[derive(Debug)]
-struct Channel {
+pub(crate) struct Channel {
     master: Option<UnixStream>,
     ready_sent: AtomicBool,
     recycle_sent: AtomicBool,
@@ -302,13 +252,7 @@ impl Worker {
             index,
             generation,
             listener: Some(listener),
-            requests: MaxRequestsLayer {
-                inner: Arc::new(CounterInner {
-                    count: AtomicU64::new(0),
-                    limit: max_requests,
-                    channel: channel.clone(),
-                }),
-            },
+            requests: MaxRequestsLayer::new(max_requests, channel.clone()),
             channel,
             shutdown: rx,
             shutdown_tx: Some(tx),
@@ -454,7 +398,7 @@ impl Worker {
 }
 
 impl Channel {
-    fn recycle(&self) {
+    pub(crate) fn recycle(&self) {
         if self.master.is_some() && !self.recycle_sent.swap(true, Ordering::SeqCst) {
             let _ = self.send("RECYCLE\n");
         }
@@ -485,73 +429,6 @@ impl axum::serve::Listener for StopAccepting {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
-    }
-}
-
-#[derive(Debug)]
-struct CounterInner {
-    count: AtomicU64,
-    limit: Option<u64>,
-    channel: Arc<Channel>,
-}
-
-/// Counts the requests of a worker for [`Launcher::max_requests`](super::Launcher::max_requests)
-/// and asks the master for a replacement at the limit; a tower [`Layer`](tower_layer::Layer). See
-/// [`Worker::requests`]. (The Prometheus counter `herd_requests_total` is
-/// [`RequestsTotalLayer`](crate::observe)'s.)
-#[derive(Debug, Clone)]
-pub struct MaxRequestsLayer {
-    inner: Arc<CounterInner>,
-}
-
-impl MaxRequestsLayer {
-    /// Count one request; at the limit, ask the master for a replacement.
-    pub fn record(&self) {
-        let n = self.inner.count.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.inner.limit.is_some_and(|limit| n >= limit) {
-            self.inner.channel.recycle();
-        }
-    }
-
-    /// Requests counted so far.
-    pub fn count(&self) -> u64 {
-        self.inner.count.load(Ordering::Relaxed)
-    }
-}
-
-impl<S> tower_layer::Layer<S> for MaxRequestsLayer {
-    type Service = MaxRequestsService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MaxRequestsService {
-            inner,
-            counter: self.clone(),
-        }
-    }
-}
-
-/// The service made by the [`MaxRequestsLayer`].
-#[derive(Debug, Clone)]
-pub struct MaxRequestsService<S> {
-    inner: S,
-    counter: MaxRequestsLayer,
-}
-
-impl<S, R> tower_service::Service<R> for MaxRequestsService<S>
-where
-    S: tower_service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        self.counter.record();
-        self.inner.call(req)
     }
 }
 
@@ -800,7 +677,7 @@ mod tests {
             .await
         });
         assert!(res.is_ok(), "the DRAINING line was not seen");
-        let response = runtime.block_on(healthz());
+        let response = runtime.block_on(crate::launcher::healthz());
         assert_eq!(
             response.status(),
             axum::http::StatusCode::SERVICE_UNAVAILABLE
