@@ -1,31 +1,4 @@
-//! The launcher's configuration file (`herd run --config herd.toml`, [`Launcher::from_file`]).
-//!
-//! Every option of `herd run`, the program, and the environment of the workers, in TOML. Unknown
-//! keys and bad values are errors that name the key and the line. Durations are seconds
-//! (fractions allowed). Every key is optional except `program` (which `herd run` may also take
-//! after `--`):
-//!
-//! ```toml
-//! program = ["/srv/shop/bin/shop", "--serve"]
-//! name = "shop"
-//! workers = 4
-//! bind = "0.0.0.0:8080"
-//! drain_timeout = 30
-//! hang_timeout = 30
-//! lame_duck = 3
-//! log_file = "/var/log/shop/herd.log"
-//! timestamps = true
-//!
-//! [env]
-//! DATABASE_URL = "postgres://shop@db/shop"
-//! RUST_LOG = "info"
-//! ```
-//!
-//! On a reload (`herd reload`, `SIGHUP`) the master reads the file again: the new workers get its
-//! current `[env]` (PM2's `--update-env`), and a file that no longer parses aborts the reload
-//! (the old workers keep serving). Every other key is read once, at the master's start: a change
-//! of one is logged as needing a restart of the master (`herd scale` changes the number of
-//! workers of a running master).
+//! The launcher's configuration file: [`RunFile`].
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -99,7 +72,34 @@ struct Options {
     env: BTreeMap<String, String>,
 }
 
-/// A parsed configuration file. See the [module docs](self) for its keys.
+/// A parsed configuration file (`herd run --config herd.toml`, [`Launcher::from_file`]).
+///
+/// Every option of `herd run`, the program, and the environment of the workers, in TOML. Unknown
+/// keys and bad values are errors that name the key and the line. Durations are seconds
+/// (fractions allowed). Every key is optional except `program` (which `herd run` may also take
+/// after `--`):
+///
+/// ```toml
+/// program = ["/srv/shop/bin/shop", "--serve"]
+/// name = "shop"
+/// workers = 4
+/// bind = "0.0.0.0:8080"
+/// drain_timeout = 30
+/// hang_timeout = 30
+/// lame_duck = 3
+/// log_file = "/var/log/shop/herd.log"
+/// timestamps = true
+///
+/// [env]
+/// DATABASE_URL = "postgres://shop@db/shop"
+/// RUST_LOG = "info"
+/// ```
+///
+/// On a reload (`herd reload`, `SIGHUP`) the master reads the file again: the new workers get its
+/// current `[env]` (PM2's `--update-env`), and a file that no longer parses aborts the reload
+/// (the old workers keep serving). Every other key is read once, at the master's start: a change
+/// of one is logged as needing a restart of the master (`herd scale` changes the number of
+/// workers of a running master).
 #[derive(Debug, Clone)]
 pub struct RunFile {
     path: PathBuf,

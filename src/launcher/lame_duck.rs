@@ -21,7 +21,7 @@ pub(crate) fn start_draining() {
 /// Whether the host this worker runs on is in its lame-duck period: it still serves, but it is
 /// about to stop, and its health route should say so (`503`) so that a load balancer moves
 /// traffic away. `false` outside a herd worker and during rolling reloads. See
-/// [`Worker::is_draining`] and [`healthz`].
+/// [`Worker::is_draining`](super::Worker::is_draining) and [`healthz`].
 pub fn is_draining() -> bool {
     *DRAINING.borrow()
 }

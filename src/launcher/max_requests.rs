@@ -16,7 +16,7 @@ struct CounterInner {
 
 /// Counts the requests of a worker for [`Launcher::max_requests`](super::Launcher::max_requests)
 /// and asks the master for a replacement at the limit; a tower [`Layer`](tower_layer::Layer). See
-/// [`Worker::requests`]. (The Prometheus counter `herd_requests_total` is
+/// [`Worker::requests`](super::Worker::requests). (The Prometheus counter `herd_requests_total` is
 /// [`RequestsTotalLayer`](crate::observe)'s.)
 #[derive(Debug, Clone)]
 pub struct MaxRequestsLayer {

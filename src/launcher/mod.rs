@@ -59,6 +59,7 @@
 //! | `SIGTERM`, `SIGINT` | graceful stop: with a [lame duck](Launcher::lame_duck) period, the workers first report draining for that long while they keep serving; then workers get `SIGTERM`, `SIGKILL` after the drain timeout (30 s); exit 0 when every worker stopped cleanly. Another one during the lame-duck period starts the drain at once; one during the drain kills at once. |
 //! | `SIGHUP` | rolling reload: per slot, start a new worker from the program's path, wait for `READY`, then stop the old one gracefully. A new worker that fails to become ready aborts the reload; the old ones keep serving. |
 //! | `SIGTTIN` / `SIGTTOU` | one more / one fewer worker |
+//! | `SIGUSR1` | reopen the [log file](Launcher::log_file) (after logrotate moved it) |
 //!
 //! # Lame duck: several hosts behind a load balancer
 //!

@@ -363,7 +363,7 @@ impl Worker {
     }
 
     /// Whether this worker's host is in its lame-duck period (see [`is_draining`], the same
-    /// for the whole process, and [`healthz`], a ready handler that reports it).
+    /// for the whole process, and [`healthz`](super::healthz), a ready handler that reports it).
     pub fn is_draining(&self) -> bool {
         is_draining()
     }
