@@ -1661,3 +1661,53 @@ fn systemd_socket_unit_pair_is_verified_and_serves_under_socket_activation() {
     });
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_queued_reload_that_cannot_start_answers_its_own_waiters() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    let socket = dir.path().join("c.sock");
+    // Each new worker takes a second to start: a reload lasts long enough to queue another.
+    let good = format!(
+        "program = [\"sh\", \"-c\", \"sleep 1; exec {hello}\"]\nworkers = 1\n\
+         bind = \"127.0.0.1:0\"\nsocket = {socket:?}\n",
+        hello = hello_bin().display(),
+    );
+    std::fs::write(&config, &good).unwrap();
+    let mut child = Command::new(herd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .env_remove("HERD_SECRET")
+        .spawn()
+        .unwrap();
+    wait_until("online", START, || {
+        let s = request(&socket, &Request::Status, Duration::from_secs(5))
+            .ok()?
+            .status?;
+        (s.workers.len() == 1 && s.workers[0].state == "online").then_some(())
+    });
+    let reload = |socket: std::path::PathBuf| {
+        std::thread::spawn(move || request(&socket, &Request::Reload, Duration::from_secs(60)))
+    };
+    let first = reload(socket.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = reload(socket.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    // The queued reload starts when the first one ends, and then the file no longer parses: it
+    // aborts before spawning anything, and its waiter hears why.
+    std::fs::write(&config, format!("{good}workers = \"two\"\n")).unwrap();
+    let first = first.join().unwrap().unwrap();
+    assert!(first.ok, "{}", first.message);
+    let queued = queued.join().unwrap().unwrap();
+    assert!(!queued.ok, "{queued:?}");
+    assert!(
+        queued.message.contains("reload aborted") && queued.message.contains("line"),
+        "{queued:?}"
+    );
+    kill(child.id(), "TERM");
+    let status = wait_until("herd exit", START, || child.try_wait().ok().flatten());
+    assert!(status.success(), "{status}");
+}
