@@ -697,14 +697,7 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     // The program starts at the first connection and serves it from the inherited socket.
     let body = wait_until("the socket-activated app", Duration::from_secs(20), || {
         get(port, "/").ok()
@@ -748,7 +741,7 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     let body = wait_until("the socket-activated herd", Duration::from_secs(20), || {
         get(port, "/").ok()
     });
@@ -1477,14 +1470,7 @@ fn a_config_file_runs_the_master_and_a_reload_reads_its_environment_again() {
         .stderr(std::process::Stdio::piped())
         .env_remove("HERD_SECRET");
     let child = cmd.spawn().unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     let online = |n: usize| {
         wait_until("workers online", START, || {
             let s = request(&socket, &Request::Status, Duration::from_secs(5))
@@ -1631,14 +1617,7 @@ fn systemd_socket_unit_pair_is_verified_and_serves_under_socket_activation() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     let body = wait_until(
         "the socket-activated service",
         Duration::from_secs(20),
