@@ -71,6 +71,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,herd=info".into()),
         )
+        // Colour only on a terminal (log files and journald get plain text).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse()?;
@@ -86,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .workers(args.workers)
         .bind(format!("{}:{}", args.host, args.port))
         .name(format!("multi_worker-{}", args.port))
+        .hang_timeout(hang_timeout_from_env()?)
         .run(|worker| async move {
             let redis = RedisClient::new(config()?)?;
             // Best effort: a worker also starts (and answers 503 where Redis is needed) while
@@ -205,6 +208,7 @@ fn router(state: AppState, redis: RedisClient) -> Router {
         .route("/healthz", get(herd::launcher::healthz))
         .route("/whoami", get(whoami))
         .route("/slow", get(slow))
+        .route("/stall", get(stall))
         .with_state(state)
         .merge(needs_redis)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
@@ -668,4 +672,57 @@ mod coordination {
         })
         .layer(RateLimitLayer::new(limiter, client_ip))
     }
+}
+
+/// `HERD_HANG_TIMEOUT` (seconds, fractions allowed; 0 turns the check off): a worker whose runtime
+/// sends no heartbeat for this long is killed and replaced. Default 30 s.
+fn hang_timeout_from_env() -> Result<Duration, String> {
+    match std::env::var("HERD_HANG_TIMEOUT") {
+        Err(_) => Ok(Duration::from_secs(30)),
+        Ok(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| {
+                format!("HERD_HANG_TIMEOUT={text:?}: give a number of seconds, 0 or more")
+            }),
+    }
+}
+
+/// `GET /stall?ms=N` (N from 0 to 60000): a hung worker on purpose, for demos and tests. Blocks
+/// every thread of this worker's runtime for N ms (its heartbeat stops with them), then answers
+/// `{"stalled":N}` if the master did not replace it meanwhile (see `HERD_HANG_TIMEOUT`).
+async fn stall(Query(params): Query<BTreeMap<String, String>>) -> Response {
+    let Some(ms) = params
+        .get("ms")
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .filter(|&ms| ms <= 60_000)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ms must be a whole number from 0 to 60000",
+        );
+    };
+    let until = Instant::now() + Duration::from_millis(ms);
+    let runtime = tokio::runtime::Handle::current();
+    let threads = runtime.metrics().num_workers();
+    // Spawned from outside the runtime, the tasks go to its shared queue, which every free thread
+    // takes work from: each thread takes one and blocks until the common deadline (a thread that
+    // takes a second one after the deadline returns at once).
+    let tasks = tokio::task::spawn_blocking(move || {
+        (0..threads)
+            .map(|_| {
+                runtime.spawn(async move {
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for task in tasks {
+        let _ = task.await;
+    }
+    Json(json!({ "stalled": ms })).into_response()
 }

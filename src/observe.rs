@@ -135,12 +135,23 @@ mod recorder {
 pub fn install_prometheus(
 ) -> Result<metrics_exporter_prometheus::PrometheusHandle, Box<dyn std::error::Error + Send + Sync>>
 {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5,
-        ])?
-        .build_recorder();
+    install_prometheus_labelled(&[])
+}
+
+/// [`install_prometheus`] with labels on every series (the launcher's `worker="N"`), through the
+/// exporter's global labels.
+#[cfg(feature = "metrics")]
+pub(crate) fn install_prometheus_labelled(
+    labels: &[(&str, String)],
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, Box<dyn std::error::Error + Send + Sync>>
+{
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets(&[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ])?;
+    for (key, value) in labels {
+        builder = builder.add_global_label(*key, value.clone());
+    }
+    let recorder = builder.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)?;
     recorder::handles();

@@ -487,10 +487,19 @@ fn master_reports_ready_reloading_stopping_to_systemd() {
     assert!(s.workers.iter().all(|w| w.state == "online"), "{s:?}");
     m.wait_online(2, START);
     kill(m.pid(), "HUP");
-    assert_eq!(next(), "RELOADING=1");
+    // With the time of the request, for Type=notify-reload (systemd >= 253).
+    let reloading = next();
+    let mut lines = reloading.lines();
+    assert_eq!(lines.next(), Some("RELOADING=1"), "{reloading}");
+    let usec: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
     assert!(next().starts_with("READY=1"));
     kill(m.pid(), "TERM");
-    assert_eq!(next(), "STOPPING=1");
+    assert_eq!(next().trim_end(), "STOPPING=1");
     assert!(m.wait_exit(START).success());
     // Workers did not get the master's NOTIFY_SOCKET: nothing else arrived.
     notify
@@ -688,14 +697,7 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     // The program starts at the first connection and serves it from the inherited socket.
     let body = wait_until("the socket-activated app", Duration::from_secs(20), || {
         get(port, "/").ok()
@@ -707,18 +709,28 @@ fn the_same_program_runs_under_systemd_socket_activation() {
     );
     assert!(body.contains("index=- generation=0"), "{body}");
     let ready = recv_notification(&notify).expect("sd_notify datagram");
-    assert_eq!(ready, "READY=1");
+    assert_eq!(ready.trim_end(), "READY=1");
     kill(child.0.id(), "TERM");
     let status = wait_until("exit", Duration::from_secs(20), || {
         child.0.try_wait().ok().flatten()
     });
     assert!(status.success(), "{status}");
 
-    // `herd run` socket-activated: the master keeps systemd's socket instead of binding.
+    // `herd run` socket-activated: the master keeps systemd's socket instead of binding. Two
+    // more sockets (fds 4 and 5) are not used, and must not leak into the workers.
     let port = free_port();
+    let extra: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let extra_addrs: Vec<String> = extra
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    drop(extra);
     let control = dir.path().join("c.sock");
     let child = Command::new("systemd-socket-activate")
         .args(["-l", &format!("127.0.0.1:{port}")])
+        .args(["-l", &extra_addrs[0], "-l", &extra_addrs[1]])
         .arg(herd_bin())
         .args(["run", "--workers", "2", "--bind", "127.0.0.1:1", "--socket"])
         .arg(&control)
@@ -729,7 +741,7 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     let body = wait_until("the socket-activated herd", Duration::from_secs(20), || {
         get(port, "/").ok()
     });
@@ -740,6 +752,18 @@ fn the_same_program_runs_under_systemd_socket_activation() {
         .unwrap();
     assert_eq!(s.listen, format!("127.0.0.1:{port}"));
     assert_eq!(s.pid, child.0.id());
+    let link = |pid: u32, fd: u32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    let unused = link(s.pid, 5).expect("the master holds fd 5 (LISTEN_FDS=3)");
+    for pid in s.workers.iter().filter_map(|w| w.pid) {
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(
+            !fds.contains(&unused),
+            "worker {pid} inherited the unused socket {unused:?}: {fds:?}"
+        );
+    }
     kill(child.0.id(), "TERM");
     let status = wait_until("herd exit", Duration::from_secs(20), || {
         child.0.try_wait().ok().flatten()
@@ -1154,4 +1178,515 @@ fn measure_restart_and_reload_times() {
     eprintln!("MEASURE background load: ok={ok} failed={failed}");
     kill(m.pid(), "TERM");
     assert!(m.wait_exit(START).success());
+}
+
+#[test]
+fn a_hung_worker_is_killed_and_replaced_like_a_crash() {
+    let _serial = serial();
+    let mut m = Master::herd_run(
+        &["--workers", "2", "--hang-timeout", "1"],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let status = m.wait_online(2, START);
+    let victim = status.workers[0].pid.unwrap();
+    let other = status.workers[1].pid.unwrap();
+    // A stopped process runs nothing, its runtime included: the heartbeats stop as they do when
+    // every thread of the runtime is blocked (the flagship's /stall does that; see
+    // tests/flagship_stall.rs).
+    let stopped = Instant::now();
+    kill(victim, "STOP");
+    let s = wait_until("the hung worker replaced", Duration::from_secs(15), || {
+        let s = m.status()?;
+        let w = s.workers.iter().find(|w| w.index == 0)?;
+        (w.state == "online" && w.pid.is_some_and(|p| p != victim)).then_some(s)
+    });
+    let replaced = stopped.elapsed();
+    wait_until("the hung worker gone", Duration::from_secs(5), || {
+        (!alive(victim)).then_some(())
+    });
+    let gone = stopped.elapsed();
+    eprintln!("MEASURE hang: worker stopped -> replacement online {replaced:?}, killed {gone:?}");
+    let w0 = s.workers.iter().find(|w| w.index == 0).unwrap();
+    assert_eq!((w0.hangs, w0.restarts), (1, 1), "{s:?}");
+    assert!(
+        w0.last_exit
+            .as_deref()
+            .is_some_and(|e| e.starts_with("hung")),
+        "{s:?}"
+    );
+    let w1 = s.workers.iter().find(|w| w.index == 1).unwrap();
+    assert_eq!(
+        (w1.pid, w1.hangs),
+        (Some(other), 0),
+        "the other worker was not touched"
+    );
+    // The silence counts from the last heartbeat, up to one period (250 ms) before the stop;
+    // the upper bound is generous for a shared machine.
+    assert!(
+        replaced >= Duration::from_millis(750),
+        "judged too early: {replaced:?}"
+    );
+    assert!(replaced < Duration::from_secs(5), "{replaced:?}");
+    assert!(get(m.port(), "/").is_ok());
+    let table = Command::new(herd_bin())
+        .args(["status", "--socket"])
+        .arg(&m.socket)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("hangs"));
+    let out = m.output();
+    assert!(
+        out.contains(&format!("worker 0 (pid {victim}) hung")),
+        "{out}"
+    );
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}
+
+#[test]
+fn a_program_without_heartbeats_is_never_judged_hung() {
+    let _serial = serial();
+    // No herd protocol at all: counted ready after 0.1 s, never a heartbeat.
+    let mut m = Master::herd_run(
+        &[
+            "--workers",
+            "1",
+            "--ready-after",
+            "0.1",
+            "--hang-timeout",
+            "0.2",
+        ],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    let pid = m.wait_online(1, START).workers[0].pid.unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = m.status().unwrap();
+    assert_eq!(s.workers[0].pid, Some(pid), "{s:?}");
+    assert_eq!((s.workers[0].hangs, s.workers[0].restarts), (0, 0), "{s:?}");
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}
+
+#[test]
+fn an_orphaned_worker_still_keeps_its_drain_deadline() {
+    let _serial = serial();
+    let mut m = Master::herd_run(
+        &["--workers", "1", "--drain-timeout", "2"],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let port = m.wait_online(1, START).workers[0]
+        .pid
+        .map(|_| m.port())
+        .unwrap();
+    let worker = m.status().unwrap().workers[0].pid.unwrap();
+    let slow =
+        std::thread::spawn(move || get_timeout(port, "/slow?ms=30000", Duration::from_secs(40)));
+    std::thread::sleep(Duration::from_millis(300));
+    // The worker's SIGTERM first, then the master dies: the SIGTERM branch of the worker's
+    // watcher wins, and the master's end-of-file comes during the drain.
+    let started = Instant::now();
+    kill(worker, "TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    kill(m.pid(), "KILL");
+    m.wait_exit(START);
+    wait_until("the orphan to exit", Duration::from_secs(15), || {
+        (!alive(worker)).then_some(())
+    });
+    let took = started.elapsed();
+    eprintln!("orphan with a 30 s request exited {took:?} after its SIGTERM (drain timeout 2 s)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the 30 s request cannot have finished"
+    );
+}
+
+/// A line of `herd logs` or of the log file starts with `2026-12-05T22:10:00.123Z `.
+fn timestamped(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 25 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z' && b[24] == b' '
+}
+
+#[test]
+fn logs_follow_across_a_reload_and_the_log_file_reopens_on_sigusr1() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herd.log");
+    let mut m = Master::herd_run(
+        &[
+            "--workers",
+            "2",
+            "--timestamps",
+            "--log-file",
+            file.to_str().unwrap(),
+        ],
+        &[hello_bin().to_str().unwrap()],
+    );
+    let first: HashSet<u32> = m.online_pids(2, START).into_iter().collect();
+    let socket = m.socket.clone();
+    let herd = |args: &[&str]| {
+        let out = Command::new(herd_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The hello example prints `serving` on stdout when its worker starts.
+    let tail = wait_until("both workers' first lines", Duration::from_secs(10), || {
+        let tail = herd(&["logs", "--lines", "5"]);
+        (tail.contains("[worker 0] serving") && tail.contains("[worker 1] serving")).then_some(tail)
+    });
+    assert!(tail.lines().all(timestamped), "{tail}");
+    let only = herd(&["logs", "--worker", "1"]);
+    assert!(only.lines().all(|l| l.contains("[worker 1]")), "{only}");
+
+    // Follow across a reload: the new workers' lines arrive on the open connection.
+    let mut follow = std::process::Command::new(herd_bin())
+        .args(["logs", "--lines", "0", "--follow", "--socket"])
+        .arg(&m.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let followed = followed.clone();
+        let out = follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                followed.lock().unwrap().push(line);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(herd(&["reload"]).contains("reload of 2 workers done"));
+    wait_until(
+        "the new workers' lines followed",
+        Duration::from_secs(10),
+        || {
+            let lines = followed.lock().unwrap();
+            let serving = lines.iter().filter(|l| l.contains("] serving")).count();
+            (serving >= 2).then_some(())
+        },
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let _ = reader.join();
+    let second: HashSet<u32> = m.online_pids(2, START).into_iter().collect();
+    assert!(first.is_disjoint(&second));
+
+    // Everything went to the file, with timestamps and without colour; nothing to the terminal.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("[worker 0] serving") && text.contains("rolling reload"),
+        "{text}"
+    );
+    assert!(text.lines().all(timestamped), "{text}");
+    assert!(!text.contains('\x1b'), "colour escapes in the log file");
+    assert!(!m.output().contains("[worker"), "{}", m.output());
+
+    // logrotate: move the file away, SIGUSR1, the master writes to a new file at the path.
+    let rotated = dir.path().join("herd.log.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    kill(m.pid(), "USR1");
+    wait_until("the reopened log file", Duration::from_secs(5), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.contains("log file reopened"))
+    });
+    herd(&["reload"]);
+    let new = wait_until("new lines in the new file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.matches("] serving").count() >= 2)
+    });
+    assert!(
+        !new.contains("generation 2"),
+        "old lines stay in the old file: {new}"
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(!old.contains("log file reopened"), "{old}");
+    kill(m.pid(), "TERM");
+    assert!(m.wait_exit(START).success());
+}
+
+/// The environment of a running process, from `/proc/PID/environ`.
+fn environ_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_config_file_runs_the_master_and_a_reload_reads_its_environment_again() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    let socket = dir.path().join("c.sock");
+    let file = |greeting: &str, workers: usize| {
+        format!(
+            "program = [{hello:?}]\nworkers = {workers}\nbind = \"127.0.0.1:0\"\n\
+             socket = {socket:?}\nhang_timeout = 5\n\n[env]\nGREETING = {greeting:?}\n",
+            hello = hello_bin(),
+            socket = socket,
+        )
+    };
+    // Unknown keys and options next to --config are refused before anything starts.
+    std::fs::write(&config, "workers = 2\nwrokers = 3\n").unwrap();
+    let out = Command::new(herd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("wrokers"),
+        "{stderr}"
+    );
+    std::fs::write(&config, file("one", 2)).unwrap();
+    let out = Command::new(herd_bin())
+        .args(["run", "--workers", "3", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--workers cannot be combined with --config"),
+        "{stderr}"
+    );
+
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .env_remove("HERD_SECRET");
+    let child = cmd.spawn().unwrap();
+    let mut child = KillOnDrop(child);
+    let online = |n: usize| {
+        wait_until("workers online", START, || {
+            let s = request(&socket, &Request::Status, Duration::from_secs(5))
+                .ok()?
+                .status?;
+            let pids: Vec<u32> = s
+                .workers
+                .iter()
+                .filter(|w| w.state == "online")
+                .filter_map(|w| w.pid)
+                .collect();
+            (pids.len() == n && s.workers.len() == n).then_some(pids)
+        })
+    };
+    let first = online(2);
+    for &pid in &first {
+        assert!(environ_of(pid).contains(&"GREETING=one".to_owned()));
+        assert!(environ_of(pid).contains(&"HERD_HANG_TIMEOUT_MS=5000".to_owned()));
+    }
+    // A new environment (and a worker count, which needs a restart of the master).
+    std::fs::write(&config, file("two", 3)).unwrap();
+    let r = request(&socket, &Request::Reload, Duration::from_secs(60)).unwrap();
+    assert!(r.ok, "{}", r.message);
+    let second = online(2);
+    for &pid in &second {
+        assert!(!first.contains(&pid));
+        let env = environ_of(pid);
+        assert!(env.contains(&"GREETING=two".to_owned()), "{env:?}");
+    }
+    // A broken file aborts the reload, naming the line; the workers keep serving.
+    std::fs::write(&config, format!("{}\nbind = 3\n", file("three", 2))).unwrap();
+    let r = request(&socket, &Request::Reload, Duration::from_secs(60)).unwrap();
+    assert!(!r.ok);
+    assert!(
+        r.message.contains("line") && r.message.contains("bind"),
+        "{}",
+        r.message
+    );
+    assert_eq!(online(2), second);
+    kill(child.0.id(), "TERM");
+    let status = wait_until("herd exit", START, || child.0.try_wait().ok().flatten());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("changed workers since the master started"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn systemd_unit_points_at_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    std::fs::write(
+        &config,
+        "program = [\"/srv/shop/shop\"]\nname = \"shop\"\ndrain_timeout = 20\nlame_duck = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(herd_bin())
+        .args(["systemd-unit", "--user", "shop", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let unit = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        unit.contains(&format!("run --config {}\n", config.display())),
+        "{unit}"
+    );
+    assert!(unit.contains("Description=shop "), "{unit}");
+    assert!(
+        unit.contains("TimeoutStopSec=33"),
+        "20 s + 3 s + 10 s: {unit}"
+    );
+    assert!(unit.contains("User=shop"), "{unit}");
+}
+
+#[test]
+fn systemd_socket_unit_pair_is_verified_and_serves_under_socket_activation() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let control = dir.path().join("c.sock");
+    let out = Command::new(herd_bin())
+        .args(["systemd-unit", "--socket-unit", "--dir"])
+        .arg(dir.path())
+        .args(["--name", "shop", "--workers", "2", "--bind"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--socket")
+        .arg(&control)
+        .arg("--")
+        .arg(hello_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let service = std::fs::read_to_string(dir.path().join("shop.service")).unwrap();
+    let socket = std::fs::read_to_string(dir.path().join("shop.socket")).unwrap();
+    assert!(
+        service.contains("Requires=shop.socket\nAfter=shop.socket\n"),
+        "{service}"
+    );
+    let listen = socket
+        .lines()
+        .find_map(|l| l.strip_prefix("ListenStream="))
+        .expect("ListenStream=");
+    assert_eq!(listen, format!("127.0.0.1:{port}"));
+    if systemd_tool(
+        "systemd-analyze",
+        "checking the units with `systemd-analyze verify`",
+    ) {
+        let verify = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join("shop.socket"))
+            .arg(dir.path().join("shop.service"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&verify.stderr);
+        let about_units: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("shop.service") || l.contains("shop.socket"))
+            .collect();
+        assert!(about_units.is_empty(), "{stderr}");
+    }
+    if !systemd_tool(
+        "systemd-socket-activate",
+        "running the socket unit's service under socket activation",
+    ) {
+        return;
+    }
+    // What systemd does with the pair: bind ListenStream=, start ExecStart= with the socket.
+    let exec_start: Vec<&str> = service
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=")
+        .split_whitespace()
+        .collect();
+    let child = Command::new("systemd-socket-activate")
+        .args(["-l", listen])
+        .args(&exec_start)
+        .env_remove("HERD_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let body = wait_until(
+        "the socket-activated service",
+        Duration::from_secs(20),
+        || get(port, "/").ok(),
+    );
+    assert!(body.contains("generation=1"), "{body}");
+    let s = request(&control, &Request::Status, Duration::from_secs(5))
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        s.pid,
+        child.0.id(),
+        "the master got the socket from systemd"
+    );
+    assert_eq!(s.listen, listen);
+    kill(child.0.id(), "TERM");
+    let status = wait_until("herd exit", Duration::from_secs(20), || {
+        child.0.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_queued_reload_that_cannot_start_answers_its_own_waiters() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herd.toml");
+    let socket = dir.path().join("c.sock");
+    // Each new worker takes a second to start: a reload lasts long enough to queue another.
+    let good = format!(
+        "program = [\"sh\", \"-c\", \"sleep 1; exec {hello}\"]\nworkers = 1\n\
+         bind = \"127.0.0.1:0\"\nsocket = {socket:?}\n",
+        hello = hello_bin().display(),
+    );
+    std::fs::write(&config, &good).unwrap();
+    let mut child = Command::new(herd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .env_remove("HERD_SECRET")
+        .spawn()
+        .unwrap();
+    wait_until("online", START, || {
+        let s = request(&socket, &Request::Status, Duration::from_secs(5))
+            .ok()?
+            .status?;
+        (s.workers.len() == 1 && s.workers[0].state == "online").then_some(())
+    });
+    let reload = |socket: std::path::PathBuf| {
+        std::thread::spawn(move || request(&socket, &Request::Reload, Duration::from_secs(60)))
+    };
+    let first = reload(socket.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = reload(socket.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    // The queued reload starts when the first one ends, and then the file no longer parses: it
+    // aborts before spawning anything, and its waiter hears why.
+    std::fs::write(&config, format!("{good}workers = \"two\"\n")).unwrap();
+    let first = first.join().unwrap().unwrap();
+    assert!(first.ok, "{}", first.message);
+    let queued = queued.join().unwrap().unwrap();
+    assert!(!queued.ok, "{queued:?}");
+    assert!(
+        queued.message.contains("reload aborted") && queued.message.contains("line"),
+        "{queued:?}"
+    );
+    kill(child.id(), "TERM");
+    let status = wait_until("herd exit", START, || child.try_wait().ok().flatten());
+    assert!(status.success(), "{status}");
 }

@@ -25,6 +25,18 @@ pub enum Request {
     },
     /// A graceful stop; answered when it started.
     Stop,
+    /// The last `lines` lines of every worker (of `worker` only, when given), then with `follow`
+    /// every new one, each in one more answer, until the client hangs up.
+    Logs {
+        /// Lines per worker.
+        lines: usize,
+        /// Keep sending new lines.
+        #[serde(default)]
+        follow: bool,
+        /// Only this worker slot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<usize>,
+    },
 }
 
 /// The master's answer.
@@ -38,6 +50,9 @@ pub struct Response {
     /// For [`Request::Status`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// For [`Request::Logs`]: log lines, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
 }
 
 impl Response {
@@ -46,6 +61,7 @@ impl Response {
             ok: true,
             message: message.into(),
             status: None,
+            lines: Vec::new(),
         }
     }
 
@@ -54,6 +70,7 @@ impl Response {
             ok: false,
             message: message.into(),
             status: None,
+            lines: Vec::new(),
         }
     }
 }
@@ -88,8 +105,12 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// Seconds since the worker started.
     pub uptime_secs: u64,
-    /// Restarts of this slot after crashes.
+    /// Restarts of this slot after crashes (hung workers included).
     pub restarts: u32,
+    /// Workers of this slot killed and replaced because they hung (see
+    /// [`Launcher::hang_timeout`](super::Launcher::hang_timeout)).
+    #[serde(default)]
+    pub hangs: u32,
     /// Resident memory in bytes (from `/proc`).
     pub memory_bytes: Option<u64>,
     /// `online`, `starting`, `waiting` (backoff before a restart), `errored` (crash loop),
@@ -139,13 +160,13 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} state",
-            "index", "pid", "gen", "uptime", "restarts", "memory", "cpu", "req/s"
+            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} state",
+            "index", "pid", "gen", "uptime", "restarts", "hangs", "memory", "cpu", "req/s"
         )?;
         for w in &self.workers {
             writeln!(
                 f,
-                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<9} {:<6} {:<8} {}",
+                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} {}",
                 w.index,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -155,6 +176,7 @@ impl fmt::Display for Status {
                     "-".into()
                 },
                 w.restarts,
+                w.hangs,
                 human_bytes(w.memory_bytes),
                 w.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
                 w.requests_per_sec.map_or("-".into(), |r| format!("{r:.1}")),
@@ -221,6 +243,60 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `herd logs`: ask the master at `socket` for the last `lines` lines of every worker (of
+/// `worker` only, when given) and hand each to `out`; with `follow`, keep handing over new lines
+/// until the master exits or `out` returns `false`.
+///
+/// # Errors
+///
+/// [`Error::Io`] when the socket cannot be reached, [`Error::Control`] on a malformed or
+/// negative answer.
+pub fn read_logs(
+    socket: &Path,
+    lines: usize,
+    follow: bool,
+    worker: Option<usize>,
+    mut out: impl FnMut(&str) -> bool,
+) -> Result<()> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        Error::io(
+            format!("cannot reach the master at {}", socket.display()),
+            e,
+        )
+    })?;
+    let timeout = (!follow).then_some(Duration::from_secs(10));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|e| Error::io("control socket", e))?;
+    let request = Request::Logs {
+        lines,
+        follow,
+        worker,
+    };
+    let mut line = serde_json::to_string(&request).map_err(|e| Error::Control(e.to_string()))?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| Error::io("write to the control socket", e))?;
+    for answer in BufReader::new(stream).lines() {
+        let answer = answer.map_err(|e| Error::io("read from the control socket", e))?;
+        let response: Response = serde_json::from_str(&answer)
+            .map_err(|e| Error::Control(format!("bad answer {answer:?}: {e}")))?;
+        if !response.ok {
+            return Err(Error::Control(response.message));
+        }
+        for line in &response.lines {
+            if !out(line) {
+                return Ok(());
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// Send one request to the master listening on `socket` and wait for its answer (a reload is
 /// answered when it has finished, so `timeout` should exceed the reload's duration).
 ///
@@ -266,6 +342,14 @@ mod tests {
                 r#"{"cmd":"scale","workers":8}"#,
             ),
             (Request::Stop, r#"{"cmd":"stop"}"#),
+            (
+                Request::Logs {
+                    lines: 15,
+                    follow: true,
+                    worker: None,
+                },
+                r#"{"cmd":"logs","lines":15,"follow":true}"#,
+            ),
         ];
         for (request, json) in cases {
             assert_eq!(serde_json::to_string(&request).unwrap(), json);
@@ -288,6 +372,7 @@ mod tests {
                 generation: 2,
                 uptime_secs: 0,
                 restarts: 6,
+                hangs: 0,
                 memory_bytes: None,
                 state: "errored".into(),
                 last_exit: Some("exit code 1".into()),

@@ -35,6 +35,7 @@ pub(crate) struct WorkerSnapshot {
     pub(crate) slot: usize,
     pub(crate) pid: u32,
     pub(crate) restarts: u32,
+    pub(crate) hangs: u32,
     pub(crate) rss: Option<u64>,
     pub(crate) cpu_secs: Option<f64>,
     /// The worker's latest Prometheus text, if it sends one.
@@ -88,25 +89,21 @@ pub(crate) struct Observer {
     control: mpsc::UnboundedSender<ControlMsg>,
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text.
+/// The value of the sample `name` in one worker's Prometheus text: unlabelled, or with the
+/// worker's own global label only (`name{worker="N"} 3`).
 fn value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        let rest = line.strip_prefix(name)?;
+        let rest = match rest.strip_prefix('{') {
+            Some(labels) => {
+                let (labels, rest) = labels.split_once("} ")?;
+                // One label, `worker`: not a series split by other labels.
+                (labels.starts_with("worker=\"") && !labels.contains(',')).then_some(rest)?
+            }
+            None => rest.strip_prefix(' ')?,
+        };
         rest.split_whitespace().next()?.parse().ok()
     })
-}
-
-/// `name{a="b"} 1` → `name{worker="N",a="b"} 1`.
-fn with_worker(line: &str, slot: usize) -> String {
-    match line.find(['{', ' ']) {
-        Some(i) if line.as_bytes()[i] == b'{' => {
-            let rest = &line[i + 1..];
-            let sep = if rest.starts_with('}') { "" } else { "," };
-            format!("{}{{worker=\"{slot}\"{sep}{rest}", &line[..i])
-        }
-        Some(i) => format!("{}{{worker=\"{slot}\"}}{}", &line[..i], &line[i..]),
-        None => line.to_owned(),
-    }
 }
 
 fn unix_now() -> f64 {
@@ -115,14 +112,10 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Constant-time comparison of the offered token with ours (the length is not secret).
+/// Constant-time comparison of the offered token with ours (`subtle`; the length is not secret).
 fn token_matches(offered: &[u8], ours: &[u8]) -> bool {
-    offered.len() == ours.len()
-        && offered
-            .iter()
-            .zip(ours)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    use subtle::ConstantTimeEq;
+    offered.ct_eq(ours).into()
 }
 
 impl Observer {
@@ -240,7 +233,7 @@ impl Observer {
                         .entry(family.clone())
                         .or_default()
                         .1
-                        .push(with_worker(line, w.slot));
+                        .push(line.to_owned());
                 }
             }
         }
@@ -275,6 +268,12 @@ impl Observer {
             "counter",
             "Restarts of the slot after crashes.",
             rows(&|w| Some(w.restarts.to_string())),
+        );
+        master(
+            "herd_worker_hangs_total",
+            "counter",
+            "Workers of the slot killed and replaced because their heartbeat stopped.",
+            rows(&|w| Some(w.hangs.to_string())),
         );
         master(
             "herd_worker_resident_memory_bytes",
@@ -480,21 +479,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_every_sample_with_its_worker() {
-        assert_eq!(with_worker("a_total 3", 1), "a_total{worker=\"1\"} 3");
-        assert_eq!(
-            with_worker("h_bucket{le=\"0.1\"} 2", 0),
-            "h_bucket{worker=\"0\",le=\"0.1\"} 2"
-        );
-        assert_eq!(with_worker("x{} 2", 4), "x{worker=\"4\"} 2");
-    }
-
-    #[test]
     fn reads_unlabelled_values() {
         let text =
             "# TYPE herd_requests_total counter\nherd_requests_total 42\nherd_requests_total_x 1\n";
         assert_eq!(value(text, "herd_requests_total"), Some(42.0));
         assert_eq!(value(text, "missing"), None);
+        let labelled = "herd_requests_total{worker=\"2\"} 7\nx{worker=\"2\",op=\"get\"} 1\n";
+        assert_eq!(value(labelled, "herd_requests_total"), Some(7.0));
+        assert_eq!(
+            value(labelled, "x"),
+            None,
+            "a series split by another label"
+        );
     }
 
     #[test]

@@ -41,6 +41,7 @@
 //! |---|---|
 //! | listening socket | fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the worker's pid (set through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, because the pid is only known after `fork` and setting the environment between `fork` and `exec` is not async-signal-safe) |
 //! | master channel | fd 4 (`HERD_MASTER_FD=4`), a unix stream socket: the worker writes `READY\n` (and `RECYCLE\n` to ask for a replacement); end-of-file means the master died, and the worker drains and exits |
+//! | heartbeat | `HERD_HANG_TIMEOUT_MS` when the master's [hang timeout](Launcher::hang_timeout) is on: the worker writes `ALIVE\n` four times per timeout (at most once a second) from a task on its runtime; a worker that sent one and then stays silent for the timeout is killed and replaced |
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
 //! | cookie key | `HERD_SECRET`: the master's own, checked at its start (a malformed key stops the master with a clear error) and passed through unchanged; when unset or blank, 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
@@ -58,6 +59,7 @@
 //! | `SIGTERM`, `SIGINT` | graceful stop: with a [lame duck](Launcher::lame_duck) period, the workers first report draining for that long while they keep serving; then workers get `SIGTERM`, `SIGKILL` after the drain timeout (30 s); exit 0 when every worker stopped cleanly. Another one during the lame-duck period starts the drain at once; one during the drain kills at once. |
 //! | `SIGHUP` | rolling reload: per slot, start a new worker from the program's path, wait for `READY`, then stop the old one gracefully. A new worker that fails to become ready aborts the reload; the old ones keep serving. |
 //! | `SIGTTIN` / `SIGTTOU` | one more / one fewer worker |
+//! | `SIGUSR1` | reopen the [log file](Launcher::log_file) (after logrotate moved it) |
 //!
 //! # Lame duck: several hosts behind a load balancer
 //!
@@ -94,7 +96,11 @@
 
 mod control;
 mod dashboard;
+mod file;
+mod lame_duck;
+mod logs;
 mod master;
+mod max_requests;
 mod spawn;
 mod systemd;
 mod worker;
@@ -104,9 +110,13 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use control::{request, socket_path, Request, Response, Status, WorkerStatus};
-pub use systemd::{systemd_unit, UnitOptions};
-pub use worker::{healthz, is_draining, RequestCounter, RequestCounterService, Worker};
+pub use control::{read_logs, request, socket_path, Request, Response, Status, WorkerStatus};
+pub use file::RunFile;
+pub use lame_duck::{healthz, is_draining};
+pub use logs::{log_timestamp, LogWriter};
+pub use max_requests::{MaxRequestsLayer, MaxRequestsService};
+pub use systemd::{systemd_socket_unit, systemd_unit, UnitOptions};
+pub use worker::Worker;
 
 /// Environment variable carrying the shared cookie key to every worker.
 pub const ENV_SECRET: &str = "HERD_SECRET";
@@ -120,6 +130,9 @@ pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
 pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
 /// Environment variable carrying the request limit after which a worker asks to be recycled.
 pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+/// Environment variable carrying the master's [hang timeout](Launcher::hang_timeout) in
+/// milliseconds, when it is on: the worker then sends heartbeats.
+pub const ENV_HANG_TIMEOUT_MS: &str = "HERD_HANG_TIMEOUT_MS";
 /// Environment variable read by [`Launcher::new`] as the default [lame-duck
 /// period](Launcher::lame_duck), in milliseconds.
 pub const ENV_LAME_DUCK_MS: &str = "HERD_LAME_DUCK_MS";
@@ -198,6 +211,7 @@ pub(crate) struct Config {
     pub(crate) name: Option<String>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) hang_timeout: Duration,
     pub(crate) lame_duck: Duration,
     pub(crate) ready_timeout: Duration,
     pub(crate) min_uptime: Duration,
@@ -211,6 +225,12 @@ pub(crate) struct Config {
     pub(crate) dashboard: Option<String>,
     pub(crate) dashboard_token: Option<String>,
     pub(crate) dashboard_allow_remote: bool,
+    pub(crate) log_file: Option<PathBuf>,
+    pub(crate) log_timestamps: bool,
+    /// The configuration file, read again at each reload for its `[env]`.
+    pub(crate) file: Option<RunFile>,
+    /// Environment of the workers, on top of the master's own.
+    pub(crate) env: std::collections::BTreeMap<String, String>,
 }
 
 /// Builder of the pre-fork launcher. See the [module docs](self).
@@ -240,6 +260,7 @@ impl Launcher {
                 name: None,
                 socket: None,
                 drain_timeout: Duration::from_secs(30),
+                hang_timeout: Duration::from_secs(30),
                 lame_duck: std::env::var(ENV_LAME_DUCK_MS)
                     .ok()
                     .and_then(|ms| ms.trim().parse().ok())
@@ -256,6 +277,10 @@ impl Launcher {
                 dashboard: None,
                 dashboard_token: None,
                 dashboard_allow_remote: false,
+                log_file: None,
+                log_timestamps: false,
+                file: None,
+                env: std::collections::BTreeMap::new(),
             },
         }
     }
@@ -303,6 +328,24 @@ impl Launcher {
     /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// A worker whose runtime sent no heartbeat for this long is **hung**: the master kills it
+    /// (`SIGTERM`, then `SIGKILL` after a second) and starts a replacement, as after a crash
+    /// (logged as "hung", counted in `herd status`, the metrics and the dashboard). Zero turns
+    /// the check off. Default 30 s (Gunicorn's `--timeout`).
+    ///
+    /// The heartbeat is a task on the worker's own runtime, so a deadlock, a blocking call on
+    /// every runtime thread or a CPU loop stops it. Only workers that send heartbeats are judged:
+    /// programs built with [`Launcher::run`]; other programs under `herd run` never are.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let launcher = herd::launcher::Launcher::new().hang_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn hang_timeout(mut self, timeout: Duration) -> Self {
+        self.config.hang_timeout = timeout;
         self
     }
 
@@ -420,6 +463,28 @@ impl Launcher {
     /// pages, visible to anyone who can reach the address). Default: refused.
     pub fn dashboard_allow_remote(mut self, allow: bool) -> Self {
         self.config.dashboard_allow_remote = allow;
+        self
+    }
+
+    /// Write the workers' output (each line prefixed `[worker N]`) to this file instead of the
+    /// master's stdout and stderr, appending, created with mode 0640. `SIGUSR1` to the master
+    /// reopens it, for logrotate without `copytruncate`. The master's own lines go there too when
+    /// its tracing subscriber writes through [`LogWriter`] (`herd run` does). Default: none.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.log_file = Some(path.into());
+        self
+    }
+
+    /// Start every forwarded worker line with a UTC timestamp ([`log_timestamp`]). Default: off
+    /// (journald and most log collectors add their own).
+    pub fn log_timestamps(mut self, on: bool) -> Self {
+        self.config.log_timestamps = on;
+        self
+    }
+
+    /// Set an environment variable for the workers (on top of the master's environment).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.env.insert(key.into(), value.into());
         self
     }
 

@@ -4,38 +4,47 @@ use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-/// Send a state line to systemd (`READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=...`) when
-/// `NOTIFY_SOCKET` is set; silently nothing otherwise.
-pub(crate) fn notify(state: &str) {
+pub(crate) use sd_notify::NotifyState;
+
+/// Tell systemd about a state change (`READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=...`)
+/// when `NOTIFY_SOCKET` is set; silently nothing otherwise. `RELOADING=1` goes with
+/// `MONOTONIC_USEC`, which `Type=notify-reload` (systemd 253 and later) requires.
+pub(crate) fn notify(states: &[NotifyState<'_>]) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let Ok(socket) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(name) = bytes.strip_prefix(b"@") {
-        abstract_send(&socket, name, state)
-    } else {
-        socket.send_to(state.as_bytes(), &path).map(|_| ())
+    let mut states: Vec<NotifyState<'_>> = states.to_vec();
+    if states.iter().any(|s| matches!(s, NotifyState::Reloading)) {
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+    }
+    let result = match path.as_encoded_bytes().strip_prefix(b"@") {
+        // sd-notify sends to socket paths only; systemd may also give an abstract socket.
+        Some(name) => {
+            let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+            abstract_send(name, &message)
+        }
+        None => sd_notify::notify(&states),
     };
     if let Err(e) = result {
-        tracing::debug!("sd_notify {state:?}: {e}");
+        tracing::debug!("sd_notify {states:?}: {e}");
     }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn abstract_send(socket: &UnixDatagram, name: &[u8], state: &str) -> std::io::Result<()> {
+fn abstract_send(name: &[u8], message: &str) -> std::io::Result<()> {
     #[cfg(target_os = "android")]
     use std::os::android::net::SocketAddrExt;
     #[cfg(target_os = "linux")]
     use std::os::linux::net::SocketAddrExt;
+    let socket = UnixDatagram::unbound()?;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-    socket.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+    socket.send_to_addr(message.as_bytes(), &addr).map(|_| ())
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn abstract_send(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+fn abstract_send(_: &[u8], _: &str) -> std::io::Result<()> {
     Err(std::io::Error::other("abstract sockets are Linux only"))
 }
 
@@ -53,6 +62,9 @@ pub struct UnitOptions {
     pub user: Option<String>,
     /// The drain timeout of the master; the unit's stop timeout is set above it.
     pub drain_timeout: Duration,
+    /// The address of a socket unit (`ListenStream=`) that systemd binds and hands to the
+    /// master ([`systemd_socket_unit`]); the service then requires it. `None`: the master binds.
+    pub listen_socket: Option<String>,
 }
 
 /// The text of a systemd service unit for a herd master.
@@ -70,6 +82,7 @@ pub struct UnitOptions {
 ///     working_directory: None,
 ///     user: None,
 ///     drain_timeout: std::time::Duration::from_secs(30),
+///     listen_socket: None,
 /// });
 /// assert!(unit.contains("Type=notify"));
 /// assert!(unit.contains("TimeoutStopSec=40"));
@@ -81,6 +94,10 @@ pub fn systemd_unit(options: &UnitOptions) -> String {
     let _ = writeln!(unit, "Description={} (herd pre-fork master)", options.name);
     let _ = writeln!(unit, "After=network-online.target");
     let _ = writeln!(unit, "Wants=network-online.target");
+    if options.listen_socket.is_some() {
+        let _ = writeln!(unit, "Requires={}.socket", options.name);
+        let _ = writeln!(unit, "After={}.socket", options.name);
+    }
     let _ = writeln!(unit);
     let _ = writeln!(unit, "[Service]");
     let _ = writeln!(unit, "Type=notify");
@@ -101,5 +118,42 @@ pub fn systemd_unit(options: &UnitOptions) -> String {
     let _ = writeln!(unit);
     let _ = writeln!(unit, "[Install]");
     let _ = writeln!(unit, "WantedBy=multi-user.target");
+    unit
+}
+
+/// The socket unit (`NAME.socket`) that goes with [`systemd_unit`] when
+/// [`UnitOptions::listen_socket`] is set: systemd binds the address and passes it to the master
+/// (`LISTEN_FDS`), which uses it instead of binding. The socket then outlives the master: during
+/// a restart of the service (an upgrade of herd itself), connections wait in its backlog instead
+/// of being refused. Empty when `listen_socket` is `None`.
+///
+/// ```
+/// use herd::launcher::{systemd_socket_unit, UnitOptions};
+/// let socket = systemd_socket_unit(&UnitOptions {
+///     name: "app".into(),
+///     exec_start: "/usr/local/bin/herd run --name app -- /srv/app/app".into(),
+///     working_directory: None,
+///     user: None,
+///     drain_timeout: std::time::Duration::from_secs(30),
+///     listen_socket: Some("0.0.0.0:8080".into()),
+/// });
+/// assert!(socket.contains("ListenStream=0.0.0.0:8080"));
+/// ```
+pub fn systemd_socket_unit(options: &UnitOptions) -> String {
+    let Some(listen) = &options.listen_socket else {
+        return String::new();
+    };
+    let mut unit = String::new();
+    let _ = writeln!(unit, "[Unit]");
+    let _ = writeln!(unit, "Description={} listening socket (herd)", options.name);
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Socket]");
+    let _ = writeln!(unit, "ListenStream={listen}");
+    // The backlog herd gives its own socket: connections wait here while workers are replaced.
+    let _ = writeln!(unit, "Backlog=1024");
+    let _ = writeln!(unit, "ReusePort=false");
+    let _ = writeln!(unit);
+    let _ = writeln!(unit, "[Install]");
+    let _ = writeln!(unit, "WantedBy=sockets.target");
     unit
 }

@@ -4,18 +4,19 @@ use std::future::Future;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{fstat, SFlag};
 use tokio::sync::watch;
 
+use super::lame_duck::{is_draining, start_draining, DRAINING};
+use super::max_requests::MaxRequestsLayer;
 use super::{
-    systemd, Config, Error, Result, ENV_DRAIN_TIMEOUT_MS, ENV_GENERATION, ENV_MASTER_FD,
-    ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
+    systemd, Config, Error, Result, ENV_DRAIN_TIMEOUT_MS, ENV_GENERATION, ENV_HANG_TIMEOUT_MS,
+    ENV_MASTER_FD, ENV_MAX_REQUESTS, ENV_WORKER_INDEX,
 };
 
 /// Between "stop accepting" and "close idle connections": a connection accepted just before the
@@ -24,57 +25,8 @@ const ACCEPT_GRACE: Duration = Duration::from_millis(500);
 
 /// The line the master writes on the channel when its lame-duck period begins.
 pub(crate) const DRAINING_LINE: &str = "DRAINING\n";
-
-/// Whether this process's host is draining (a lame duck, see the [module
-/// docs](super#lame-duck-several-hosts-behind-a-load-balancer)): one per process, because a process
-/// is at most one worker. Never set back to `false`: a lame duck only stops.
-static DRAINING: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
-
-/// Mark this process's host as draining (idempotent).
-fn start_draining() {
-    if !DRAINING.send_replace(true) {
-        tracing::info!("herd worker: the host is a lame duck: /healthz reports draining");
-    }
-}
-
-/// Whether the host this worker runs on is in its lame-duck period: it still serves, but it is
-/// about to stop, and its health route should say so (`503`) so that a load balancer moves
-/// traffic away. `false` outside a herd worker and during rolling reloads. See
-/// [`Worker::is_draining`] and [`healthz`].
-pub fn is_draining() -> bool {
-    *DRAINING.borrow()
-}
-
-/// A ready health-check handler for a load balancer: `200 {"ok":true}`, or `503
-/// {"ok":false,"draining":true}` with `Retry-After: 1` while the host [is
-/// draining](is_draining).
-///
-/// ```no_run
-/// use axum::{routing::get, Router};
-/// let app: Router = Router::new().route("/healthz", get(herd::launcher::healthz));
-/// ```
-pub async fn healthz() -> axum::response::Response {
-    use axum::http::{header, HeaderValue, StatusCode};
-    let (status, body) = if is_draining() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"ok":false,"draining":true}"#,
-        )
-    } else {
-        (StatusCode::OK, r#"{"ok":true}"#)
-    };
-    let mut res = axum::response::Response::new(axum::body::Body::from(body));
-    *res.status_mut() = status;
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    res
-}
+/// The heartbeat line a worker writes on the channel when the master judges hung workers.
+pub(crate) const ALIVE_LINE: &str = "ALIVE\n";
 
 /// fd of the listening socket (systemd's `SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
@@ -93,7 +45,9 @@ pub struct Worker {
     shutdown: watch::Receiver<bool>,
     shutdown_tx: Option<watch::Sender<bool>>,
     drain_timeout: Duration,
-    requests: RequestCounter,
+    /// The master's hang timeout (`HERD_HANG_TIMEOUT_MS`): heartbeats are sent when set.
+    hang_timeout: Option<Duration>,
+    requests: MaxRequestsLayer,
     /// The master collects metrics: `serve` counts requests.
     observed: bool,
 }
@@ -105,7 +59,7 @@ pub struct Worker {
 /// description, shared by every dup of the fd, and a non-blocking writer could cut a line short
 /// when the buffer is full (and a following `READY` would be lost in the garbage).
 #[derive(Debug)]
-struct Channel {
+pub(crate) struct Channel {
     master: Option<UnixStream>,
     ready_sent: AtomicBool,
     recycle_sent: AtomicBool,
@@ -123,12 +77,20 @@ impl Channel {
         }
     }
 
-    /// Write one whole line (blocking until the master has room for it).
-    fn send(&self, line: &str) {
-        if let Some(mut stream) = self.master.as_ref() {
-            let _whole_line = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = stream.write_all(line.as_bytes()) {
+    /// Write one whole line (blocking until the master has room for it); `false` when the master
+    /// is gone (or there is none).
+    fn send(&self, line: &str) -> bool {
+        let Some(mut stream) = self.master.as_ref() else {
+            return false;
+        };
+        let _whole_line = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        match stream.write_all(line.as_bytes()) {
+            Ok(()) => true,
+            // The master is gone, and with it the reader of our stderr (see `orphaned`).
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+            Err(e) => {
                 tracing::warn!("herd worker: cannot write to the master: {e}");
+                false
             }
         }
     }
@@ -229,6 +191,15 @@ pub(crate) fn inherited_listener(strict_pid: bool) -> Result<Option<std::net::Tc
     }
     if fds > 1 {
         tracing::warn!("herd: LISTEN_FDS={fds}, only fd 3 is used");
+        // The others must not leak into every worker (or the app's children): close-on-exec.
+        for fd in (LISTEN_FD + 1)..LISTEN_FD.saturating_add(i32::try_from(fds).unwrap_or(i32::MAX))
+        {
+            if let Ok(flags) = fcntl(borrow_inherited(fd), FcntlArg::F_GETFD) {
+                let mut flags = FdFlag::from_bits_truncate(flags);
+                flags.insert(FdFlag::FD_CLOEXEC);
+                let _ = fcntl(borrow_inherited(fd), FcntlArg::F_SETFD(flags));
+            }
+        }
     }
     let fd = adopt_fd(LISTEN_FD, "listening socket")?;
     let stat = fstat(&fd).map_err(|e| Error::io("fstat on fd 3", e.into()))?;
@@ -259,11 +230,20 @@ impl Worker {
         let drain_timeout = env_parse::<u64>(ENV_DRAIN_TIMEOUT_MS)
             .map_or(Duration::from_secs(30), Duration::from_millis);
         let max_requests = env_parse::<u64>(ENV_MAX_REQUESTS);
+        let hang_timeout = env_parse::<u64>(ENV_HANG_TIMEOUT_MS)
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
         let index = env_parse(ENV_WORKER_INDEX);
         let generation = env_parse(ENV_GENERATION).unwrap_or(0);
         // The process is still single-threaded here (no runtime yet): editing the environment is
         // sound. Children of the app must not believe the fds are theirs.
-        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENV_MASTER_FD] {
+        for var in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            ENV_MASTER_FD,
+            ENV_HANG_TIMEOUT_MS,
+        ] {
             std::env::remove_var(var);
         }
         let (tx, rx) = watch::channel(false);
@@ -272,17 +252,12 @@ impl Worker {
             index,
             generation,
             listener: Some(listener),
-            requests: RequestCounter {
-                inner: Arc::new(CounterInner {
-                    count: AtomicU64::new(0),
-                    limit: max_requests,
-                    channel: channel.clone(),
-                }),
-            },
+            requests: MaxRequestsLayer::new(max_requests, channel.clone()),
             channel,
             shutdown: rx,
             shutdown_tx: Some(tx),
             drain_timeout,
+            hang_timeout,
             observed: false,
         }))
     }
@@ -365,9 +340,9 @@ impl Worker {
             return;
         }
         if self.channel.master.is_some() {
-            self.channel.send("READY\n");
+            let _ = self.channel.send("READY\n");
         } else {
-            systemd::notify("READY=1");
+            systemd::notify(&[systemd::NotifyState::Ready]);
         }
     }
 
@@ -392,7 +367,7 @@ impl Worker {
     }
 
     /// Whether this worker's host is in its lame-duck period (see [`is_draining`], the same
-    /// for the whole process, and [`healthz`], a ready handler that reports it).
+    /// for the whole process, and [`healthz`](super::healthz), a ready handler that reports it).
     pub fn is_draining(&self) -> bool {
         is_draining()
     }
@@ -421,15 +396,15 @@ impl Worker {
     /// A request counter for [`Launcher::max_requests`](super::Launcher::max_requests): it is a
     /// tower layer, so `router.layer(worker.requests())` counts every request, and the worker asks
     /// to be recycled when the limit is reached.
-    pub fn requests(&self) -> RequestCounter {
+    pub fn requests(&self) -> MaxRequestsLayer {
         self.requests.clone()
     }
 }
 
 impl Channel {
-    fn recycle(&self) {
+    pub(crate) fn recycle(&self) {
         if self.master.is_some() && !self.recycle_sent.swap(true, Ordering::SeqCst) {
-            self.send("RECYCLE\n");
+            let _ = self.send("RECYCLE\n");
         }
     }
 }
@@ -471,71 +446,6 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Stop
     }
 }
 
-#[derive(Debug)]
-struct CounterInner {
-    count: AtomicU64,
-    limit: Option<u64>,
-    channel: Arc<Channel>,
-}
-
-/// Counts requests of a worker; a tower [`Layer`](tower_layer::Layer). See
-/// [`Worker::requests`].
-#[derive(Debug, Clone)]
-pub struct RequestCounter {
-    inner: Arc<CounterInner>,
-}
-
-impl RequestCounter {
-    /// Count one request; at the limit, ask the master for a replacement.
-    pub fn record(&self) {
-        let n = self.inner.count.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.inner.limit.is_some_and(|limit| n >= limit) {
-            self.inner.channel.recycle();
-        }
-    }
-
-    /// Requests counted so far.
-    pub fn count(&self) -> u64 {
-        self.inner.count.load(Ordering::Relaxed)
-    }
-}
-
-impl<S> tower_layer::Layer<S> for RequestCounter {
-    type Service = RequestCounterService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestCounterService {
-            inner,
-            counter: self.clone(),
-        }
-    }
-}
-
-/// The service made by the [`RequestCounter`] layer.
-#[derive(Debug, Clone)]
-pub struct RequestCounterService<S> {
-    inner: S,
-    counter: RequestCounter,
-}
-
-impl<S, R> tower_service::Service<R> for RequestCounterService<S>
-where
-    S: tower_service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        self.counter.record();
-        self.inner.call(req)
-    }
-}
-
 async fn recv_or_pending(signal: Option<&mut tokio::signal::unix::Signal>) {
     match signal {
         Some(s) => {
@@ -569,15 +479,11 @@ async fn watch_shutdown(
             None => std::future::pending().await,
         }
     };
+    let mut master_gone = std::pin::pin!(master_gone);
     tokio::select! {
         () = recv_or_pending(term.as_mut()) => {}
         () = recv_or_pending(int.as_mut()) => {}
-        () = master_gone => {
-            tracing::warn!("herd worker: the master is gone, draining then exiting");
-            let _ = tx.send(true);
-            tokio::time::sleep(drain).await;
-            std::process::exit(1);
-        }
+        () = &mut master_gone => orphaned(&tx, drain).await,
     }
     if own_lame_duck {
         start_draining();
@@ -588,6 +494,22 @@ async fn watch_shutdown(
         }
     }
     let _ = tx.send(true);
+    // The master enforces the drain timeout while it lives. One that dies meanwhile (its
+    // PR_SET_PDEATHSIG SIGTERM can win the select above over the channel's end-of-file) leaves
+    // nobody to do it: the worker does it itself, so no orphan lives on with a long request.
+    master_gone.await;
+    orphaned(&tx, drain).await;
+}
+
+/// The master is gone: drain, and exit after the drain timeout at the latest.
+///
+/// Nothing is logged: a worker's stdout and stderr are pipes to its master, so a line written now
+/// fails with `EPIPE`, and a tracing subscriber that reports that with `eprintln!` panics, which
+/// would end this task before its deadline.
+async fn orphaned(tx: &watch::Sender<bool>, drain: Duration) -> ! {
+    let _ = tx.send(true);
+    tokio::time::sleep(drain).await;
+    std::process::exit(1);
 }
 
 pub(crate) fn run_worker<F, Fut, E>(mut worker: Worker, config: &Config, app: F) -> Result<()>
@@ -621,22 +543,55 @@ where
         .is_none_or(|s| s.as_raw_fd() != MASTER_FD));
     let result = runtime.block_on(async move {
         tokio::spawn(watch_shutdown(tx, watch_stream, drain, lame_duck));
-        worker.observed = send_metrics(&worker.channel);
+        if let Some(timeout) = worker.hang_timeout {
+            tokio::spawn(heartbeat(worker.channel.clone(), timeout));
+        }
+        worker.observed = send_metrics(&worker.channel, worker.index);
         app(worker).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result.map_err(|e| Error::App(e.into()))
 }
 
+/// Tell the master that this worker's runtime runs: an `ALIVE` line four times per hang timeout
+/// (at most once a second, at least every 50 ms).
+///
+/// A task on the app's runtime, not a thread of its own: when every thread of the runtime is
+/// blocked (a deadlock, a blocking call, a CPU loop), the heartbeat stops, and the master replaces
+/// the worker after its hang timeout. The blocking write goes through `spawn_blocking` (see
+/// [`Channel`]), started by the task, so it too stops with the runtime.
+async fn heartbeat(channel: Arc<Channel>, hang_timeout: Duration) {
+    if channel.master.is_none() {
+        return;
+    }
+    let every = (hang_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let channel = channel.clone();
+        let sent = tokio::task::spawn_blocking(move || channel.send(ALIVE_LINE)).await;
+        if !matches!(sent, Ok(true)) {
+            return;
+        }
+    }
+}
+
 /// When the master asks for metrics (`HERD_METRICS=1`): install the Prometheus recorder and send
 /// the rendered series every second as one `METRICS "<text as a JSON string>"` line. Masters that
 /// do not know the line ignore it. Returns whether metrics are collected.
 #[cfg(feature = "metrics")]
-fn send_metrics(channel: &Arc<Channel>) -> bool {
+fn send_metrics(channel: &Arc<Channel>, index: Option<usize>) -> bool {
     if channel.master.is_none() || std::env::var(super::ENV_METRICS).as_deref() != Ok("1") {
         return false;
     }
-    let handle = match crate::observe::install_prometheus() {
+    // Every series carries `worker="N"` (the exporter's global label): the master serves the
+    // workers' series side by side without touching them.
+    let labels: Vec<(&str, String)> = index
+        .map(|i| ("worker", i.to_string()))
+        .into_iter()
+        .collect();
+    let handle = match crate::observe::install_prometheus_labelled(&labels) {
         Ok(handle) => handle,
         Err(e) => {
             tracing::warn!("herd worker: metrics disabled: {e}");
@@ -653,7 +608,10 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
                 // A blocking write (see `Channel`), off the runtime's threads.
                 let channel = channel.clone();
                 let line = format!("METRICS {text}\n");
-                let _ = tokio::task::spawn_blocking(move || channel.send(&line)).await;
+                let sent = tokio::task::spawn_blocking(move || channel.send(&line)).await;
+                if !matches!(sent, Ok(true)) {
+                    return;
+                }
             }
         }
     });
@@ -661,7 +619,7 @@ fn send_metrics(channel: &Arc<Channel>) -> bool {
 }
 
 #[cfg(not(feature = "metrics"))]
-fn send_metrics(_channel: &Arc<Channel>) -> bool {
+fn send_metrics(_channel: &Arc<Channel>, _index: Option<usize>) -> bool {
     false
 }
 
@@ -686,8 +644,8 @@ mod tests {
         let writer = {
             let (channel, big) = (channel.clone(), big.clone());
             std::thread::spawn(move || {
-                channel.send(&big);
-                channel.send("READY\n");
+                assert!(channel.send(&big));
+                assert!(channel.send("READY\n"));
             })
         };
         let expected = format!("{big}READY\n");
@@ -733,7 +691,7 @@ mod tests {
             .await
         });
         assert!(res.is_ok(), "the DRAINING line was not seen");
-        let response = runtime.block_on(healthz());
+        let response = runtime.block_on(crate::launcher::healthz());
         assert_eq!(
             response.status(),
             axum::http::StatusCode::SERVICE_UNAVAILABLE

@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use herd::launcher::{self, Launcher, Request, UnitOptions};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use herd::launcher::{self, Launcher, Request, RunFile};
+
+mod units;
 
 /// Pre-fork supervisor for web apps: N workers share one socket.
 #[derive(Parser, Debug)]
@@ -49,6 +52,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// The last lines of every worker, prefixed `[worker N]` (like `pm2 logs`).
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// Lines per worker.
+        #[arg(short, long, default_value_t = 15)]
+        lines: usize,
+        /// Only this worker slot.
+        #[arg(short, long)]
+        worker: Option<usize>,
+        /// Keep printing new lines until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Graceful stop (after the lame-duck period, if any): workers finish their in-flight
     /// requests, then the master exits.
     Stop {
@@ -63,6 +80,13 @@ enum Command {
         /// `WorkingDirectory=` of the unit.
         #[arg(long)]
         working_directory: Option<String>,
+        /// Also a NAME.socket unit: systemd binds the address and hands it to the master, so
+        /// that even a restart of the master loses no connection.
+        #[arg(long)]
+        socket_unit: bool,
+        /// Write NAME.service (and NAME.socket) into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -85,6 +109,10 @@ struct RunArgs {
     /// Seconds a stopping worker may take to finish in-flight requests before SIGKILL.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     drain_timeout: Duration,
+    /// Seconds without a heartbeat after which a worker is hung: killed and replaced
+    /// (0: never; only workers built with herd::launcher send heartbeats).
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    hang_timeout: Duration,
     /// Seconds a stopping host keeps serving while its workers report draining (lame duck),
     /// so that a load balancer's health checks move traffic away first (default: none, or
     /// HERD_LAME_DUCK_MS).
@@ -129,8 +157,20 @@ struct RunArgs {
     /// Allow the dashboard and metrics on a non-loopback address without a token.
     #[arg(long)]
     dashboard_allow_remote: bool,
+    /// Write the master's and the workers' lines to this file (appending) instead of
+    /// stdout/stderr; SIGUSR1 reopens it (logrotate).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Start every line of the master and of its workers with a UTC timestamp.
+    #[arg(long)]
+    timestamps: bool,
+    /// Read the run options, the program and the workers' environment from this TOML file
+    /// (docs/launcher.md); no other run option may be given with it. A reload reads its [env]
+    /// again.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// The program and its arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
+    #[arg(last = true, required_unless_present = "config", num_args = 1..)]
     program: Vec<OsString>,
 }
 
@@ -175,6 +215,7 @@ impl RunArgs {
         let mut l = Launcher::new()
             .bind(self.bind.clone())
             .drain_timeout(self.drain_timeout)
+            .hang_timeout(self.hang_timeout)
             .ready_timeout(self.ready_timeout)
             .max_restarts(self.max_restarts)
             .restart_backoff(self.restart_backoff)
@@ -209,72 +250,61 @@ impl RunArgs {
         if let Some(token) = &self.dashboard_token {
             l = l.dashboard_token(token.clone());
         }
+        if let Some(path) = &self.log_file {
+            l = l.log_file(path.clone());
+        }
         l.dashboard_allow_remote(self.dashboard_allow_remote)
+            .log_timestamps(self.timestamps)
     }
 
-    /// The `herd run` arguments that give these same options, for a unit's `ExecStart=`: every
-    /// option (the destructuring below does not compile when one is added and forgotten) except
-    /// the dashboard token, which does not belong in a unit file (`HERD_DASHBOARD_TOKEN` from an
-    /// `EnvironmentFile=` does).
-    fn to_args(&self, name: &str) -> Vec<String> {
-        let RunArgs {
-            workers,
-            bind,
-            name: _,
-            socket,
-            drain_timeout,
-            lame_duck,
-            ready_timeout,
-            ready_after,
-            max_restarts,
-            restart_backoff,
-            min_uptime,
-            max_memory_mb,
-            max_requests,
-            metrics,
-            dashboard,
-            dashboard_token: _,
-            dashboard_allow_remote,
-            program,
-        } = self;
-        let mut words: Vec<String> = vec!["run".into(), "--name".into(), name.to_owned()];
-        let mut push = |flag: &str, value: String| words.extend([flag.to_owned(), value]);
-        if let Some(n) = workers {
-            push("--workers", n.to_string());
+    /// The configuration file, checked: with `--config`, no other run option on the command
+    /// line (the file is their one source), and the program in exactly one of the two places.
+    fn file(&self, matches: &ArgMatches, allowed: &[&str]) -> Result<Option<RunFile>, String> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        // The subcommand's arguments (its matches also hold the ids of argument groups).
+        let command = Cli::command();
+        let arguments: Vec<String> = command
+            .get_subcommands()
+            .flat_map(|c| c.get_arguments())
+            .map(|a| a.get_id().as_str().to_owned())
+            .collect();
+        let given: Vec<String> = matches
+            .ids()
+            .map(|id| id.as_str())
+            .filter(|id| arguments.iter().any(|a| a == id))
+            .filter(|id| !["config", "program"].contains(id) && !allowed.contains(id))
+            .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !given.is_empty() {
+            return Err(format!(
+                "{} cannot be combined with --config: set it in {}",
+                given.join(", "),
+                path.display()
+            ));
         }
-        push("--bind", bind.clone());
-        if let Some(socket) = socket {
-            push("--socket", socket.to_string_lossy().into_owned());
+        let file = RunFile::load(path).map_err(|e| e.to_string())?;
+        match (file.program().is_some(), self.program.is_empty()) {
+            (true, false) => Err(format!(
+                "{} names the program already: drop the one after --",
+                path.display()
+            )),
+            (false, true) => Err(format!(
+                "{}: no program: add `program = [\"/path/to/app\"]` or give it after --",
+                path.display()
+            )),
+            _ => Ok(Some(file)),
         }
-        push("--drain-timeout", fmt_secs(*drain_timeout));
-        if let Some(s) = lame_duck {
-            push("--lame-duck", fmt_secs(*s));
+    }
+
+    /// The program and its arguments: after `--`, or the file's.
+    fn program(&self, file: Option<&RunFile>) -> Vec<OsString> {
+        match file.and_then(RunFile::program) {
+            Some(program) => program,
+            None => self.program.clone(),
         }
-        push("--ready-timeout", fmt_secs(*ready_timeout));
-        if let Some(s) = ready_after {
-            push("--ready-after", fmt_secs(*s));
-        }
-        push("--max-restarts", max_restarts.to_string());
-        push("--restart-backoff", fmt_secs(*restart_backoff));
-        push("--min-uptime", fmt_secs(*min_uptime));
-        if let Some(mb) = max_memory_mb {
-            push("--max-memory-mb", mb.to_string());
-        }
-        if let Some(n) = max_requests {
-            push("--max-requests", n.to_string());
-        }
-        if let Some(addr) = metrics {
-            push("--metrics", addr.clone());
-        }
-        if let Some(addr) = dashboard {
-            push("--dashboard", addr.clone());
-        }
-        if *dashboard_allow_remote {
-            words.push("--dashboard-allow-remote".into());
-        }
-        words.push("--".into());
-        words.extend(program.iter().map(|w| w.to_string_lossy().into_owned()));
-        words
     }
 }
 
@@ -313,23 +343,6 @@ impl Target {
             )),
         }
     }
-}
-
-/// Quote one `ExecStart=` word the way systemd parses it.
-fn systemd_quote(word: &str) -> String {
-    if !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-:=,+@[]".contains(c))
-    {
-        return word.to_owned();
-    }
-    let escaped = word
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('$', "$$")
-        .replace('%', "%%");
-    format!("\"{escaped}\"")
 }
 
 fn print_error(error: &dyn std::error::Error) {
@@ -410,21 +423,92 @@ fn watch_status(target: &Target, interval: Duration) -> ExitCode {
     }
 }
 
+/// herd's timestamps ([`launcher::log_timestamp`]) on the master's own lines too.
+struct Utc;
+
+impl tracing_subscriber::fmt::time::FormatTime for Utc {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{}", launcher::log_timestamp())
+    }
+}
+
+/// The master's own lines: to the log file when one is given (through [`launcher::LogWriter`]),
+/// else stderr; colour only on a terminal (and never with `NO_COLOR`); timestamps on request.
+fn init_logging(to_file: bool, timestamps: bool) {
+    use std::io::IsTerminal;
+    let colour = !to_file
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_ansi(colour)
+        .with_writer(|| launcher::LogWriter);
+    if timestamps {
+        builder.with_timer(Utc).init();
+    } else {
+        builder.without_time().init();
+    }
+}
+
+/// `herd logs`: print the lines; with `--follow`, until Ctrl-C or the master exits.
+fn print_logs(target: &Target, lines: usize, worker: Option<usize>, follow: bool) -> ExitCode {
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let result = launcher::read_logs(&socket, lines, follow, worker, |line| {
+        use std::io::Write;
+        // A closed stdout (`herd logs -f | head`) ends the follow.
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The matches of the subcommand, for [`RunArgs::file`].
+fn sub_matches(matches: &ArgMatches) -> &ArgMatches {
+    matches.subcommand().map_or(matches, |(_, m)| m)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_target(false)
-                .with_writer(std::io::stderr)
-                .init();
-            let mut program = args.program.clone();
+            let file = match args.file(sub_matches(&matches), &[]) {
+                Ok(file) => file,
+                Err(e) => {
+                    eprintln!("herd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let launcher = file
+                .as_ref()
+                .map_or_else(|| args.launcher(), RunFile::launcher);
+            let (to_file, timestamps) = file
+                .as_ref()
+                .map_or((args.log_file.is_some(), args.timestamps), |f| {
+                    (f.logs_to_file(), f.timestamps())
+                });
+            init_logging(to_file, timestamps);
+            let mut program = args.program(file.as_ref());
             let path = PathBuf::from(program.remove(0));
-            match args.launcher().supervise(path, program) {
+            match launcher.supervise(path, program) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     print_error(&e);
@@ -471,43 +555,25 @@ fn main() -> ExitCode {
             Duration::from_secs(10),
         ),
         Command::Stop { target } => control(&target, &Request::Stop, Duration::from_secs(10)),
+        Command::Logs {
+            target,
+            lines,
+            worker,
+            follow,
+        } => print_logs(&target, lines, worker, follow),
         Command::SystemdUnit {
             user,
             working_directory,
+            socket_unit,
+            dir,
             run,
-        } => {
-            let herd = std::env::current_exe()
-                .map_or_else(|_| "herd".to_owned(), |p| p.to_string_lossy().into_owned());
-            let name = run.name.clone().unwrap_or_else(|| {
-                PathBuf::from(&run.program[0])
-                    .file_name()
-                    .map_or("app".into(), |n| n.to_string_lossy().into_owned())
-            });
-            if run.dashboard_token.is_some() {
-                eprintln!(
-                    "herd: the dashboard token is not written into the unit: give it to the \
-                     service as HERD_DASHBOARD_TOKEN (e.g. from an EnvironmentFile=)"
-                );
-            }
-            let mut words = vec![herd];
-            words.extend(run.to_args(&name));
-            let exec_start = words
-                .iter()
-                .map(|w| systemd_quote(w))
-                .collect::<Vec<_>>()
-                .join(" ");
-            print!(
-                "{}",
-                launcher::systemd_unit(&UnitOptions {
-                    name,
-                    exec_start,
-                    working_directory,
-                    user,
-                    // The unit's stop timeout covers the lame-duck period too.
-                    drain_timeout: run.drain_timeout + run.lame_duck.unwrap_or_default(),
-                })
-            );
-            ExitCode::SUCCESS
-        }
+        } => units::print_or_write(
+            &matches,
+            user,
+            working_directory,
+            socket_unit,
+            dir.as_deref(),
+            &run,
+        ),
     }
 }
