@@ -26,9 +26,45 @@
 //! There is no per-node response timeout inside redis-rs: herd's own timeout drops the request, and a
 //! dropped request is never retried by redis-rs.
 //!
+//! # Deadlines and fail-fast: what Redis trouble costs a request
+//!
 //! Every wait is bounded: connecting, each round trip ([`Config::command_timeout`]), waiting for a
 //! pooled connection, recycling one. A round trip that times out is an error the caller sees at once
-//! ([`Error::Unavailable`] for reads, [`Error::OutcomeUnknown`] for writes), never a hang.
+//! ([`Error::Unavailable`] for reads, [`Error::OutcomeUnknown`] for writes), never a hang. Two rules
+//! on top of those bounds make Redis trouble cheap for the requests that meet it:
+//!
+//! **One deadline per request.** [`SessionLayer`](crate::SessionLayer) (and, for apps that use only
+//! globals, [`RequestDeadlineLayer`]) gives each request a deadline: the time it reached the layer
+//! plus [`Config::request_timeout`] (`HERD_REQUEST_TIMEOUT_MS`, default 2 s). Every Redis call made
+//! for that request — session load and save, globals, the wait for a pooled connection, `WATCH`,
+//! `EXEC`, the compare-and-swap script — ends by the earlier of its own timeout and that deadline,
+//! so a request that makes three round trips during a stall fails after one deadline, not three. A
+//! call made once the deadline has passed fails at once, without sending anything. The deadline is
+//! an instant kept in a tokio task-local: no timer is armed per request, only the one a round trip
+//! arms while it actually waits for Redis. Outside a request (a spawned task, a job) only the
+//! per-call timeouts apply, or a deadline of your own with [`with_deadline`].
+//!
+//! **A circuit breaker per client.** Each [`RedisClient`] (and its clones) keeps a breaker fed by
+//! its own traffic:
+//!
+//! | state | calls | leaves it when |
+//! |---|---|---|
+//! | closed | go out | a call gets no answer (timeout of at least 100 ms, connection refused or dropped, I/O error) **and no other call was answered since that call began**: then open |
+//! | open | fail at once with [`Error::Unavailable`] (503 + `Retry-After`), nothing sent | the probe task's next tick (every 200 ms): half-open |
+//! | half-open | fail at once; one `PING` (the probe) is in flight, bounded by the command timeout | the probe is answered: closed; it is not: open again |
+//!
+//! "No other call answered since it began" is what tells a stopped or frozen Redis from a busy one:
+//! under a burst a slow reply times out while others keep arriving, and the breaker stays closed.
+//! Any answer (a value or an error reply) closes the breaker, and so does a call already in flight
+//! that is answered late. While closed and idle (no answer for 2 s), the probe task sends a `PING`
+//! too, so that an idle worker learns about an outage before its next visitor does. Probes are not
+//! counted in [`round_trips`](RedisClient::round_trips). Nothing is retried by the breaker: a call
+//! that failed is reported as it failed (a write whose reply never came stays
+//! [`Error::OutcomeUnknown`]), and a call refused by an open breaker was never sent. The state is
+//! visible through [`RedisClient::health`], the `herd_redis_breaker_open` gauge and
+//! `herd_redis_breaker_opened_total` counter (feature `metrics`, see [`observe`](crate::observe)).
+//! Without a tokio runtime at [`RedisClient::new`] there is no probe task, and the breaker never
+//! opens.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,10 +79,17 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::topology::Topology;
 
+mod breaker;
 #[cfg(feature = "cluster")]
 mod cluster;
+mod deadline;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+
+use breaker::Breaker;
+pub(crate) use breaker::Heard;
+pub use breaker::{BreakerState, RedisHealth};
+pub use deadline::{with_deadline, RequestDeadline, RequestDeadlineLayer, WithDeadline};
 
 /// A cheap-to-clone handle on Redis: one multiplexed connection plus a pool of dedicated connections,
 /// with the [`Config`] they were made from.
@@ -68,6 +111,7 @@ struct Inner {
     shared: Shared,
     pool: DedicatedPool,
     round_trips: AtomicU64,
+    breaker: Breaker,
 }
 
 /// The multiplexed connection of each topology.
@@ -401,15 +445,18 @@ impl RedisClient {
             _ => return Err(bad(&"this topology needs a cargo feature of herd")),
         };
 
-        Ok(RedisClient {
+        let client = RedisClient {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
                 config,
                 shared,
                 pool,
                 round_trips: AtomicU64::new(0),
+                breaker: Breaker::new(tokio::runtime::Handle::try_current().is_ok()),
             }),
-        })
+        };
+        client.spawn_probe();
+        Ok(client)
     }
 
     /// [`new`](Self::new), then one `PING` to prove Redis answers.
@@ -484,7 +531,8 @@ impl RedisClient {
         }
     }
 
-    /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout.
+    /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout and
+    /// the request's deadline; refused at once while the breaker is open (see the module docs).
     /// `wrote` says whether the command can change data (it decides how a lost reply is reported).
     /// On a cluster the command or pipeline must stay within one hash slot.
     pub(crate) async fn run<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
@@ -492,8 +540,11 @@ impl RedisClient {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
         self.count_round_trip();
-        self.run_alongside(wrote, f).await
+        self.shared_round_trip(wrote, f).await
     }
 
     /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
@@ -503,8 +554,19 @@ impl RedisClient {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let timeout = self.inner.config.command_timeout;
-        let started = std::time::Instant::now(); // observe: latency histogram, error counter
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        self.shared_round_trip(wrote, f).await
+    }
+
+    /// A round trip on the shared connection, bounded and fed to the breaker (which the caller has
+    /// consulted, or, for a probe, deliberately not).
+    async fn shared_round_trip<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let mut used = None; // the Sentinel connection the round trip went out on
         let used_slot = &mut used;
         let round_trip = async move {
@@ -512,21 +574,112 @@ impl RedisClient {
             *used_slot = conn.sentinel_generation();
             f(conn).await
         };
-        let outcome = tokio::time::timeout(timeout, round_trip).await;
-        if outcome.is_err() {
+        let (result, timed_out) = self.bounded(wrote, round_trip).await;
+        if timed_out {
             self.forget_after_timeout(used);
         }
-        let result = match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
-            Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
-            Err(_elapsed) => Err(Error::Unavailable {
-                reason: format!("no reply from Redis within {timeout:?}"),
-                source: None,
-            }),
-        };
-        crate::observe::redis_round_trip(started.elapsed(), result.is_ok());
         result
+    }
+
+    /// Awaits one round trip until the earlier of the command timeout and the request's deadline,
+    /// classifies its outcome and feeds it to the breaker. Returns whether it timed out.
+    async fn bounded<T>(
+        &self,
+        wrote: bool,
+        round_trip: impl Future<Output = redis::RedisResult<T>>,
+    ) -> (Result<T>, bool) {
+        let started = std::time::Instant::now(); // observe: latency histogram, error counter
+        let (limit, by_deadline) = self.limit(started, self.inner.config.command_timeout);
+        if by_deadline && limit <= started {
+            return (Err(deadline_passed()), false);
+        }
+        let outcome = tokio::time::timeout_at(limit.into(), round_trip).await;
+        let ended = std::time::Instant::now();
+        let waited = ended - started;
+        let breaker = &self.inner.breaker;
+        let (result, timed_out) = match outcome {
+            Ok(Ok(value)) => {
+                breaker.record(started, ended, Heard::Answer);
+                (Ok(value), false)
+            }
+            Ok(Err(e)) => {
+                breaker.record(started, ended, heard(&e));
+                (Err(Error::from_redis(e, wrote, waited)), false)
+            }
+            Err(_elapsed) => {
+                if breaker::Breaker::timeout_counts(waited) {
+                    breaker.record(started, ended, Heard::Silence);
+                }
+                (Err(no_reply(wrote, waited, by_deadline)), true)
+            }
+        };
+        crate::observe::redis_round_trip(waited, result.is_ok());
+        (result, timed_out)
+    }
+
+    /// When a wait that began at `now` and may last `own` must end: the earlier of `now + own` and
+    /// the request's deadline; `true` when the deadline is the bound.
+    #[inline]
+    fn limit(&self, now: std::time::Instant, own: Duration) -> (std::time::Instant, bool) {
+        let own = now + own;
+        match deadline::current() {
+            Some(deadline) if deadline < own => (deadline, true),
+            _ => (own, false),
+        }
+    }
+
+    /// One round trip on a dedicated connection (`WATCH`, `MULTI`/`EXEC`): refused at once while
+    /// the breaker is open, bounded like every round trip (command timeout, request deadline),
+    /// its outcome fed to the breaker. The caller counts the round trip.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`] (a write timed out), or the error Redis
+    /// answered, classified as [`Error::from_redis`] does.
+    pub(crate) async fn on_dedicated<T>(
+        &self,
+        wrote: bool,
+        round_trip: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        self.bounded(wrote, round_trip).await.0
+    }
+
+    /// What this client knows of Redis' health: the breaker's state and since when (see the
+    /// [module docs](self)).
+    pub fn health(&self) -> RedisHealth {
+        self.inner.breaker.health()
+    }
+
+    /// Starts the probe task (see the [module docs](self)) if a tokio runtime is running. It holds
+    /// the client weakly and ends once every clone of the client is dropped.
+    fn spawn_probe(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(breaker::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = RedisClient { inner };
+                if client.inner.breaker.wants_probe(std::time::Instant::now()) {
+                    let probe = client
+                        .shared_round_trip(false, |mut c| async move {
+                            redis::cmd("PING").query_async::<()>(&mut c).await
+                        })
+                        .await;
+                    // The outcome was fed to the breaker; a half-open breaker that heard nothing
+                    // conclusive (the deadline of no request applies here) goes back to open.
+                    if probe.is_err() {
+                        client.inner.breaker.probe_abandoned();
+                    }
+                }
+            }
+        });
     }
 
     /// Sends commands that may belong to different hash slots: one pipeline on a single server or
@@ -565,8 +718,20 @@ impl RedisClient {
     /// node owning the slot, which the cluster client does not lend out. Use
     /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
-        let pool_wait = self.inner.config.pool_wait_timeout;
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        let config = &self.inner.config;
+        let pool_wait = config.pool_wait_timeout;
         let started = std::time::Instant::now(); // observe: pool wait histogram
+        let (limit, by_deadline) = self.limit(
+            started,
+            pool_wait + config.connect_timeout.max(config.command_timeout),
+        );
+        if by_deadline && limit <= started {
+            return Err(deadline_passed());
+        }
+        let breaker = &self.inner.breaker;
         let unavailable = |e: deadpool_redis::PoolError| match e {
             deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
                 Error::Unavailable {
@@ -574,10 +739,21 @@ impl RedisClient {
                     source: None,
                 }
             }
+            // Opening or checking a connection got no answer.
+            deadpool_redis::PoolError::Timeout(_) => {
+                let now = std::time::Instant::now();
+                breaker.record(started, now, Heard::Silence);
+                Error::Unavailable {
+                    reason: "no answer from Redis while opening or checking a pooled connection"
+                        .into(),
+                    source: None,
+                }
+            }
             // Opening a connection failed: the same words as for the shared connection (an
             // untrusted TLS certificate says so), always "unavailable".
             deadpool_redis::PoolError::Backend(e) => {
-                match Error::from_redis(e, false, self.inner.config.command_timeout) {
+                breaker.record(started, std::time::Instant::now(), heard(&e));
+                match Error::from_redis(e, false, config.command_timeout) {
                     Error::Redis(e) => Error::Unavailable {
                         reason: "cannot open a pooled Redis connection".into(),
                         source: Some(e),
@@ -610,14 +786,18 @@ impl RedisClient {
                 )),
             }
         };
-        let config = &self.inner.config;
-        let limit = pool_wait + config.connect_timeout.max(config.command_timeout);
         // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
-        let conn = tokio::time::timeout(limit, checkout)
+        // A wait cut short is not fed to the breaker: it may be a queue for a free connection.
+        let conn = tokio::time::timeout_at(limit.into(), checkout)
             .await
             .unwrap_or_else(|_elapsed| {
+                let waited = started.elapsed();
                 Err(Error::Unavailable {
-                    reason: format!("no usable pooled Redis connection within {limit:?}"),
+                    reason: if by_deadline {
+                        format!("no usable pooled Redis connection before the request's deadline ({waited:?})")
+                    } else {
+                        format!("no usable pooled Redis connection within {waited:?}")
+                    },
                     source: None,
                 })
             });
@@ -696,6 +876,46 @@ impl RedisClient {
             Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
             _ => 0,
         }
+    }
+}
+
+/// The error of a call refused by an open breaker: nothing was sent.
+fn circuit_open() -> Error {
+    Error::Unavailable {
+        reason: "Redis is not answering (circuit breaker open): failing fast until a probe gets an answer".into(),
+        source: None,
+    }
+}
+
+/// The error of a call made after its request's deadline: nothing was sent.
+fn deadline_passed() -> Error {
+    Error::Unavailable {
+        reason: "the request's deadline for Redis calls has passed".into(),
+        source: None,
+    }
+}
+
+/// A round trip that got no reply within `waited`.
+fn no_reply(wrote: bool, waited: Duration, by_deadline: bool) -> Error {
+    match (wrote, by_deadline) {
+        (true, _) => Error::OutcomeUnknown { timeout: waited },
+        (false, true) => Error::Unavailable {
+            reason: format!("no reply from Redis before the request's deadline ({waited:?})"),
+            source: None,
+        },
+        (false, false) => Error::Unavailable {
+            reason: format!("no reply from Redis within {waited:?}"),
+            source: None,
+        },
+    }
+}
+
+/// Whether an error means Redis answered (an error reply) or did not (no reply, no connection).
+fn heard(e: &redis::RedisError) -> Heard {
+    if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        Heard::Silence
+    } else {
+        Heard::Answer
     }
 }
 

@@ -368,27 +368,21 @@ impl Dedicated {
         wrote: bool,
         map: impl FnOnce(redis::RedisResult<T>) -> redis::RedisResult<U>,
     ) -> Result<U> {
-        let timeout = client.config().command_timeout();
         let conn = self.conn.as_mut().ok_or_else(|| Error::Unavailable {
             reason: "the pooled connection was closed".into(),
             source: None,
         })?;
         client.count_round_trip();
         self.dirty = true;
-        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut **conn)).await {
-            Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
-            Err(_elapsed) => Err(Error::Unavailable {
-                reason: format!("no reply from Redis within {timeout:?}"),
-                source: None,
-            }),
-            Ok(reply) => match map(reply) {
-                Ok(value) => {
-                    self.dirty = false;
-                    Ok(value)
-                }
-                Err(e) => Err(Error::from_redis(e, wrote, timeout)),
-            },
-        }
+        // Bounded by the command timeout and the request's deadline; refused while Redis is
+        // known down (`RedisClient::on_dedicated`).
+        let value = client
+            .on_dedicated(wrote, async {
+                map(pipe.query_async::<T>(&mut **conn).await)
+            })
+            .await?;
+        self.dirty = false;
+        Ok(value)
     }
 }
 

@@ -16,7 +16,7 @@ use tower_service::Service;
 use super::cookie as codec;
 use super::store::Expiry;
 use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
-use crate::client::RedisClient;
+use crate::client::{RedisClient, WithDeadline};
 
 /// A tower [`Layer`] that gives every request a lazy [`Session`] stored in Redis. See the
 /// [module docs](crate::session).
@@ -263,13 +263,16 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, S::Error>;
+    /// The request's deadline for its Redis calls is in scope while it runs
+    /// ([client module docs](crate::client)).
+    type Future = WithDeadline<ResponseFuture<S::Future, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let deadline = std::time::Instant::now() + self.settings.client.config().request_timeout;
         // Only the `Cookie` headers are kept (a reference-counted clone, no copy); finding and
         // verifying our cookie waits until the handler first uses the session.
         let mut all = req.headers().get_all(header::COOKIE).iter();
@@ -295,13 +298,14 @@ where
         let inner = self.inner.call(req);
         let settings = self.settings.clone();
         if span.is_disabled() {
-            return ResponseFuture {
+            let handler = ResponseFuture {
                 kind: Kind::Handler {
                     inner,
                     session,
                     settings,
                 },
             };
+            return WithDeadline::new(handler, deadline);
         }
         let fut = async move {
             let mut res = inner.await?;
@@ -312,11 +316,12 @@ where
             finish(&settings, &mut res, committed);
             Ok(res)
         };
-        ResponseFuture {
+        let observed = ResponseFuture {
             kind: Kind::Observed {
                 fut: Box::pin(observed(span, fut)),
             },
-        }
+        };
+        WithDeadline::new(observed, deadline)
     }
 }
 
