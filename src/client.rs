@@ -49,12 +49,14 @@
 //!
 //! | state | calls | leaves it when |
 //! |---|---|---|
-//! | closed | go out | a call gets no answer (timeout of at least 100 ms, connection refused or dropped, I/O error) **and no other call was answered since that call began**: then open |
+//! | closed | go out | calls get no answer (timeout, connection refused or dropped, I/O error) for 500 ms, **and no call was answered since the first of them began**: then open |
 //! | open | fail at once with [`Error::Unavailable`] (503 + `Retry-After`), nothing sent | the probe task's next tick (every 200 ms): half-open |
 //! | half-open | fail at once; one `PING` (the probe) is in flight, bounded by the command timeout | the probe is answered: closed; it is not: open again |
 //!
-//! "No other call answered since it began" is what tells a stopped or frozen Redis from a busy one:
-//! under a burst a slow reply times out while others keep arriving, and the breaker stays closed.
+//! "No call answered since the first began" is what tells a stopped or frozen Redis from a busy
+//! one: under a burst a slow reply times out while others keep arriving, and the breaker stays
+//! closed. The 500 ms of silence keep one dropped connection (redis-rs reconnects at once), a call
+//! cut short by a nearly spent deadline, or a distant Redis from opening it.
 //! Any answer (a value or an error reply) closes the breaker, and so does a call already in flight
 //! that is answered late. While closed and idle (no answer for 2 s), the probe task sends a `PING`
 //! too, so that an idle worker learns about an outage before its next visitor does. Probes are not
@@ -607,9 +609,7 @@ impl RedisClient {
                 (Err(Error::from_redis(e, wrote, waited)), false)
             }
             Err(_elapsed) => {
-                if breaker::Breaker::timeout_counts(waited) {
-                    breaker.record(started, ended, Heard::Silence);
-                }
+                breaker.record(started, ended, Heard::Silence);
                 (Err(no_reply(wrote, waited, by_deadline)), true)
             }
         };

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(200);
 /// With no answer from Redis for this long (an idle client), the probe task sends a `PING`.
 pub(crate) const IDLE_PROBE_AFTER: Duration = Duration::from_secs(2);
-/// A timed-out call opens the breaker only if it waited at least this long: a call cut short by a
-/// request deadline that was nearly spent says nothing about Redis.
-pub(crate) const MIN_SILENCE: Duration = Duration::from_millis(100);
+/// Redis must have been silent this long (unanswered calls, none answered in between) before the
+/// breaker opens: one dropped connection that redis-rs reconnects at once, a call cut short by a
+/// request deadline that was nearly spent, or a Redis far away (100 ms per round trip) says
+/// nothing about Redis being down.
+pub(crate) const MIN_SILENCE: Duration = Duration::from_millis(500);
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -69,6 +71,9 @@ pub(crate) struct Breaker {
     state: AtomicU8,
     /// Microseconds from `origin` to the last answer Redis gave (the client's creation at first).
     last_answer_us: AtomicU64,
+    /// Microseconds from `origin` to the start of the oldest call unanswered since the last answer
+    /// (`u64::MAX`: none).
+    silent_since_us: AtomicU64,
     /// Unix milliseconds of the last open or close (0: never).
     changed_unix_ms: AtomicU64,
     opened: AtomicU64,
@@ -81,6 +86,7 @@ impl Breaker {
             origin: Instant::now(),
             state: AtomicU8::new(CLOSED),
             last_answer_us: AtomicU64::new(0),
+            silent_since_us: AtomicU64::new(u64::MAX),
             changed_unix_ms: AtomicU64::new(0),
             opened: AtomicU64::new(0),
         }
@@ -122,23 +128,28 @@ impl Breaker {
                 if self.last_answer_us.load(Ordering::Relaxed) < ended_us {
                     self.last_answer_us.store(ended_us, Ordering::Relaxed);
                 }
+                if self.silent_since_us.load(Ordering::Relaxed) != u64::MAX {
+                    self.silent_since_us.store(u64::MAX, Ordering::Relaxed);
+                }
                 if self.state.load(Ordering::Acquire) != CLOSED {
                     self.close();
                 }
             }
             Heard::Silence => {
+                let started_us = self.micros(started);
                 // Redis answered someone while this call waited: busy, not gone.
-                if self.last_answer_us.load(Ordering::Relaxed) >= self.micros(started) {
+                if self.last_answer_us.load(Ordering::Relaxed) >= started_us {
                     return;
                 }
-                self.open();
+                let since = self
+                    .silent_since_us
+                    .fetch_min(started_us, Ordering::Relaxed)
+                    .min(started_us);
+                if ended_us.saturating_sub(since) >= MIN_SILENCE.as_micros() as u64 {
+                    self.open();
+                }
             }
         }
-    }
-
-    /// A call timed out after `waited`: does that count as silence?
-    pub(crate) fn timeout_counts(waited: Duration) -> bool {
-        waited >= MIN_SILENCE
     }
 
     fn open(&self) {
@@ -247,7 +258,7 @@ mod tests {
     #[test]
     fn the_probe_half_opens_and_its_answer_closes() {
         let b = Breaker::new(true);
-        b.record(at(&b, 5), at(&b, 6), Heard::Silence);
+        b.record(at(&b, 5), at(&b, 600), Heard::Silence);
         assert_eq!(b.state(), BreakerState::Open);
         assert!(b.wants_probe(at(&b, 200)));
         assert_eq!(b.state(), BreakerState::HalfOpen);
@@ -279,8 +290,26 @@ mod tests {
     }
 
     #[test]
-    fn short_timeouts_are_not_silence() {
-        assert!(!Breaker::timeout_counts(Duration::from_millis(20)));
-        assert!(Breaker::timeout_counts(Duration::from_millis(100)));
+    fn silence_must_last_before_it_opens() {
+        let b = Breaker::new(true);
+        // A dropped connection, at once reconnected and answered: stays closed.
+        b.record(at(&b, 10), at(&b, 11), Heard::Silence);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record(at(&b, 12), at(&b, 13), Heard::Answer);
+        // A call cut short after 300 ms by its request's deadline: stays closed.
+        b.record(at(&b, 20), at(&b, 320), Heard::Silence);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // Refusals for 500 ms since that call began, no answer in between: open.
+        b.record(at(&b, 400), at(&b, 401), Heard::Silence);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record(at(&b, 519), at(&b, 520), Heard::Silence);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_breaker_without_a_probe_never_opens() {
+        let b = Breaker::new(false);
+        b.record(at(&b, 5), at(&b, 2000), Heard::Silence);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }
