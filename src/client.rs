@@ -576,45 +576,59 @@ impl RedisClient {
             *used_slot = conn.sentinel_generation();
             f(conn).await
         };
-        let (result, timed_out) = self.bounded(wrote, round_trip).await;
-        if timed_out {
+        let bound = self.bound()?;
+        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
+        if outcome.is_err() {
             self.forget_after_timeout(used);
         }
-        result
+        self.settle(wrote, &bound, outcome)
     }
 
-    /// Awaits one round trip until the earlier of the command timeout and the request's deadline,
-    /// classifies its outcome and feeds it to the breaker. Returns whether it timed out.
-    async fn bounded<T>(
-        &self,
-        wrote: bool,
-        round_trip: impl Future<Output = redis::RedisResult<T>>,
-    ) -> (Result<T>, bool) {
+    /// Starts a bounded round trip: its limit is the earlier of the command timeout and the
+    /// request's deadline (a call made once the deadline passed fails at once, nothing sent).
+    /// Sync, with [`settle`](Self::settle), so that the callers await the round trip themselves:
+    /// one async layer less in every handler's future.
+    #[inline]
+    fn bound(&self) -> Result<Bound> {
         let started = std::time::Instant::now(); // observe: latency histogram, error counter
         let (limit, by_deadline) = self.limit(started, self.inner.config.command_timeout);
         if by_deadline && limit <= started {
-            return (Err(deadline_passed()), false);
+            return Err(deadline_passed());
         }
-        let outcome = tokio::time::timeout_at(limit.into(), round_trip).await;
+        Ok(Bound {
+            started,
+            limit: limit.into(),
+            by_deadline,
+        })
+    }
+
+    /// Classifies a bounded round trip's outcome and feeds it to the breaker.
+    fn settle<T>(
+        &self,
+        wrote: bool,
+        bound: &Bound,
+        outcome: std::result::Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
         let ended = std::time::Instant::now();
+        let started = bound.started;
         let waited = ended - started;
         let breaker = &self.inner.breaker;
-        let (result, timed_out) = match outcome {
+        let result = match outcome {
             Ok(Ok(value)) => {
                 breaker.record(started, ended, Heard::Answer);
-                (Ok(value), false)
+                Ok(value)
             }
             Ok(Err(e)) => {
                 breaker.record(started, ended, heard(&e));
-                (Err(Error::from_redis(e, wrote, waited)), false)
+                Err(Error::from_redis(e, wrote, waited))
             }
             Err(_elapsed) => {
                 breaker.record(started, ended, Heard::Silence);
-                (Err(no_reply(wrote, waited, by_deadline)), true)
+                Err(no_reply(wrote, waited, bound.by_deadline))
             }
         };
         crate::observe::redis_round_trip(waited, result.is_ok());
-        (result, timed_out)
+        result
     }
 
     /// When a wait that began at `now` and may last `own` must end: the earlier of `now + own` and
@@ -643,7 +657,9 @@ impl RedisClient {
         if !self.inner.breaker.admits() {
             return Err(circuit_open());
         }
-        self.bounded(wrote, round_trip).await.0
+        let bound = self.bound()?;
+        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
+        self.settle(wrote, &bound, outcome)
     }
 
     /// What this client knows of Redis' health: the breaker's state and since when (see the
@@ -877,6 +893,14 @@ impl RedisClient {
             _ => 0,
         }
     }
+}
+
+/// A round trip under way: when it began, when it must end, and whether the request's deadline
+/// (rather than the command timeout) is what ends it.
+struct Bound {
+    started: std::time::Instant,
+    limit: tokio::time::Instant,
+    by_deadline: bool,
 }
 
 /// The error of a call refused by an open breaker: nothing was sent.

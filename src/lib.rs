@@ -10,6 +10,8 @@ pub(crate) mod keys;
 pub mod launcher;
 pub mod observe;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub(crate) mod topology;
 
 pub use crate::client::RedisClient;
