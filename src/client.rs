@@ -50,7 +50,7 @@
 //! | state | calls | leaves it when |
 //! |---|---|---|
 //! | closed | go out | calls get no answer (timeout, connection refused or dropped, I/O error) for 500 ms, **and no call was answered since the first of them began**: then open |
-//! | open | fail at once with [`Error::Unavailable`] (503 + `Retry-After`), nothing sent | the probe task's next tick (every 200 ms): half-open |
+//! | open | fail at once with [`Error::Unavailable`] (503 + `Retry-After`), nothing sent; calls waiting for a pooled connection stop waiting and fail too | the probe task's next tick (every 200 ms): half-open |
 //! | half-open | fail at once; one `PING` (the probe) is in flight, bounded by the command timeout | the probe is answered: closed; it is not: open again |
 //!
 //! "No call answered since the first began" is what tells a stopped or frozen Redis from a busy
@@ -58,15 +58,25 @@
 //! closed. The 500 ms of silence keep one dropped connection (redis-rs reconnects at once), a call
 //! cut short by a nearly spent deadline, or a distant Redis from opening it.
 //! Any answer (a value or an error reply) closes the breaker, and so does a call already in flight
-//! that is answered late. While closed and idle (no answer for 2 s), the probe task sends a `PING`
+//! that is answered late. A wait for a pooled connection that lasts a command timeout with no
+//! answer from Redis to anyone meanwhile counts as silence too (deadpool checks idle connections
+//! one by one before lending one). While closed and idle (no answer for 2 s), the probe task sends a `PING`
 //! too, so that an idle worker learns about an outage before its next visitor does. Probes are not
 //! counted in [`round_trips`](RedisClient::round_trips). Nothing is retried by the breaker: a call
 //! that failed is reported as it failed (a write whose reply never came stays
 //! [`Error::OutcomeUnknown`]), and a call refused by an open breaker was never sent. The state is
 //! visible through [`RedisClient::health`], the `herd_redis_breaker_open` gauge and
-//! `herd_redis_breaker_opened_total` counter (feature `metrics`, see [`observe`](crate::observe)).
-//! Without a tokio runtime at [`RedisClient::new`] there is no probe task, and the breaker never
-//! opens.
+//! `herd_redis_breaker_opened_total` counter (feature `metrics`, see [`observe`](crate::observe)),
+//! and, under the launcher with `--metrics` or `--dashboard`, in the `redis` column of
+//! `herd status` and on the dashboard (`closed`, or `open` and since when). Without a tokio
+//! runtime at [`RedisClient::new`] there is no probe task, and the breaker never opens.
+//!
+//! **Choosing the deadline.** The breaker makes outages cheap whatever the deadline: against a
+//! stopped or frozen Redis, a request fails within about one command timeout, the next ones at
+//! once. The deadline bounds what a *slow but answering* Redis may cost: a request queueing for a
+//! pooled connection behind a burst of `WATCH` transactions, or retrying a contended update. Raise
+//! it for routes that may wait (the flagship example allows 15 s for its transfers), lower it to
+//! shed load sooner.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -734,6 +744,10 @@ impl RedisClient {
     /// node owning the slot, which the cluster client does not lend out. Use
     /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
+        // Registered before the check, so that an opening in between is not missed.
+        let opening = self.inner.breaker.opening();
+        tokio::pin!(opening);
+        opening.as_mut().enable();
         if !self.inner.breaker.admits() {
             return Err(circuit_open());
         }
@@ -804,6 +818,28 @@ impl RedisClient {
         };
         // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
         // A wait cut short is not fed to the breaker: it may be a queue for a free connection.
+        // The breaker opening while it waits ends the wait at once. So does a checkout that is
+        // still pending after a command timeout with no answer from Redis to anyone meanwhile:
+        // deadpool checks idle connections one by one (each check up to a command timeout), and
+        // against a frozen Redis that is silence like any other.
+        let silence = async {
+            loop {
+                tokio::time::sleep(config.command_timeout).await;
+                if !breaker.answered_since(started) {
+                    breaker.record(started, std::time::Instant::now(), Heard::Silence);
+                    if !breaker.admits() {
+                        return;
+                    }
+                }
+            }
+        };
+        let checkout = async {
+            tokio::select! {
+                conn = checkout => conn,
+                () = opening => Err(circuit_open()),
+                () = silence => Err(circuit_open()),
+            }
+        };
         let conn = tokio::time::timeout_at(limit.into(), checkout)
             .await
             .unwrap_or_else(|_elapsed| {

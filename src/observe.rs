@@ -24,6 +24,7 @@
 //! | `herd_redis_pool_wait_seconds` | histogram | wait for a dedicated (pooled) connection |
 //! | `herd_redis_breaker_open` | gauge | 1 while the client's circuit breaker is open or half-open (Redis not answering), 0 when closed ([`client`](crate::client)) |
 //! | `herd_redis_breaker_opened_total` | counter | times the breaker opened |
+//! | `herd_redis_breaker_changed_seconds` | gauge | Unix time of the breaker's last opening or closing (shown by `herd status` and the dashboard) |
 //! | `herd_update_conflicts_total` | counter | optimistic updates that lost a race (`WATCH` fired) |
 //! | `herd_update_retries_total` | counter | retries after such a conflict |
 //!
@@ -59,6 +60,8 @@ pub mod names {
     pub const BREAKER_OPEN: &str = "herd_redis_breaker_open";
     /// Counter: times the Redis circuit breaker opened.
     pub const BREAKER_OPENED: &str = "herd_redis_breaker_opened_total";
+    /// Gauge: Unix time (seconds) of the breaker's last opening or closing.
+    pub const BREAKER_CHANGED: &str = "herd_redis_breaker_changed_seconds";
     /// Counter: optimistic updates that lost a race.
     pub const UPDATE_CONFLICTS: &str = "herd_update_conflicts_total";
     /// Counter: retries after a conflict.
@@ -81,6 +84,7 @@ mod recorder {
         pub(super) pool_wait: metrics::Histogram,
         pub(super) breaker_open: metrics::Gauge,
         pub(super) breaker_opened: metrics::Counter,
+        pub(super) breaker_changed: metrics::Gauge,
         pub(super) conflicts: metrics::Counter,
         pub(super) retries: metrics::Counter,
     }
@@ -118,6 +122,10 @@ mod recorder {
                 names::BREAKER_OPENED,
                 "Times the Redis circuit breaker opened."
             );
+            metrics::describe_gauge!(
+                names::BREAKER_CHANGED,
+                "Unix time of the Redis circuit breaker's last opening or closing."
+            );
             describe_counter!(
                 names::UPDATE_CONFLICTS,
                 "Optimistic updates that lost a race."
@@ -134,6 +142,7 @@ mod recorder {
                 pool_wait: metrics::histogram!(names::POOL_WAIT_SECONDS),
                 breaker_open: metrics::gauge!(names::BREAKER_OPEN),
                 breaker_opened: metrics::counter!(names::BREAKER_OPENED),
+                breaker_changed: metrics::gauge!(names::BREAKER_CHANGED),
                 conflicts: metrics::counter!(names::UPDATE_CONFLICTS),
                 retries: metrics::counter!(names::UPDATE_RETRIES),
             }
@@ -251,15 +260,16 @@ pub(crate) fn session_saved(created: bool) {
     let _ = created;
 }
 
-/// The Redis circuit breaker opened (`true`) or closed.
-pub(crate) fn breaker(open: bool) {
+/// The Redis circuit breaker opened (`true`) or closed, at `unix_ms`.
+pub(crate) fn breaker(open: bool, unix_ms: u64) {
     record!(h => {
         h.breaker_open.set(if open { 1.0 } else { 0.0 });
+        h.breaker_changed.set(unix_ms as f64 / 1000.0);
         if open {
             h.breaker_opened.increment(1);
         }
     });
-    let _ = open;
+    let _ = (open, unix_ms);
 }
 
 /// A session was destroyed.

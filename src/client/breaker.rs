@@ -77,6 +77,9 @@ pub(crate) struct Breaker {
     /// Unix milliseconds of the last open or close (0: never).
     changed_unix_ms: AtomicU64,
     opened: AtomicU64,
+    /// Wakes the calls waiting for a pooled connection when the breaker opens: they fail at once
+    /// rather than wait for a connection to a Redis that does not answer.
+    opening: tokio::sync::Notify,
 }
 
 impl Breaker {
@@ -89,6 +92,7 @@ impl Breaker {
             silent_since_us: AtomicU64::new(u64::MAX),
             changed_unix_ms: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            opening: tokio::sync::Notify::new(),
         }
     }
 
@@ -163,9 +167,11 @@ impl Breaker {
                     .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    self.changed_unix_ms.store(unix_ms(), Ordering::Relaxed);
+                    let now = unix_ms();
+                    self.changed_unix_ms.store(now, Ordering::Relaxed);
                     self.opened.fetch_add(1, Ordering::Relaxed);
-                    crate::observe::breaker(true);
+                    crate::observe::breaker(true, now);
+                    self.opening.notify_waiters();
                     tracing::warn!(
                         "herd: Redis is not answering; failing fast (503) until a probe gets an answer"
                     );
@@ -187,10 +193,21 @@ impl Breaker {
     fn close(&self) {
         let previous = self.state.swap(CLOSED, Ordering::AcqRel);
         if previous != CLOSED {
-            self.changed_unix_ms.store(unix_ms(), Ordering::Relaxed);
-            crate::observe::breaker(false);
+            let now = unix_ms();
+            self.changed_unix_ms.store(now, Ordering::Relaxed);
+            crate::observe::breaker(false, now);
             tracing::info!("herd: Redis answers again; calls go through");
         }
+    }
+
+    /// Whether Redis answered any call since `at`.
+    pub(crate) fn answered_since(&self, at: Instant) -> bool {
+        self.last_answer_us.load(Ordering::Relaxed) >= self.micros(at)
+    }
+
+    /// A future that completes when the breaker next opens.
+    pub(crate) fn opening(&self) -> tokio::sync::futures::Notified<'_> {
+        self.opening.notified()
     }
 
     /// Called by the probe task at each tick: whether to send a `PING` now. While open, the
