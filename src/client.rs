@@ -796,7 +796,9 @@ impl RedisClient {
                 source: None,
             },
         };
-        let checkout = async {
+        // Boxed: deadpool's checkout future is large (kilobytes), and it would otherwise sit in the
+        // future of every `update` (clippy's `large_futures`). One allocation per checkout.
+        let checkout = Box::pin(async {
             match &self.inner.pool {
                 DedicatedPool::Single(pool) => pool
                     .get()
@@ -815,7 +817,7 @@ impl RedisClient {
                         .into(),
                 )),
             }
-        };
+        });
         // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
         // A wait cut short is not fed to the breaker: it may be a queue for a free connection.
         // The breaker opening while it waits ends the wait at once. So does a checkout that is

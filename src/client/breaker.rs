@@ -161,21 +161,20 @@ impl Breaker {
             return;
         }
         match self.state.load(Ordering::Acquire) {
-            CLOSED => {
+            CLOSED
                 if self
                     .state
                     .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let now = unix_ms();
-                    self.changed_unix_ms.store(now, Ordering::Relaxed);
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    crate::observe::breaker(true, now);
-                    self.opening.notify_waiters();
-                    tracing::warn!(
-                        "herd: Redis is not answering; failing fast (503) until a probe gets an answer"
-                    );
-                }
+                    .is_ok() =>
+            {
+                let now = unix_ms();
+                self.changed_unix_ms.store(now, Ordering::Relaxed);
+                self.opened.fetch_add(1, Ordering::Relaxed);
+                crate::observe::breaker(true, now);
+                self.opening.notify_waiters();
+                tracing::warn!(
+                    "herd: Redis is not answering; failing fast (503) until a probe gets an answer"
+                );
             }
             HALF_OPEN => {
                 // The probe went unanswered: open again, still "open since" the first opening.
