@@ -149,7 +149,9 @@ impl Breaker {
                     .silent_since_us
                     .fetch_min(started_us, Ordering::Relaxed)
                     .min(started_us);
-                if ended_us.saturating_sub(since) >= MIN_SILENCE.as_micros() as u64 {
+                // Half-open: the probe went unanswered, open again at once.
+                let half_open = self.state.load(Ordering::Acquire) == HALF_OPEN;
+                if half_open || ended_us.saturating_sub(since) >= MIN_SILENCE.as_micros() as u64 {
                     self.open();
                 }
             }
