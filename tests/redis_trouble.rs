@@ -7,6 +7,7 @@
 //!
 //! (The flagship example is put through the same faults in `tests/multi_worker.rs`.)
 
+mod launcher_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -548,4 +549,74 @@ async fn a_healthy_burst_of_500_connections_never_opens_the_breaker() {
         0,
         "the breaker opened under a healthy burst"
     );
+}
+
+/// The breaker is visible in `herd status` (the `redis` column, from the worker's metrics): closed,
+/// open while Redis is frozen and a request met it, closed again after the thaw. The worker is the
+/// flagship example under `herd run --metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_status_shows_the_breaker_open_while_redis_is_frozen() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let flagship = launcher_support::example_bin("multi_worker");
+    let metrics = format!("127.0.0.1:{}", launcher_support::free_port());
+    let url = redis.url();
+    let prefix = support::unique_prefix("status");
+    let mut master = tokio::task::block_in_place(|| {
+        let mut m = launcher_support::Master::herd_run_env(
+            &["--workers", "1", "--metrics", &metrics],
+            &[flagship.to_str().expect("path")],
+            &[
+                ("REDIS_URL", url.as_str()),
+                ("HERD_PREFIX", prefix.as_str()),
+            ],
+        );
+        m.wait_online(1, Duration::from_secs(30));
+        m
+    });
+    let base = format!("http://127.0.0.1:{}", master.port());
+    let breaker = |master: &launcher_support::Master| {
+        master
+            .status()
+            .and_then(|s| s.workers.first().and_then(|w| w.redis.clone()))
+    };
+    let wait_for = |master: &launcher_support::Master, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = breaker(master);
+            if now.as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status shows redis {now:?}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let c = http();
+    let origin = Instant::now();
+    assert_eq!(
+        request(&c, &base, "/counter", origin).await.status,
+        StatusCode::OK
+    );
+    tokio::task::block_in_place(|| wait_for(&master, "closed"));
+    redis.freeze();
+    let r = request(&c, &base, "/counter", origin).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
+    tokio::task::block_in_place(|| wait_for(&master, "open"));
+    let status = master.status().expect("status");
+    assert!(status.workers[0].redis_since.is_some(), "{status:?}");
+    let table = status.to_string();
+    assert!(
+        table.contains("redis") && table.contains("open "),
+        "{table}"
+    );
+    redis.thaw();
+    tokio::task::block_in_place(|| wait_for(&master, "closed"));
+    assert_eq!(
+        request(&c, &base, "/counter", origin).await.status,
+        StatusCode::OK
+    );
+    master.assert_running();
 }
