@@ -80,6 +80,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // This example's defaults (the environment wins): few concurrent WATCHers on ten hot accounts
+    // conflict less than many, so the pool is small and a burst of transfers may queue for a
+    // connection (5 s) while Redis answers, within a 15 s request deadline. While Redis does not
+    // answer, herd's breaker fails requests within about one command timeout (1 s) anyway.
+    for (name, value) in [
+        ("HERD_POOL_SIZE", "4"),
+        ("HERD_POOL_WAIT_MS", "5000"),
+        ("HERD_REQUEST_TIMEOUT_MS", "15000"),
+    ] {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, value); // before any thread exists
+        }
+    }
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers: usize = flag("workers", cpus)?.max(1);
     let (port, host): (u16, String) = (flag("port", 3000)?, flag("host", "127.0.0.1".into())?);
@@ -100,7 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .run(|worker| async move {
             // Connects lazily: a worker starts (and answers 503 where Redis is needed) while
             // Redis is down.
-            let redis = RedisClient::new(config()?)?;
+            let redis = RedisClient::new(herd::Config::from_env()?)?;
             let globals = Globals::new(redis.clone()).with_max_attempts(50);
             let state = AppState {
                 worker: worker.index(),
@@ -120,26 +133,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     drop(local_redis);
     result.map_err(Into::into)
-}
-
-/// The environment's configuration with defaults of this example (the environment wins): few
-/// concurrent WATCHers on ten hot accounts conflict less than many, so the pool of dedicated
-/// connections is small, and a burst of transfers may wait for one (5 s) while Redis answers,
-/// within a request deadline of 15 s. While Redis does not answer, herd's breaker fails the
-/// requests that need it within about one command timeout (1 s) whatever the deadline.
-fn config() -> herd::Result<herd::Config> {
-    let mut builder = herd::ConfigBuilder::from_env()?;
-    let unset = |name: &str| std::env::var_os(name).is_none();
-    if unset("HERD_POOL_SIZE") {
-        builder = builder.pool_size(4);
-    }
-    if unset("HERD_POOL_WAIT_MS") {
-        builder = builder.pool_wait_timeout(Duration::from_secs(5));
-    }
-    if unset("HERD_REQUEST_TIMEOUT_MS") {
-        builder = builder.request_timeout(Duration::from_secs(15));
-    }
-    builder.build()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -620,3 +620,46 @@ async fn herd_status_shows_the_breaker_open_while_redis_is_frozen() {
     );
     master.assert_running();
 }
+
+/// An app with globals only, no `SessionLayer`: `RequestDeadlineLayer` gives its requests the
+/// deadline. Against a frozen Redis the first request answers at the deadline (1 s), not at the
+/// per-call timeout (5 s); without the layer it is the per-call timeout that bounds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_deadline_layer_bounds_an_app_without_sessions() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let client = RedisClient::new(config(&redis.url(), "globals-only", 4)).expect("client");
+    let stats = Globals::new(client.clone()).group("stats").expect("group");
+    let router = Router::new()
+        .route("/hits", get(hits).with_state(stats))
+        .layer(herd::client::RequestDeadlineLayer::new(
+            client.config().request_timeout(),
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("serve");
+    });
+    let c = http();
+    let origin = Instant::now();
+    assert_eq!(
+        request(&c, &base, "/hits", origin).await.status,
+        StatusCode::OK
+    );
+    redis.freeze();
+    let stalled = request(&c, &base, "/hits", origin).await;
+    println!(
+        "globals-only app, frozen Redis: 503 after {:?}",
+        stalled.took
+    );
+    assert_eq!(stalled.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(stalled.well_formed_error, "{stalled:?}");
+    assert!(
+        stalled.took >= DEADLINE - Duration::from_millis(50) && stalled.took <= DEADLINE + SLACK,
+        "{stalled:?}"
+    );
+    redis.thaw();
+    server.abort();
+}
