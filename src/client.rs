@@ -14,7 +14,7 @@
 //! | topology | multiplexed connection | dedicated connections (`WATCH`) |
 //! |---|---|---|
 //! | one server, `redis://` or `rediss://` (TLS) | [`ConnectionManager`] | deadpool-redis pool |
-//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`compare_and_swap.lua`) |
+//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`globals/compare_and_swap.lua`) |
 //! | Sentinel, `redis+sentinel://.../<master>` | a multiplexed connection to the master the sentinels name, looked up again after an error | deadpool-redis' sentinel pool |
 //!
 //! **Retries on a cluster.** redis-rs' own retries are turned off (`retries(0)`) because redis-rs
@@ -742,7 +742,7 @@ impl RedisClient {
     ///
     /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
-    /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
+    /// the compare-and-swap script of `globals` there (it works on every topology).
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
         // Registered before the check, so that an opening in between is not missed.
         let opening = self.inner.breaker.opening();
@@ -859,48 +859,6 @@ impl RedisClient {
         conn
     }
 
-    /// Optimistic write that works on every topology (single server, Sentinel, Redis Cluster): sets
-    /// `keys[i]` to `new[i]` (`None` deletes it, a value keeps the key's TTL) **only if** every key
-    /// still holds `expected[i]` (`None`: the key must not exist), all in one script, so atomically.
-    /// Returns `Ok(true)` when written, `Ok(false)` when some key had changed (read again and retry,
-    /// with jitter, like a failed `WATCH`).
-    ///
-    /// This is the cluster replacement for `WATCH`/`MULTI`/`EXEC`: on a cluster the keys must share a
-    /// hash tag (one group of globals), else Redis answers `CROSSSLOT`. Values are compared as bytes.
-    /// A timeout is [`Error::OutcomeUnknown`], as for every write; running the same call again is
-    /// then safe: if the first one was applied the keys no longer hold `expected` (unless
-    /// `new == expected`) and it answers `false`.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`], or [`Error::Redis`] (a key holds a
-    /// non-string value, `CROSSSLOT`).
-    pub(crate) async fn compare_and_swap(
-        &self,
-        keys: &[String],
-        expected: &[Option<Vec<u8>>],
-        new: &[Option<Vec<u8>>],
-    ) -> Result<bool> {
-        static CAS: std::sync::LazyLock<redis::Script> =
-            std::sync::LazyLock::new(|| redis::Script::new(include_str!("compare_and_swap.lua")));
-        assert!(keys.len() == expected.len() && keys.len() == new.len());
-        let mut invocation = CAS.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for value in expected.iter().chain(new) {
-            match value {
-                Some(v) => invocation.arg(1).arg(v.as_slice()),
-                None => invocation.arg(0).arg(""),
-            };
-        }
-        let written: i64 = self
-            .run(true, |mut c| async move {
-                invocation.invoke_async(&mut c).await
-            })
-            .await?;
-        Ok(written == 1)
-    }
-
     /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
     pub(crate) fn count_round_trip(&self) {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -978,87 +936,5 @@ fn heard(e: &redis::RedisError) -> Heard {
         Heard::Silence
     } else {
         Heard::Answer
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A throwaway `redis-server` for the crate-private helpers (the integration tests have the full
-    /// harness in `tests/support`).
-    struct Server(std::process::Child, u16);
-
-    impl Server {
-        fn start() -> Server {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port");
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH");
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "redis-server did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Server(child, port)
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    #[tokio::test]
-    async fn compare_and_swap_writes_only_what_was_read() {
-        let server = Server::start();
-        let config = Config::builder()
-            .redis_url(format!("redis://127.0.0.1:{}", server.1))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
-            .build()
-            .expect("config");
-        let client = RedisClient::connect(config).await.expect("connect");
-        let keys = ["t:g:{bank}:a".to_owned(), "t:g:{bank}:b".to_owned()];
-        let v = |s: &str| Some(s.as_bytes().to_vec());
-        // Both absent: create them.
-        assert!(client
-            .compare_and_swap(&keys, &[None, None], &[v("10"), v("0")])
-            .await
-            .expect("cas"));
-        // A stale read: nothing written.
-        assert!(!client
-            .compare_and_swap(&keys, &[v("9"), v("0")], &[v("0"), v("9")])
-            .await
-            .expect("cas"));
-        // The current values: moved, and a delete.
-        assert!(client
-            .compare_and_swap(&keys, &[v("10"), v("0")], &[v("4"), None])
-            .await
-            .expect("cas"));
-        let (a, b): (Option<String>, Option<String>) = client
-            .run(false, |mut c| async move {
-                redis::cmd("MGET")
-                    .arg("t:g:{bank}:a")
-                    .arg("t:g:{bank}:b")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await
-            .expect("mget");
-        assert_eq!((a.as_deref(), b), (Some("4"), None));
     }
 }

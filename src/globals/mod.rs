@@ -103,6 +103,7 @@
 
 mod atomic;
 mod channel;
+mod compare_and_swap;
 mod update;
 
 use std::sync::Arc;

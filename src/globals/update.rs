@@ -238,7 +238,7 @@ impl Group {
     /// `update` on a Redis Cluster, where `WATCH` cannot be used (the cluster client does not lend a
     /// connection to the slot's node): read with `MGET`, run `f`, then commit with one
     /// compare-and-swap script that writes only if every variable still holds what was read
-    /// (`RedisClient::compare_and_swap`). Same retries, backoff and errors as the `WATCH` path; a
+    /// (`compare_and_swap.rs`). Same retries, backoff and errors as the `WATCH` path; a
     /// refused or unchanged update sends nothing after the read. Two round trips per attempt.
     async fn update_by_compare_and_swap<T, R, E, F>(
         &self,
@@ -277,7 +277,7 @@ impl Group {
             }
             let expected: Vec<Option<Vec<u8>>> =
                 raw.into_iter().map(|r| r.map(String::into_bytes)).collect();
-            if client.compare_and_swap(keys, &expected, &new).await? {
+            if super::compare_and_swap::compare_and_swap(client, keys, &expected, &new).await? {
                 return Ok(result);
             }
             crate::observe::update_conflict(attempt < settings.max_attempts);
