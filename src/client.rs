@@ -283,78 +283,7 @@ impl std::fmt::Debug for RedisClient {
     }
 }
 
-impl RedisClient {
-    /// Clients for pub/sub connections (each subscription has its own connection): the server
-    /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
-    ///
-    /// # Errors
-    /// [`Error::Config`] through Sentinel, where pub/sub is not supported yet.
-    pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
-        let config = &self.inner.config;
-        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
-            crate::topology::Topology::Single(url) => vec![url],
-            crate::topology::Topology::Cluster(nodes) => nodes,
-            // Through Sentinel the master is asked for at each (re)connection: see
-            // `pubsub_master_client`.
-            crate::topology::Topology::Sentinel { .. } => Vec::new(),
-        };
-        urls.iter()
-            .map(|url| {
-                single_client(config, url)
-                    .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
-            })
-            .collect()
-    }
-}
-
-impl RedisClient {
-    /// Through Sentinel: a client for the current master (asked of the sentinels now), for a
-    /// pub/sub connection. `None` for other topologies.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`] when no sentinel names a reachable master.
-    pub(crate) async fn pubsub_master_client(&self) -> Result<Option<redis::Client>> {
-        match &self.inner.shared {
-            #[cfg(feature = "sentinel")]
-            Shared::Sentinel(master) => {
-                master
-                    .client_now()
-                    .await
-                    .map(Some)
-                    .map_err(|e| Error::Unavailable {
-                        reason: "no master named by the sentinels".into(),
-                        source: Some(e),
-                    })
-            }
-            _ => Ok(None),
-        }
-    }
-}
-
-/// Opens a single-server client, with the configured CA for `rediss://`.
-fn single_client(config: &Config, url: &str) -> redis::RedisResult<redis::Client> {
-    #[cfg(feature = "tls")]
-    if let Some(ca) = &config.ca_pem {
-        return redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            },
-        );
-    }
-    let _ = config;
-    redis::Client::open(url)
-}
-
-fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
-    let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
-    pool.timeouts.wait = Some(config.pool_wait_timeout);
-    pool.timeouts.create = Some(config.connect_timeout);
-    pool.timeouts.recycle = Some(config.command_timeout);
-    pool
-}
-
+/// Construction: nothing touches the network until the first call.
 impl RedisClient {
     /// Builds the client without touching the network: connections open on first use, so a worker
     /// starts (and answers 503 where Redis is needed) even while Redis is down. Must be called inside
@@ -494,7 +423,10 @@ impl RedisClient {
         debug_assert_eq!(pong, "PONG");
         Ok(())
     }
+}
 
+/// What the client is and what it has done.
+impl RedisClient {
     /// The configuration this client was built from.
     pub fn config(&self) -> &Config {
         &self.inner.config
@@ -504,6 +436,12 @@ impl RedisClient {
     /// check the round-trip budget; it is also a cheap metric.
     pub fn round_trips(&self) -> u64 {
         self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
+    pub(crate) fn count_round_trip(&self) {
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        crate::observe::round_trip();
     }
 
     pub(crate) fn keys(&self) -> &Keys {
@@ -520,6 +458,21 @@ impl RedisClient {
         }
     }
 
+    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
+    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
+    /// API). Always 0 on other topologies.
+    #[doc(hidden)]
+    pub fn cluster_redirects(&self) -> u64 {
+        match &self.inner.shared {
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+}
+
+/// Round trips on the shared connection, bounded by the command timeout and the request's deadline.
+impl RedisClient {
     /// The multiplexed connection (connecting it first on a cluster or through Sentinel), for a
     /// round trip that may write (`wrote`) or not.
     async fn connection(&self, wrote: bool) -> redis::RedisResult<Connection> {
@@ -594,6 +547,32 @@ impl RedisClient {
         self.settle(wrote, &bound, outcome)
     }
 
+    /// Sends commands that may belong to different hash slots: one pipeline on a single server or
+    /// Sentinel (one round trip), one command each and all at once on a cluster (one round trip of
+    /// latency, one per node in load). The replies come back in order. Only for commands that are
+    /// independent of each other: on a cluster their order of execution is not defined.
+    pub(crate) async fn run_each(&self, wrote: bool, cmds: Vec<Cmd>) -> Result<Vec<Value>> {
+        if !self.is_cluster() {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd);
+            }
+            return self
+                .run(wrote, |mut c| async move { pipe.query_async(&mut c).await })
+                .await;
+        }
+        // They go out together: one round trip of latency.
+        self.count_round_trip();
+        let each = cmds.into_iter().map(|cmd| async move {
+            self.run_alongside(wrote, |mut c| async move {
+                cmd.query_async::<Value>(&mut c).await
+            })
+            .await
+        });
+        let replies = futures_util::future::join_all(each).await;
+        replies.into_iter().collect()
+    }
+
     /// Starts a bounded round trip: its limit is the earlier of the command timeout and the
     /// request's deadline (a call made once the deadline passed fails at once, nothing sent).
     /// Sync, with [`settle`](Self::settle), so that the callers await the round trip themselves:
@@ -652,88 +631,22 @@ impl RedisClient {
         }
     }
 
-    /// One round trip on a dedicated connection (`WATCH`, `MULTI`/`EXEC`): refused at once while
-    /// the breaker is open, bounded like every round trip (command timeout, request deadline),
-    /// its outcome fed to the breaker. The caller counts the round trip.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`] (a write timed out), or the error Redis
-    /// answered, classified as [`Error::from_redis`] does.
-    pub(crate) async fn on_dedicated<T>(
-        &self,
-        wrote: bool,
-        round_trip: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T> {
-        if !self.inner.breaker.admits() {
-            return Err(circuit_open());
+    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
+    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
+    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
+    /// because the timeout drops the request first — and without this herd would keep sending to
+    /// it after the sentinels promoted its replica, until it thawed.
+    fn forget_after_timeout(&self, generation: Option<u64>) {
+        #[cfg(feature = "sentinel")]
+        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
+            master.forget(generation, "no reply within the command timeout");
         }
-        let bound = self.bound()?;
-        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
-        self.settle(wrote, &bound, outcome)
+        let _ = generation;
     }
+}
 
-    /// What this client knows of Redis' health: the breaker's state and since when (see the
-    /// [module docs](self)).
-    pub fn health(&self) -> RedisHealth {
-        self.inner.breaker.health()
-    }
-
-    /// Starts the probe task (see the [module docs](self)) if a tokio runtime is running. It holds
-    /// the client weakly and ends once every clone of the client is dropped.
-    fn spawn_probe(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak = Arc::downgrade(&self.inner);
-        runtime.spawn(async move {
-            let mut tick = tokio::time::interval(breaker::PROBE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let client = RedisClient { inner };
-                if client.inner.breaker.wants_probe(std::time::Instant::now()) {
-                    let probe = client
-                        .shared_round_trip(false, |mut c| async move {
-                            redis::cmd("PING").query_async::<()>(&mut c).await
-                        })
-                        .await;
-                    // The outcome was fed to the breaker; a half-open breaker that heard nothing
-                    // conclusive (the deadline of no request applies here) goes back to open.
-                    if probe.is_err() {
-                        client.inner.breaker.probe_abandoned();
-                    }
-                }
-            }
-        });
-    }
-
-    /// Sends commands that may belong to different hash slots: one pipeline on a single server or
-    /// Sentinel (one round trip), one command each and all at once on a cluster (one round trip of
-    /// latency, one per node in load). The replies come back in order. Only for commands that are
-    /// independent of each other: on a cluster their order of execution is not defined.
-    pub(crate) async fn run_each(&self, wrote: bool, cmds: Vec<Cmd>) -> Result<Vec<Value>> {
-        if !self.is_cluster() {
-            let mut pipe = redis::pipe();
-            for cmd in cmds {
-                pipe.add_command(cmd);
-            }
-            return self
-                .run(wrote, |mut c| async move { pipe.query_async(&mut c).await })
-                .await;
-        }
-        // They go out together: one round trip of latency.
-        self.count_round_trip();
-        let each = cmds.into_iter().map(|cmd| async move {
-            self.run_alongside(wrote, |mut c| async move {
-                cmd.query_async::<Value>(&mut c).await
-            })
-            .await
-        });
-        let replies = futures_util::future::join_all(each).await;
-        replies.into_iter().collect()
-    }
-
+/// Dedicated (pooled) connections for `WATCH`.
+impl RedisClient {
     /// Checks out a dedicated connection (for `WATCH`): waits at most the pool wait timeout for a
     /// free slot, then at most one connect or command timeout to make a connection usable — the
     /// whole checkout is bounded by their sum. (deadpool pings an idle connection before lending
@@ -859,36 +772,135 @@ impl RedisClient {
         conn
     }
 
-    /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
-    pub(crate) fn count_round_trip(&self) {
-        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        crate::observe::round_trip();
-    }
-
-    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
-    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
-    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
-    /// because the timeout drops the request first — and without this herd would keep sending to
-    /// it after the sentinels promoted its replica, until it thawed.
-    fn forget_after_timeout(&self, generation: Option<u64>) {
-        #[cfg(feature = "sentinel")]
-        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
-            master.forget(generation, "no reply within the command timeout");
+    /// One round trip on a dedicated connection (`WATCH`, `MULTI`/`EXEC`): refused at once while
+    /// the breaker is open, bounded like every round trip (command timeout, request deadline),
+    /// its outcome fed to the breaker. The caller counts the round trip.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`] (a write timed out), or the error Redis
+    /// answered, classified as [`Error::from_redis`] does.
+    pub(crate) async fn on_dedicated<T>(
+        &self,
+        wrote: bool,
+        round_trip: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
         }
-        let _ = generation;
+        let bound = self.bound()?;
+        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
+        self.settle(wrote, &bound, outcome)
+    }
+}
+
+/// Redis' health: the circuit breaker and its probe.
+impl RedisClient {
+    /// What this client knows of Redis' health: the breaker's state and since when (see the
+    /// [module docs](self)).
+    pub fn health(&self) -> RedisHealth {
+        self.inner.breaker.health()
     }
 
-    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
-    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
-    /// API). Always 0 on other topologies.
-    #[doc(hidden)]
-    pub fn cluster_redirects(&self) -> u64 {
+    /// Starts the probe task (see the [module docs](self)) if a tokio runtime is running. It holds
+    /// the client weakly and ends once every clone of the client is dropped.
+    fn spawn_probe(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(breaker::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = RedisClient { inner };
+                if client.inner.breaker.wants_probe(std::time::Instant::now()) {
+                    let probe = client
+                        .shared_round_trip(false, |mut c| async move {
+                            redis::cmd("PING").query_async::<()>(&mut c).await
+                        })
+                        .await;
+                    // The outcome was fed to the breaker; a half-open breaker that heard nothing
+                    // conclusive (the deadline of no request applies here) goes back to open.
+                    if probe.is_err() {
+                        client.inner.breaker.probe_abandoned();
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Pub/sub: connections of their own.
+impl RedisClient {
+    /// Clients for pub/sub connections (each subscription has its own connection): the server
+    /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
+    ///
+    /// # Errors
+    /// [`Error::Config`] through Sentinel, where pub/sub is not supported yet.
+    pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
+        let config = &self.inner.config;
+        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
+            crate::topology::Topology::Single(url) => vec![url],
+            crate::topology::Topology::Cluster(nodes) => nodes,
+            // Through Sentinel the master is asked for at each (re)connection: see
+            // `pubsub_master_client`.
+            crate::topology::Topology::Sentinel { .. } => Vec::new(),
+        };
+        urls.iter()
+            .map(|url| {
+                single_client(config, url)
+                    .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
+            })
+            .collect()
+    }
+
+    /// Through Sentinel: a client for the current master (asked of the sentinels now), for a
+    /// pub/sub connection. `None` for other topologies.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no sentinel names a reachable master.
+    pub(crate) async fn pubsub_master_client(&self) -> Result<Option<redis::Client>> {
         match &self.inner.shared {
-            #[cfg(feature = "cluster")]
-            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
-            _ => 0,
+            #[cfg(feature = "sentinel")]
+            Shared::Sentinel(master) => {
+                master
+                    .client_now()
+                    .await
+                    .map(Some)
+                    .map_err(|e| Error::Unavailable {
+                        reason: "no master named by the sentinels".into(),
+                        source: Some(e),
+                    })
+            }
+            _ => Ok(None),
         }
     }
+}
+
+/// Opens a single-server client, with the configured CA for `rediss://`.
+fn single_client(config: &Config, url: &str) -> redis::RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    if let Some(ca) = &config.ca_pem {
+        return redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        );
+    }
+    let _ = config;
+    redis::Client::open(url)
+}
+
+fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
+    let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
+    pool.timeouts.wait = Some(config.pool_wait_timeout);
+    pool.timeouts.create = Some(config.connect_timeout);
+    pool.timeouts.recycle = Some(config.command_timeout);
+    pool
 }
 
 /// A round trip under way: when it began, when it must end, and whether the request's deadline
