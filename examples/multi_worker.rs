@@ -27,7 +27,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{Json, Router};
 use herd::globals::{Globals, Group, UpdateError};
 use herd::launcher::Launcher;
 use herd::{RedisClient, Session, SessionLayer};
@@ -69,7 +69,8 @@ fn router(state: AppState, redis: RedisClient) -> Router {
         .with_state(state)
         // Plain http in this example: browsers drop `Secure` cookies there.
         .layer(SessionLayer::new(redis).with_secure(false))
-        .layer(middleware::map_response(json_errors))
+        // A plain function on the response: no future of its own per request.
+        .layer(tower::util::MapResponseLayer::new(json_errors))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -146,7 +147,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 /// Every answer is JSON: the errors axum makes itself (405, 413, 400 for a bad query string, ...)
 /// become `{"error": REASON}` here, status and headers (`Allow`) kept.
-async fn json_errors(res: Response) -> Response {
+fn json_errors(res: Response) -> Response {
     let is_json = (res.headers().get(header::CONTENT_TYPE))
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     let status = res.status();
