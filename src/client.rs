@@ -500,38 +500,50 @@ impl RedisClient {
     /// the request's deadline; refused at once while the breaker is open (see the module docs).
     /// `wrote` says whether the command can change data (it decides how a lost reply is reported).
     /// On a cluster the command or pipeline must stay within one hash slot.
-    pub(crate) async fn run<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    ///
+    /// Not an `async fn` of its own (nor is [`run_alongside`](Self::run_alongside)): the future
+    /// is the round trip's, one level less in every handler's future (rustc's layout depth limit).
+    pub(crate) fn run<'a, T, F, Fut>(
+        &'a self,
+        wrote: bool,
+        f: F,
+    ) -> impl Future<Output = Result<T>> + 'a
     where
-        F: FnOnce(Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(Connection) -> Fut + 'a,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+        T: 'a,
     {
-        if !self.inner.breaker.admits() {
-            return Err(circuit_open());
-        }
-        self.count_round_trip();
-        self.shared_round_trip(wrote, f).await
+        self.shared_round_trip(wrote, Gate::Counted, f)
     }
 
     /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
     /// commands for other slots that travel in parallel): not counted as a round trip of its own.
-    pub(crate) async fn run_alongside<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    pub(crate) fn run_alongside<'a, T, F, Fut>(
+        &'a self,
+        wrote: bool,
+        f: F,
+    ) -> impl Future<Output = Result<T>> + 'a
     where
-        F: FnOnce(Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(Connection) -> Fut + 'a,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+        T: 'a,
     {
-        if !self.inner.breaker.admits() {
-            return Err(circuit_open());
-        }
-        self.shared_round_trip(wrote, f).await
+        self.shared_round_trip(wrote, Gate::Uncounted, f)
     }
 
-    /// A round trip on the shared connection, bounded and fed to the breaker (which the caller has
-    /// consulted, or, for a probe, deliberately not).
-    async fn shared_round_trip<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    /// A round trip on the shared connection: refused at once while the breaker is open (except a
+    /// probe), counted (or not), bounded, and fed to the breaker.
+    async fn shared_round_trip<T, F, Fut>(&self, wrote: bool, gate: Gate, f: F) -> Result<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        if gate != Gate::Probe && !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        if gate == Gate::Counted {
+            self.count_round_trip();
+        }
         let mut used = None; // the Sentinel connection the round trip went out on
         let used_slot = &mut used;
         let round_trip = async move {
@@ -817,7 +829,7 @@ impl RedisClient {
                 let client = RedisClient { inner };
                 if client.inner.breaker.wants_probe(std::time::Instant::now()) {
                     let probe = client
-                        .shared_round_trip(false, |mut c| async move {
+                        .shared_round_trip(false, Gate::Probe, |mut c| async move {
                             redis::cmd("PING").query_async::<()>(&mut c).await
                         })
                         .await;
@@ -901,6 +913,17 @@ fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
     pool.timeouts.create = Some(config.connect_timeout);
     pool.timeouts.recycle = Some(config.command_timeout);
     pool
+}
+
+/// How a round trip on the shared connection passes the breaker and the round-trip count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// A round trip of its own: refused while the breaker is open, counted.
+    Counted,
+    /// Sent alongside a counted one: refused while open, not counted.
+    Uncounted,
+    /// The breaker's probe: always sent, never counted.
+    Probe,
 }
 
 /// A round trip under way: when it began, when it must end, and whether the request's deadline

@@ -53,15 +53,32 @@ impl RedisServer {
     /// # Errors
     /// As [`start`](Self::start).
     pub fn start_with(extra: &[&str]) -> Result<RedisServer, StartError> {
-        let port = free_port()?;
-        let child = spawn_server(port, extra)?;
-        let mut server = RedisServer {
-            port,
-            child: Some(child),
-            dir: None,
-        };
-        server.wait_until_up()?;
-        Ok(server)
+        let args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        RedisServer::start_on_a_free_port(|_| (args.clone(), None))
+    }
+
+    /// Starts a server on a port free now, with the arguments (and the directory to remove on
+    /// drop) `setup` gives for that port. Another process may take the port between the check
+    /// and the server's bind: then the server exits, and another port is tried (5 in all).
+    fn start_on_a_free_port(
+        setup: impl Fn(u16) -> (Vec<String>, Option<PathBuf>),
+    ) -> Result<RedisServer, StartError> {
+        let mut last = StartError("no attempt".into());
+        for _ in 0..5 {
+            let port = free_port()?;
+            let (args, dir) = setup(port);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut server = RedisServer {
+                port,
+                child: Some(spawn_server(port, &args)?),
+                dir,
+            };
+            match server.wait_until_up() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -162,20 +179,14 @@ impl RedisCluster {
         let n = n.max(1);
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
-            let port = free_port()?;
-            let dir =
-                std::env::temp_dir().join(format!("herd-cluster-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| StartError(format!("cannot create {}: {e}", dir.display())))?;
-            let dir_arg = dir.to_string_lossy().into_owned();
-            let child = spawn_server(port, &["--cluster-enabled", "yes", "--dir", &dir_arg])?;
-            let mut node = RedisServer {
-                port,
-                child: Some(child),
-                dir: Some(dir),
-            };
-            node.wait_until_up()?;
-            nodes.push(node);
+            nodes.push(RedisServer::start_on_a_free_port(|port| {
+                let dir = std::env::temp_dir()
+                    .join(format!("herd-cluster-{}-{port}", std::process::id()));
+                let _ = std::fs::create_dir_all(&dir);
+                let dir_arg = dir.to_string_lossy().into_owned();
+                let args = ["--cluster-enabled", "yes", "--dir", &dir_arg];
+                (args.map(str::to_owned).to_vec(), Some(dir))
+            })?);
         }
         let cluster = RedisCluster { nodes };
         cluster.form()?;

@@ -34,9 +34,8 @@ pub(crate) fn current() -> Option<Instant> {
 /// .await
 /// # }
 /// ```
-pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> F::Output {
-    let deadline = current().map_or(deadline, |outer| outer.min(deadline));
-    DEADLINE.scope(deadline, fut).await
+pub fn with_deadline<F: Future>(deadline: Instant, fut: F) -> WithDeadline<F> {
+    WithDeadline::new(fut, deadline)
 }
 
 pin_project_lite::pin_project! {
