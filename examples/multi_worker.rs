@@ -9,6 +9,8 @@
 //! curl -s localhost:3000/hits                      # a global counter shared by all workers
 //! curl -s -X POST localhost:3000/transfer -d '{"from":"acct-1","to":"acct-7","amount":5}'
 //! curl -s localhost:3000/accounts                  # always sums to 10000
+//! curl -s localhost:3000/ticks                     # +1 per second in total, whatever the workers
+//! curl -si localhost:3000/limited                  # 50 per client IP at once, then 1 per 200 ms
 //! kill -HUP <master pid>                           # rolling reload, no request dropped
 //! ```
 //!
@@ -54,7 +56,7 @@ struct AppState {
 /// The routes; add new ones here.
 fn router(state: AppState, redis: RedisClient) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/healthz", get(herd::launcher::healthz))
         .route("/whoami", get(whoami))
         .route("/slow", get(slow))
         .route("/counter", get(counter))
@@ -65,6 +67,11 @@ fn router(state: AppState, redis: RedisClient) -> Router {
         .route("/hits", get(hits))
         .route("/transfer", post(transfer))
         .route("/accounts", get(accounts))
+        .route("/ticks", get(coordination::ticks))
+        .route(
+            "/limited",
+            coordination::limited_route(&redis, state.worker),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
         // Plain http in this example: browsers drop `Secure` cookies there.
@@ -125,6 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Err(e) = seed_accounts(&state, false).await {
                 tracing::warn!("worker {:?}: accounts not seeded yet: {e}", worker.index());
             }
+            tokio::spawn(coordination::tick_job(globals.clone(), worker.shutdown()));
             let app = router(state, redis).layer(worker.requests());
             // Reports READY, serves, and on SIGTERM stops accepting, then drains.
             worker
@@ -336,5 +344,78 @@ fn flag<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
         None => Ok(default),
         Some(i) => (args.get(i + 1).and_then(|v| v.parse().ok()))
             .ok_or_else(|| format!("--{name} needs a valid value (usage: multi_worker [--workers N] [--port P] [--host H])")),
+    }
+}
+
+/// `/ticks` and `/limited`: a job run once per second across the whole herd under a lease, and a
+/// rate limit shared by every worker (see `docs/coordination.md`).
+mod coordination {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::routing::{get, MethodRouter};
+    use axum::{Extension, Json};
+    use herd::globals::Globals;
+    use herd::rate_limit::{client_ip, Decision, Quota, RateLimitLayer, RateLimiter};
+    use herd::RedisClient;
+    use serde_json::{json, Value};
+
+    use super::AppState;
+
+    /// The lease's TTL: a killed holder's ticks are missed for at most this long (plus the
+    /// waiters' retry interval, a third of it).
+    const TICK_LEASE_TTL: Duration = Duration::from_secs(2);
+
+    /// Every worker runs this; the holder of the `ticks` lease adds 1 to the global `ticks` each
+    /// second (fenced by its token), until this worker shuts down (the lease is then released,
+    /// and another worker continues the schedule).
+    pub(super) async fn tick_job(globals: Globals, shutdown: impl Future<Output = ()>) {
+        let (lease, stats) = match (
+            globals.lease("ticks", TICK_LEASE_TTL),
+            globals.group("stats"),
+        ) {
+            (Ok(lease), Ok(stats)) => (lease, stats),
+            (Err(e), _) | (_, Err(e)) => return tracing::error!("ticks: {e}"),
+        };
+        let job = lease.every(Duration::from_secs(1), move |token| {
+            let stats = stats.clone();
+            async move {
+                if let Err(e) = stats.incr_fenced("ticks", 1, token).await {
+                    tracing::warn!("ticks: {e}");
+                }
+                // Which process ticks (for operators and the tests that kill it).
+                let _ = stats
+                    .set_fenced("ticks-holder", &std::process::id(), token)
+                    .await;
+            }
+        });
+        tokio::select! {
+            () = job => {}
+            () = shutdown => {}
+        }
+    }
+
+    pub(super) async fn ticks(State(s): State<AppState>) -> herd::Result<Json<Value>> {
+        let ticks: i64 = s.stats.get("ticks").await?.unwrap_or(0);
+        Ok(Json(json!({ "ticks": ticks })))
+    }
+
+    /// `GET /limited`: at most 50 requests per client IP per 10 s across all workers (a burst of
+    /// 50, then one more each 200 ms); over it, 429 with `Retry-After`.
+    pub(super) fn limited_route(
+        redis: &RedisClient,
+        worker: Option<usize>,
+    ) -> MethodRouter<AppState> {
+        let limiter = RateLimiter::new(
+            redis.clone(),
+            "limited",
+            Quota::per(50, Duration::from_secs(10)),
+        )
+        .expect("a valid limiter name");
+        get(move |Extension(d): Extension<Decision>| async move {
+            Json(json!({ "remaining": d.remaining(), "worker": worker }))
+        })
+        .layer(RateLimitLayer::new(limiter, client_ip))
     }
 }

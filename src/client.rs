@@ -9,7 +9,8 @@
 //! * **a pool of dedicated connections** (deadpool-redis) for `WATCH`, which is connection state and
 //!   must never be shared. deadpool-redis sends `UNWATCH` when it recycles a connection.
 //!
-//! The same two kinds work on every topology the URL names (see [`Config`] and `docs/scaling.md`):
+//! The same two kinds work on every topology the URL names (see [`Config`], and the guide
+//! `docs/scaling-out.md` in the repository):
 //!
 //! | topology | multiplexed connection | dedicated connections (`WATCH`) |
 //! |---|---|---|
@@ -94,6 +95,7 @@ use crate::topology::Topology;
 mod breaker;
 #[cfg(feature = "cluster")]
 mod cluster;
+mod commands;
 mod deadline;
 #[cfg(feature = "sentinel")]
 mod sentinel;
@@ -290,7 +292,8 @@ impl RedisClient {
     /// a tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Config`] if the URL cannot be used.
+    /// [`Error::Config`] if the URL cannot be used; [`Error::Unsupported`] for a CA file
+    /// (`HERD_REDIS_CA_FILE`) together with Sentinel.
     pub fn new(config: Config) -> Result<RedisClient> {
         let url = redact_url(&config.redis_url);
         let bad = |e: &dyn std::fmt::Display| Error::Config(format!("REDIS_URL `{url}`: {e}"));
@@ -350,7 +353,7 @@ impl RedisClient {
                 db,
             } => {
                 if config.ca_pem.is_some() {
-                    return Err(Error::Config(
+                    return Err(Error::Unsupported(
                         "HERD_REDIS_CA_FILE is not supported with Sentinel yet: install the CA in the system roots".into(),
                     ));
                 }
@@ -403,7 +406,7 @@ impl RedisClient {
     /// [`new`](Self::new), then one `PING` to prove Redis answers.
     ///
     /// # Errors
-    /// [`Error::Config`] for a bad URL, [`Error::Unavailable`] if Redis does not answer in time.
+    /// As [`new`](Self::new); [`Error::Unavailable`] if Redis does not answer in time.
     pub async fn connect(config: Config) -> Result<RedisClient> {
         let client = RedisClient::new(config)?;
         client.ping().await?;
@@ -665,7 +668,7 @@ impl RedisClient {
     /// it and, when the ping fails, moves on to the next idle one, each with its own timeout: with
     /// Redis frozen and `n` idle connections that alone was `n` command timeouts.)
     ///
-    /// On a Redis Cluster there is none ([`Error::Config`]): a `WATCH` must run on a connection to the
+    /// On a Redis Cluster there is none ([`Error::Unsupported`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
     /// the compare-and-swap script of `globals` there (it works on every topology).
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
@@ -737,7 +740,7 @@ impl RedisClient {
                     .map(DedicatedConnection::Sentinel)
                     .map_err(unavailable),
                 #[cfg(feature = "cluster")]
-                DedicatedPool::None => Err(Error::Config(
+                DedicatedPool::None => Err(Error::Unsupported(
                     "WATCH is not available on a Redis Cluster; herd uses compare-and-swap scripts there"
                         .into(),
                 )),
@@ -850,7 +853,7 @@ impl RedisClient {
     /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
     ///
     /// # Errors
-    /// [`Error::Config`] through Sentinel, where pub/sub is not supported yet.
+    /// [`Error::Config`] if a node's URL cannot be used.
     pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
         let config = &self.inner.config;
         let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {

@@ -7,7 +7,7 @@
 //! | [`Error::SessionGone`] (the session was destroyed or expired while the request ran) | 409 | nothing was written |
 //! | [`Error::Conflict`] (optimistic update retried too often) | 409 | nothing was written |
 //! | [`Error::TooLarge`] | 413 | nothing was written |
-//! | everything else (a bad key name, a stored value that does not decode, a Redis command error, configuration) | 500 | |
+//! | everything else (a bad key name, a stored value that does not decode, a Redis command error, configuration, [`Error::Unsupported`]) | 500 | |
 //!
 //! Response bodies are short, fixed sentences: internal causes (addresses, Redis error texts, key names)
 //! are logged with `tracing`, never sent to the client.
@@ -30,6 +30,12 @@ pub enum Error {
     /// A configuration value is missing or malformed (raised at startup).
     #[error("configuration: {0}")]
     Config(String),
+
+    /// herd does not offer this operation or combination of settings on this Redis topology (for
+    /// example a `WATCH` connection on Redis Cluster, or a CA file together with Sentinel). The
+    /// sentence says what to use instead.
+    #[error("not supported: {0}")]
+    Unsupported(String),
 
     /// Redis cannot be reached or cannot serve right now (connection refused or dropped before the command
     /// was sent, pool wait timed out, server loading, read-only replica, out of memory). Nothing was
@@ -145,10 +151,6 @@ pub enum Error {
         /// The key.
         key: String,
     },
-
-    /// An I/O error outside Redis (sockets, processes of the launcher).
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
 }
 
 impl Error {
@@ -202,7 +204,7 @@ impl Error {
                 source: Some(err),
             };
         }
-        if err.is_io_error() && err.to_string().contains("certificate") {
+        if untrusted_certificate(&err) {
             return Error::Unavailable {
                 reason:
                     "the Redis server's TLS certificate is not trusted (check HERD_REDIS_CA_FILE)"
@@ -234,7 +236,6 @@ impl Error {
                 reason: "Redis cannot accept this command right now".into(),
                 source: Some(err),
             },
-            // Inside a pipeline, redis-rs keeps no code for errors it does not know; the text does.
             _ if refuses_writes(&err) => Error::Unavailable {
                 reason: "Redis refuses writes (out of memory or persistence failure)".into(),
                 source: Some(err),
@@ -258,12 +259,42 @@ impl Error {
 }
 
 /// `OOM` (over `maxmemory`) or `MISCONF` (persistence failing): Redis refuses writes for now.
+///
+/// redis-rs has no [`ErrorKind`](redis::ErrorKind) for these codes, and the error of a pipeline
+/// carries its items' codes only through [`into_server_errors`](redis::RedisError::into_server_errors)
+/// (`code()` answers for a single reply only), so every item's code is read there.
 fn refuses_writes(err: &redis::RedisError) -> bool {
-    if matches!(err.code(), Some("OOM" | "MISCONF")) {
+    let refuses = |code: &str| matches!(code, "OOM" | "MISCONF");
+    if err.code().is_some_and(refuses) {
         return true;
     }
-    let text = err.to_string();
-    text.contains("OOM command not allowed") || text.contains("MISCONF")
+    err.clone()
+        .into_server_errors()
+        .is_some_and(|items| items.iter().any(|(_, e)| refuses(e.code())))
+}
+
+/// The server's TLS certificate did not verify against the trusted roots: rustls'
+/// `InvalidCertificate`, inside the `std::io::Error` that redis-rs wraps a failed handshake in.
+#[cfg(feature = "tls")]
+fn untrusted_certificate(err: &redis::RedisError) -> bool {
+    use std::error::Error as _;
+    let Some(source) = err.source() else {
+        return false;
+    };
+    // redis-rs keeps an I/O error as `Arc<dyn Error>`; look through it, or take it as it is.
+    let io = match source.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>() {
+        Some(inner) => inner.downcast_ref::<std::io::Error>(),
+        None => source.downcast_ref::<std::io::Error>(),
+    };
+    io.and_then(std::io::Error::get_ref)
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+}
+
+/// Without the `tls` feature there is no TLS, so no certificate to distrust.
+#[cfg(not(feature = "tls"))]
+fn untrusted_certificate(_: &redis::RedisError) -> bool {
+    false
 }
 
 /// Seconds sent in `Retry-After` with a 503.
@@ -288,5 +319,45 @@ impl IntoResponse for Error {
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Error;
+
+    fn classify(code: &str, detail: &str) -> Error {
+        let err = redis::make_extension_error(code.to_owned(), Some(detail.to_owned()));
+        Error::from_redis(err, true, Duration::from_millis(500))
+    }
+
+    #[test]
+    fn out_of_memory_and_failing_persistence_are_unavailable() {
+        assert!(
+            classify("OOM", "command not allowed when used memory > 'maxmemory'").is_unavailable()
+        );
+        assert!(classify("MISCONF", "Redis is configured to save RDB snapshots").is_unavailable());
+    }
+
+    #[test]
+    fn other_codes_are_command_errors() {
+        assert!(matches!(
+            classify("WRONGPASS", "invalid password"),
+            Error::Redis(_)
+        ));
+        // A detail that mentions a code is not the code.
+        assert!(matches!(
+            classify("ERR", "OOM command not allowed"),
+            Error::Redis(_)
+        ));
+    }
+
+    #[test]
+    fn unsupported_is_a_server_error_with_the_generic_body() {
+        let err = Error::Unsupported("WATCH on a cluster".into());
+        assert_eq!(err.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(err.public_message(), "internal server error");
     }
 }

@@ -4,8 +4,13 @@
 //! |---|---|---|
 //! | a session | `{prefix}:s:{<id>}` | hash: one field per session key, plus meta fields starting with `$` |
 //! | sessions of one owner | `{prefix}:o:{<hex(owner)>}` | sorted set: session id → until when it is listed (unix ms; the session's TTL never runs past it) |
-//! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters) |
+//! | a global variable | `{prefix}:g:{<group>}:<name>` | string (JSON, or an integer for counters); a hash for [`Group::hash`](crate::globals::Group::hash) (one JSON value per field) |
 //! | a broadcast channel | `{prefix}:chan:<name>` | pub/sub channel (not a key) |
+//! | a lease | `{prefix}:l:{<name>}` | string: the fencing token of the holder, with the lease's TTL |
+//! | a lease's token counter | `{prefix}:l:{<name>}:fence` | string: the last token handed out (no TTL) |
+//! | when `Lease::every` last ran its job | `{prefix}:l:{<name>}:last` | string: µs of Redis' clock |
+//! | a fenced variable's mark | `{prefix}:f:{<group>}:<name>` | string: the highest fencing token that wrote the variable |
+//! | a rate limit of one key | `{prefix}:rl:<limiter>:{<hex(key)>}` (`{h<hex(sha256(key))>}` for keys over 32 bytes) | string: GCRA's theoretical arrival time (µs of Redis' clock), expiring when it no longer matters |
 //!
 //! `{prefix}` is [`Config::prefix`](crate::Config::prefix) (`herd` by default); globals and channels
 //! may use a prefix of their own ([`Globals::with_prefix`](crate::Globals::with_prefix)).
@@ -101,6 +106,59 @@ impl Keys {
     /// keys: no hash tag (a cluster delivers `PUBLISH` to every node).
     pub(crate) fn channel(&self, name: &str) -> String {
         format!("{}:chan:{name}", self.prefix)
+    }
+
+    /// The key holding lease `name` (its holder's fencing token, with the lease's TTL).
+    pub(crate) fn lease(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}", self.prefix)
+    }
+
+    /// The counter of fencing tokens of lease `name`: same hash tag as [`lease`](Self::lease), so
+    /// one script reads and writes both on a cluster.
+    pub(crate) fn lease_fence(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}:fence", self.prefix)
+    }
+
+    /// When [`Lease::every`](crate::Lease::every) last ran its job under lease `name` (same hash
+    /// tag as the lease).
+    pub(crate) fn lease_last_run(&self, name: &str) -> String {
+        format!("{}:l:{{{name}}}:last", self.prefix)
+    }
+
+    /// The highest fencing token that wrote variable `name` of `group` (same hash tag as the
+    /// variable; the `f:` namespace keeps it apart from every variable name).
+    pub(crate) fn fence_mark(&self, group: &str, name: &str) -> String {
+        format!("{}:f:{{{group}}}:{name}", self.prefix)
+    }
+
+    /// The state of rate limiter `limiter` for one client `key` (any bytes, hex-encoded: the key an
+    /// app derives from a request never reaches Redis raw). The key is the hash tag, so clients
+    /// spread over a cluster's slots.
+    pub(crate) fn rate_limit(&self, limiter: &str, key: &[u8]) -> String {
+        // A key longer than a SHA-256 digest (a whole header, say) is replaced by its digest, so
+        // that a client cannot make herd build huge key names; digests start with `h`, which no
+        // hex encoding does, so they never collide with a short key.
+        let digest;
+        let (mark, key) = if key.len() > 32 {
+            use sha2::Digest as _;
+            digest = sha2::Sha256::digest(key);
+            ("h", digest.as_slice())
+        } else {
+            ("", key)
+        };
+        let mut out = String::with_capacity(self.prefix.len() + limiter.len() + 8 + key.len() * 2);
+        out.push_str(&self.prefix);
+        out.push_str(":rl:");
+        out.push_str(limiter);
+        out.push_str(":{");
+        out.push_str(mark);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for b in key {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out.push('}');
+        out
     }
 
     /// The prefix every name built here starts with.
@@ -202,6 +260,18 @@ mod tests {
         assert_eq!(keys.global("bank", "acct-1"), "app:g:{bank}:acct-1");
         assert_eq!(keys.channel("cache"), "app:chan:cache");
         assert_eq!(keys.prefix(), "app");
+        assert_eq!(keys.lease("cron"), "app:l:{cron}");
+        assert_eq!(keys.lease_fence("cron"), "app:l:{cron}:fence");
+        assert_eq!(keys.lease_last_run("cron"), "app:l:{cron}:last");
+        assert_eq!(keys.fence_mark("stats", "ticks"), "app:f:{stats}:ticks");
+        assert_eq!(
+            keys.rate_limit("login", b"1.2.3.4"),
+            "app:rl:login:{312e322e332e34}"
+        );
+        assert_eq!(keys.rate_limit("login", b""), "app:rl:login:{}");
+        let long = keys.rate_limit("login", &[b'x'; 33]);
+        assert!(long.starts_with("app:rl:login:{h") && long.len() == "app:rl:login:{h}".len() + 64);
+        assert_ne!(long, keys.rate_limit("login", &[b'x'; 34]));
     }
 
     #[test]

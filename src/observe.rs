@@ -8,13 +8,14 @@
 //! restart (with the backoff) and every step of a reload at `INFO`.
 //!
 //! **Metrics** (cargo feature `metrics`) go through the [`metrics`](https://docs.rs/metrics) facade,
-//! so any recorder works; `install_prometheus` (feature `metrics`) installs the Prometheus one. Under the launcher
-//! with `--metrics ADDR` or `--dashboard`, each worker installs it by itself and sends its rendered
-//! series to the master every second; the master serves them all, each labelled `worker="N"`.
+//! so any recorder works; `install_prometheus` (feature `metrics`) installs the Prometheus one.
+//! Under the launcher with `--metrics ADDR` or `--dashboard`, each worker installs it by itself and
+//! sends its rendered series to the master every second; the master serves them all, each labelled
+//! `worker="N"`.
 //!
 //! | metric | type | what |
 //! |---|---|---|
-//! | `herd_requests_total` | counter | requests served ([`Worker::serve`](crate::launcher::Worker::serve) or [`CountRequests`]) |
+//! | `herd_requests_total` | counter | requests served (the launcher's `Worker::serve`, or [`RequestsTotalLayer`]) |
 //! | `herd_session_loads_total` | counter | sessions read from Redis (a request's first read) |
 //! | `herd_session_saves_total` | counter | atomic session writes |
 //! | `herd_session_creates_total` | counter | new sessions stored (a new id) |
@@ -290,31 +291,38 @@ pub(crate) fn update_conflict(retry: bool) {
     let _ = retry;
 }
 
-/// A tower layer that counts requests in `herd_requests_total` (added by
-/// [`Worker::serve`](crate::launcher::Worker::serve) when the launcher collects metrics; add it
-/// yourself otherwise).
+/// A tower layer that counts requests in the `herd_requests_total` metric (the launcher's
+/// `Worker::serve` adds it when the master collects metrics; add it yourself otherwise). It only
+/// feeds the metric: recycling a worker after a number of requests is the launcher's
+/// `Worker::requests` layer.
+///
+/// Wrap the whole router with it rather than calling `Router::layer`, which wraps every route in
+/// one more boxed service (an allocation per request):
 ///
 /// ```no_run
-/// let app: axum::Router = axum::Router::new().layer(herd::observe::CountRequests);
+/// use tower_layer::Layer as _;
+/// let router: axum::Router = axum::Router::new();
+/// let app = herd::observe::RequestsTotalLayer.layer(router);
+/// # let _ = app;
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CountRequests;
+pub struct RequestsTotalLayer;
 
-impl<S> tower_layer::Layer<S> for CountRequests {
-    type Service = CountRequestsService<S>;
+impl<S> tower_layer::Layer<S> for RequestsTotalLayer {
+    type Service = RequestsTotalService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CountRequestsService { inner }
+        RequestsTotalService { inner }
     }
 }
 
-/// The service made by [`CountRequests`].
+/// The service made by [`RequestsTotalLayer`].
 #[derive(Debug, Clone)]
-pub struct CountRequestsService<S> {
+pub struct RequestsTotalService<S> {
     inner: S,
 }
 
-impl<S, R> tower_service::Service<R> for CountRequestsService<S>
+impl<S, R> tower_service::Service<R> for RequestsTotalService<S>
 where
     S: tower_service::Service<R>,
 {

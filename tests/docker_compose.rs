@@ -106,3 +106,86 @@ fn the_build_context_leaves_out_build_output_and_history() {
     let c = compose();
     assert_eq!(c["services"]["app"]["build"]["context"].as_str(), Some("."));
 }
+
+#[test]
+fn the_lb_profile_runs_two_hosts_behind_haproxy_with_the_shared_config() {
+    let c = compose();
+    let services = &c["services"];
+    let hosts = ["app1", "app2"];
+    for name in hosts {
+        let host = &services[name];
+        assert_eq!(
+            strings(&host["profiles"]),
+            ["lb"],
+            "{name} is in the lb profile"
+        );
+        // The same image as `app` (one build section, shared through a YAML anchor).
+        assert_eq!(
+            host["build"], services["app"]["build"],
+            "{name} builds the flagship"
+        );
+        assert_eq!(
+            strings(&host["command"]),
+            ["--workers", "2", "--port", "3000", "--host", "0.0.0.0"],
+            "{name}: 2 workers on port 3000 of its container"
+        );
+        assert_eq!(
+            host["depends_on"]["redis"]["condition"].as_str(),
+            Some("service_healthy")
+        );
+        let env = host["environment"].as_hash().expect("environment is a map");
+        let get = |k: &str| env.get(&Yaml::String(k.into()));
+        assert_eq!(
+            get("REDIS_URL").and_then(Yaml::as_str),
+            Some("redis://redis:6379")
+        );
+        // Passed through without a value: every host must get the same key from the operator.
+        assert!(matches!(get("HERD_SECRET"), Some(Yaml::Null)), "{name}");
+        let lame_ms: u64 = get("HERD_LAME_DUCK_MS")
+            .and_then(Yaml::as_str)
+            .and_then(|v| v.parse().ok())
+            .expect("HERD_LAME_DUCK_MS, in milliseconds");
+        // The stop grace covers the lame duck and the drain (30 s by default).
+        let grace: u64 = host["stop_grace_period"]
+            .as_str()
+            .and_then(|g| g.strip_suffix('s'))
+            .and_then(|g| g.parse().ok())
+            .expect("stop_grace_period in seconds");
+        assert!(grace * 1000 >= lame_ms + 30_000, "{name}: grace {grace}s");
+        // Only the balancer is published.
+        assert!(host["ports"].is_badvalue(), "{name} publishes no port");
+    }
+    let lb = &services["lb"];
+    assert_eq!(strings(&lb["profiles"]), ["lb"]);
+    let image = lb["image"].as_str().expect("lb image");
+    assert!(
+        image.starts_with("haproxy:"),
+        "official HAProxy image: {image}"
+    );
+    assert_eq!(strings(&lb["ports"]), ["8080:8080"]);
+    assert_eq!(strings(&lb["depends_on"]), hosts);
+    let volumes = strings(&lb["volumes"]);
+    let mount = volumes
+        .iter()
+        .find(|v| v.ends_with(":/usr/local/etc/haproxy/haproxy.cfg:ro"))
+        .expect("the config mounted where the official image reads it");
+    let file = mount.split(':').next().expect("host path");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let cfg = std::fs::read_to_string(&path).expect("the mounted haproxy config exists");
+    // The config sends to both hosts on their port, checks /healthz, listens on the published port.
+    for host in hosts {
+        assert!(
+            cfg.lines()
+                .any(|l| l.trim() == format!("server {host} {host}:3000")),
+            "{file} has no server line for {host}"
+        );
+    }
+    assert!(cfg.contains("uri /healthz"), "{file} checks /healthz");
+    assert!(
+        cfg.lines().any(|l| l.trim() == "bind :8080"),
+        "{file} binds 8080"
+    );
+    // The default profile still runs the flagship alone.
+    assert!(services["app"]["profiles"].is_badvalue());
+    assert!(services["redis"]["profiles"].is_badvalue());
+}

@@ -624,3 +624,68 @@ async fn a_hundred_thousand_cookieless_requests_create_nothing() {
     }
     assert_eq!(server.dbsize(), before);
 }
+
+/// Regression: a logout (`destroy`) whose delete fails is not dropped when a later command of the
+/// same request fails too: the response never reports success for a session that was not deleted.
+#[tokio::test]
+async fn a_failed_logout_is_not_reported_as_done() {
+    let server = RedisServer::start();
+    let config = herd::Config::builder()
+        .redis_url(server.url())
+        .secret_base64(support::test_secret())
+        .prefix(support::unique_prefix("failed-logout"))
+        .command_timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .build()
+        .expect("config");
+    let client = RedisClient::new(config).expect("client");
+    let router = Router::new()
+        .route(
+            "/seed",
+            post(|s: Session| async move {
+                s.insert("user", "ann").await?;
+                Ok::<_, herd::Error>("ok")
+            }),
+        )
+        .route(
+            "/logout-then-count",
+            post(|s: Session| async move {
+                s.destroy().await;
+                // A handler that ignores the counter's failure (it is not what the request is for).
+                let _ = s.incr("logouts", 1).await;
+                "ok"
+            }),
+        )
+        .layer(SessionLayer::new(client).with_secure(false));
+    let send = |path: &'static str, cookie: Option<String>| {
+        let router = router.clone();
+        async move {
+            let mut req = Request::builder().method("POST").uri(path);
+            if let Some(c) = cookie {
+                req = req.header(header::COOKIE, c);
+            }
+            router
+                .oneshot(req.body(Body::empty()).expect("request"))
+                .await
+                .expect("infallible")
+        }
+    };
+    let res = send("/seed", None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let cookie = res
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+        .expect("cookie");
+    server.freeze();
+    let res = send("/logout-then-count", Some(cookie)).await;
+    server.thaw();
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the logout was not applied, yet the response said {}",
+        res.status()
+    );
+}

@@ -11,6 +11,7 @@
 //! | `GET /rmw` (generic read-modify-write) | get + insert (2 RT) | get + insert (2 RT) | – | `GET` + `SET` (2 RT) | – |
 //! | `GET /read` (read-only) | get (1 RT) | get (1 RT) | `HGETALL` (1 RT) | `GET` (1 RT) | – |
 //! | `GET /untouched` (cookie sent, session not used) | 0 RT | 0 RT | 0 RT | 0 RT | 0 RT |
+//! | `GET /limited` (`/untouched` behind herd's `RateLimitLayer`, keyed by the cookie, never over the limit) | 1 RT | – | – | – | – |
 //!
 //! A request without a cookie on `/counter` creates a session (the driver uses this to make its pool
 //! of sessions). Each app checks the cookie the way its real counterpart does:
@@ -41,7 +42,7 @@ pub async fn serve(
     if app == "herd-observed" {
         // As `Worker::serve` does under `--metrics`: the request counter around the whole router.
         use tower::Layer as _;
-        let router = herd::observe::CountRequests.layer(herd_app(redis_url, true).await?);
+        let router = herd::observe::RequestsTotalLayer.layer(herd_app(redis_url, true).await?);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(router);
         axum::serve(listener, service).await?;
@@ -109,11 +110,27 @@ async fn herd_app(redis_url: &str, observed: bool) -> Result<Router, Box<dyn std
         redis.round_trips().to_string()
     }
 
+    // The limiter's cost per request: one script round trip; the quota is never reached.
+    let limiter = herd::RateLimiter::new(
+        redis.clone(),
+        "bench",
+        herd::rate_limit::Quota::per(1_000_000, std::time::Duration::from_secs(1)),
+    )?;
+    let by_cookie = |req: &axum::http::request::Parts| {
+        req.headers
+            .get(header::COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let router = Router::new()
         .route("/counter", get(counter))
         .route("/rmw", get(rmw))
         .route("/read", get(read))
         .route("/untouched", get(untouched))
+        .route(
+            "/limited",
+            get(untouched).layer(herd::RateLimitLayer::new(limiter, by_cookie)),
+        )
         .layer(SessionLayer::new(redis.clone()).with_secure(false));
     // Outside the layer: the driver reads herd's own round-trip counter here.
     Ok(router.route("/__round_trips", get(stats)).with_state(redis))

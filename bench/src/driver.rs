@@ -21,12 +21,14 @@ pub const APPS: [&str; 6] = [
     "getset",
     "plain",
 ];
-pub const ROUTES: [&str; 4] = ["counter", "rmw", "read", "untouched"];
+pub const ROUTES: [&str; 5] = ["counter", "rmw", "read", "untouched", "limited"];
 
 /// Which apps serve which route (the others answer 404).
 fn serves(app: &str, route: &str) -> bool {
     match app {
         "plain" => route == "untouched",
+        // herd's rate limiter: only herd's apps have it.
+        _ if route == "limited" => app.starts_with("herd"),
         "limit" => route != "rmw",
         _ => true,
     }
@@ -37,6 +39,7 @@ fn reference(route: &str) -> &'static str {
     match route {
         "counter" | "read" => "limit",
         "rmw" => "getset",
+        "limited" => "herd",
         _ => "plain",
     }
 }
@@ -44,7 +47,7 @@ fn reference(route: &str) -> &'static str {
 /// Redis round trips per request that herd's design allows.
 fn herd_budget(route: &str) -> f64 {
     match route {
-        "counter" | "read" => 1.0,
+        "counter" | "read" | "limited" => 1.0,
         "rmw" => 2.0,
         _ => 0.0,
     }
@@ -936,6 +939,30 @@ fn report(
                     if r >= 0.97 { "yes" } else { "**no**" }
                 );
             }
+        }
+        // The rate limiter's cost: herd's /limited (the limiter in front of /untouched) against
+        // /untouched, round by round.
+        let (limited, untouched) = (
+            samples.get(&(c, "limited".to_owned(), "herd".to_owned())),
+            samples.get(&(c, "untouched".to_owned(), "herd".to_owned())),
+        );
+        if let (Some(l), Some(u)) = (limited, untouched) {
+            let r = median(l.iter().zip(u).map(|(x, y)| x.rps / y.rps).collect());
+            let cpu = median(
+                l.iter()
+                    .zip(u)
+                    .map(|(x, y)| x.app_cpu_us / y.app_cpu_us)
+                    .collect(),
+            );
+            let extra = median(
+                l.iter()
+                    .zip(u)
+                    .map(|(x, y)| x.app_cpu_us - y.app_cpu_us)
+                    .collect(),
+            );
+            s += &format!(
+                "| rate limit: /limited vs /untouched (herd; +{extra:.1} app CPU µs/req) | {c} | {r:.2}× | – | {cpu:.2}× | – |\n"
+            );
         }
         for (name, route, against, goal) in targets {
             let key = (c, route.to_owned(), "herd".to_owned());

@@ -49,7 +49,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Graceful stop: workers finish their in-flight requests, then the master exits.
+    /// Graceful stop (after the lame-duck period, if any): workers finish their in-flight
+    /// requests, then the master exits.
     Stop {
         #[command(flatten)]
         target: Target,
@@ -84,6 +85,11 @@ struct RunArgs {
     /// Seconds a stopping worker may take to finish in-flight requests before SIGKILL.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     drain_timeout: Duration,
+    /// Seconds a stopping host keeps serving while its workers report draining (lame duck),
+    /// so that a load balancer's health checks move traffic away first (default: none, or
+    /// HERD_LAME_DUCK_MS).
+    #[arg(long, value_parser = parse_secs)]
+    lame_duck: Option<Duration>,
     /// Seconds a new worker may take to report READY during a reload.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     ready_timeout: Duration,
@@ -185,6 +191,9 @@ impl RunArgs {
         if let Some(s) = self.ready_after {
             l = l.assume_ready_after(s);
         }
+        if let Some(s) = self.lame_duck {
+            l = l.lame_duck(s);
+        }
         if let Some(mb) = self.max_memory_mb {
             l = l.max_memory(mb.saturating_mul(1024 * 1024));
         }
@@ -214,6 +223,7 @@ impl RunArgs {
             name: _,
             socket,
             drain_timeout,
+            lame_duck,
             ready_timeout,
             ready_after,
             max_restarts,
@@ -237,6 +247,9 @@ impl RunArgs {
             push("--socket", socket.to_string_lossy().into_owned());
         }
         push("--drain-timeout", fmt_secs(*drain_timeout));
+        if let Some(s) = lame_duck {
+            push("--lame-duck", fmt_secs(*s));
+        }
         push("--ready-timeout", fmt_secs(*ready_timeout));
         if let Some(s) = ready_after {
             push("--ready-after", fmt_secs(*s));
@@ -490,7 +503,8 @@ fn main() -> ExitCode {
                     exec_start,
                     working_directory,
                     user,
-                    drain_timeout: run.drain_timeout,
+                    // The unit's stop timeout covers the lame-duck period too.
+                    drain_timeout: run.drain_timeout + run.lame_duck.unwrap_or_default(),
                 })
             );
             ExitCode::SUCCESS

@@ -59,6 +59,9 @@
 //! | [`get_many`](Group::get_many) | `MGET` | 1 | one command over one slot: a consistent snapshot |
 //! | [`atomic`](Group::atomic)`…apply` | `MULTI … EXEC` | 1 | a transaction, sent as one pipeline |
 //! | [`update`](Group::update) | `WATCH`+`MGET`, then `MULTI … EXEC` | 2 per attempt, on a pooled connection (+1 `UNWATCH`+`PING` the pool sends when it hands out an idle connection) | optimistic: `EXEC` fails if a watched variable changed |
+//! | [`set_if_absent`](Group::set_if_absent) | `SET NX [PX]` | 1 | one command |
+//! | [`hash`](Group::hash)`…get/set/incr/delete/get_all` | `HGET` / `HSET` / `HINCRBY` / `HDEL` / `HGETALL` on one variable | 1 | one command |
+//! | [`set_fenced`](Group::set_fenced), [`incr_fenced`](Group::incr_fenced) | one script | 1 | a script: token check and write in one step |
 //! | [`Channel::publish`] | `PUBLISH` | 1 | — |
 //!
 //! `get_many` uses `MGET` rather than a `MULTI`/`EXEC` of `GET`s: one command is executed atomically
@@ -94,6 +97,14 @@
 //! is reported as [`Error::OutcomeUnknown`] and never retried by herd:
 //! retrying `incr` or a transfer blindly could apply it twice.
 //!
+//! # Leases and fenced writes
+//! [`Globals::lease`] gives a [`Lease`]: a lock held by one worker of the whole herd at a time,
+//! with a [`FencingToken`] per acquisition; [`Lease::every`] runs a job once per interval across
+//! every worker. Writes made on behalf of a lease can carry its token
+//! ([`Group::set_fenced`], [`Group::incr_fenced`]): Redis refuses them once a newer token has
+//! written the variable, so a holder that paused past its TTL cannot overwrite its successor. See
+//! the [`lease`] module and `docs/coordination.md`.
+//!
 //! # Broadcast
 //! [`Globals::channel`] gives a typed pub/sub [`Channel`]: [`publish`](Channel::publish) from any
 //! worker, [`subscribe`](Channel::subscribe) in every worker (for example to drop a local cache). A
@@ -104,6 +115,8 @@
 mod atomic;
 mod channel;
 mod compare_and_swap;
+mod hash;
+pub mod lease;
 mod update;
 
 use std::sync::Arc;
@@ -118,6 +131,8 @@ use crate::keys::{validate_name, validate_prefix, Keys};
 
 pub use self::atomic::{AtomicWrites, Outcome};
 pub use self::channel::{Channel, Received, Subscription};
+pub use self::hash::Hash;
+pub use self::lease::{FencingToken, KeptLease, Lease, LeaseGuard};
 pub use self::update::UpdateError;
 
 /// Most variables one atomic group, [`Group::get_many`] or [`Group::update`] may name. A
@@ -374,6 +389,120 @@ impl Group {
                 |mut c| async move { cmd.query_async::<()>(&mut c).await },
             )
             .await
+    }
+
+    /// Sets variable `name` to `value` only if it is not set (`SET NX`): `true` when this call
+    /// wrote it, `false` when it already existed (untouched). One round trip.
+    ///
+    /// ```no_run
+    /// # async fn run(group: herd::globals::Group) -> herd::Result<()> {
+    /// if group.set_if_absent("installed-at", &1_700_000_000_u64).await? {
+    ///     // first worker ever to get here
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`set`](Self::set); [`Error::OutcomeUnknown`] means it may or may not have been set.
+    pub async fn set_if_absent<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<bool> {
+        self.set_if_absent_inner(name, value, None).await
+    }
+
+    /// [`set_if_absent`](Self::set_if_absent) with a time to live for the value it sets.
+    ///
+    /// # Errors
+    /// As [`set_if_absent`](Self::set_if_absent).
+    pub async fn set_if_absent_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<bool> {
+        self.set_if_absent_inner(name, value, Some(ttl)).await
+    }
+
+    async fn set_if_absent_inner<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let key = self.key(name)?;
+        let json = self.encode(name, value)?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key).arg(json).arg("NX");
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ttl_millis(ttl));
+        }
+        let reply: Option<String> = self
+            .client()
+            .run(true, |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    /// Sets variable `name` to `value` on behalf of a lease holder: written only if no write with
+    /// a higher [`FencingToken`] reached this variable before (`true`), refused otherwise
+    /// (`false`, nothing written). The highest token seen is kept beside the variable (key
+    /// `{prefix}:f:{group}:name`, same slot). One round trip (one script). See [`lease`].
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn set_fenced<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+        token: FencingToken,
+    ) -> Result<bool> {
+        let json = self.encode(name, value)?;
+        Ok(self.fenced(name, "set", json, token).await?.is_some())
+    }
+
+    /// Adds `by` to the integer variable `name` on behalf of a lease holder: `Some(new value)`
+    /// when accepted, `None` when a write with a higher [`FencingToken`] reached this variable
+    /// before (nothing written). One round trip (one script). See [`set_fenced`](Self::set_fenced).
+    ///
+    /// # Errors
+    /// As [`incr`](Self::incr).
+    pub async fn incr_fenced(
+        &self,
+        name: &str,
+        by: i64,
+        token: FencingToken,
+    ) -> Result<Option<i64>> {
+        self.fenced(name, "incrby", by.to_string(), token)
+            .await
+            .map_err(|e| not_an_integer(e, name))
+    }
+
+    async fn fenced(
+        &self,
+        name: &str,
+        op: &'static str,
+        value: String,
+        token: FencingToken,
+    ) -> Result<Option<i64>> {
+        static FENCED: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(include_str!("lease/fenced.lua")));
+        let key = self.key(name)?;
+        let mark = self.globals.settings.keys.fence_mark(&self.name, name);
+        let mut invocation = FENCED.prepare_invoke();
+        invocation
+            .key(key)
+            .key(mark)
+            .arg(token.get())
+            .arg(op)
+            .arg(value);
+        // Boxed: a script's future nests deeply (see `rate_limit`'s check).
+        let (written, result): (i64, i64) = Box::pin(self.client().run(true, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        }))
+        .await?;
+        Ok((written == 1).then_some(result))
     }
 
     /// Adds `by` to the integer variable `name` in Redis (`INCRBY`; a missing variable counts as 0)

@@ -75,6 +75,9 @@ struct Proc {
     role: Role,
     kill_at: Option<Instant>,
     killed: bool,
+    /// The master's writing end of the worker's channel (`DRAINING`); shares the non-blocking
+    /// mode that [`read_channel`] sets.
+    channel: Option<std::os::unix::net::UnixStream>,
 }
 
 #[derive(Default)]
@@ -117,6 +120,8 @@ struct Master {
     announced_ready: bool,
     started: Instant,
     stopping: bool,
+    /// End of the lame-duck period: the host reports draining and serves until then, then stops.
+    lame_duck_until: Option<Instant>,
     unclean: usize,
     events: mpsc::UnboundedSender<Event>,
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
@@ -422,6 +427,7 @@ impl Master {
             announced_ready: false,
             started: Instant::now(),
             stopping: false,
+            lame_duck_until: None,
             unclean: 0,
             events,
             events_rx: Some(events_rx),
@@ -463,8 +469,8 @@ impl Master {
                 Some(event) = events.recv() => self.on_event(event),
                 Some((request, reply)) = control_rx.recv() => self.on_control(request, reply),
                 _ = hup.recv() => self.reload(None),
-                _ = term.recv() => self.stop(),
-                _ = int.recv() => self.stop(),
+                _ = term.recv() => self.begin_stop(),
+                _ = int.recv() => self.begin_stop(),
                 _ = ttin.recv() => {
                     if self.slots.len() >= super::MAX_WORKERS {
                         tracing::warn!(
@@ -525,6 +531,10 @@ impl Master {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(forward_output(err, slot, true));
         }
+        let writer = channel
+            .try_clone()
+            .map_err(|e| tracing::warn!("herd: worker {slot}: no writing end for DRAINING: {e}"))
+            .ok();
         tokio::spawn(read_channel(channel, id, self.events.clone()));
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -548,8 +558,12 @@ impl Master {
                 role,
                 kill_at: None,
                 killed: false,
+                channel: writer,
             },
         );
+        if self.lame_duck_until.is_some() {
+            self.tell_draining(id);
+        }
         Ok(id)
     }
 
@@ -633,7 +647,7 @@ impl Master {
             Event::Ready(id) => self.on_ready(id),
             Event::Recycle(id) => {
                 if let Some(p) = self.procs.get(&id) {
-                    if p.role == Role::Current && !self.stopping {
+                    if p.role == Role::Current && !self.leaving() {
                         tracing::info!("herd: worker {} asked to be recycled", p.slot);
                         self.recycle_queue.insert(p.slot);
                         self.start_recycle();
@@ -783,6 +797,11 @@ impl Master {
         if self.stopping {
             return;
         }
+        if self.lame_duck_until.is_some_and(|at| at <= now) {
+            tracing::info!("herd: lame-duck period over");
+            self.stop();
+            return;
+        }
         // Ready deadline of a rolling replacement.
         if let Some((slot, _, deadline)) = self.rollout.as_ref().and_then(|r| r.candidate) {
             if deadline <= now {
@@ -911,7 +930,7 @@ impl Master {
             }
             Request::Reload => self.reload(Some(reply)),
             Request::Scale { workers } => {
-                if self.stopping {
+                if self.leaving() {
                     let _ = reply.send(Response::err("the master is stopping"));
                     return;
                 }
@@ -930,7 +949,7 @@ impl Master {
             }
             Request::Stop => {
                 let _ = reply.send(Response::ok("stopping"));
-                self.stop();
+                self.begin_stop();
             }
         }
     }
@@ -960,7 +979,7 @@ impl Master {
         for (&index, s) in &self.slots {
             match s.current.and_then(|id| self.procs.get(&id)) {
                 Some(p) if p.role == Role::Current => {
-                    let state = match (self.stopping, p.ready) {
+                    let state = match (self.leaving(), p.ready) {
                         (true, _) => "stopping",
                         (false, true) => "online",
                         (false, false) => "starting",
@@ -1003,14 +1022,14 @@ impl Master {
             listen: self.listen.clone(),
             generation: self.generation,
             reloading: self.rollout.is_some(),
-            stopping: self.stopping,
+            stopping: self.leaving(),
             workers,
         }
     }
 
     /// Add slots at the lowest free index, or remove the highest ones (at least one stays).
     fn scale_to(&mut self, n: usize) {
-        if self.stopping {
+        if self.leaving() {
             return;
         }
         let n = n.clamp(1, super::MAX_WORKERS);
@@ -1049,7 +1068,7 @@ impl Master {
     }
 
     fn reload(&mut self, waiter: Option<oneshot::Sender<Response>>) {
-        if self.stopping {
+        if self.leaving() {
             if let Some(w) = waiter {
                 let _ = w.send(Response::err("the master is stopping"));
             }
@@ -1084,7 +1103,7 @@ impl Master {
     }
 
     fn start_recycle(&mut self) {
-        if self.rollout.is_some() || self.stopping || self.recycle_queue.is_empty() {
+        if self.rollout.is_some() || self.leaving() || self.recycle_queue.is_empty() {
             return;
         }
         let queue = std::mem::take(&mut self.recycle_queue);
@@ -1175,6 +1194,67 @@ impl Master {
         }
     }
 
+    /// Stopping, or about to (the lame-duck period): no reload, recycle or scaling starts.
+    fn leaving(&self) -> bool {
+        self.stopping || self.lame_duck_until.is_some()
+    }
+
+    /// A stop request (signal or control socket): the lame-duck period first when one is
+    /// configured, else (and for a request during that period) the graceful stop.
+    fn begin_stop(&mut self) {
+        if self.leaving() || self.config.lame_duck.is_zero() {
+            self.stop();
+            return;
+        }
+        tracing::info!(
+            "herd: lame duck for {:?}: reporting draining while serving, then stopping",
+            self.config.lame_duck
+        );
+        systemd::notify("STOPPING=1");
+        self.cancel_rollouts();
+        self.lame_duck_until = Some(later(self.config.lame_duck));
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.tell_draining(id);
+        }
+    }
+
+    /// Write `DRAINING` on a worker's channel. A worker that does not read it (a program that
+    /// does not speak the protocol) keeps reporting healthy: the period still delays its stop.
+    fn tell_draining(&mut self, id: u64) {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
+        if let Some(mut channel) = p.channel.as_ref() {
+            // A few bytes on a channel the worker drains as they come: a full buffer (or a
+            // worker already gone) is the only way this fails, and it is logged.
+            if let Err(e) = channel.write_all(super::worker::DRAINING_LINE.as_bytes()) {
+                tracing::warn!(
+                    "herd: cannot tell worker {} (pid {}) that the host drains: {e}",
+                    p.slot,
+                    p.pid
+                );
+            }
+        }
+    }
+
+    /// End the running rollout (its new worker, not serving its slot yet, is retired) and answer
+    /// its waiters and those of a pending reload: the master stops.
+    fn cancel_rollouts(&mut self) {
+        if let Some(rollout) = self.rollout.take() {
+            if let Some((_, id, _)) = rollout.candidate {
+                self.retire(id);
+            }
+            for w in rollout.waiters {
+                let _ = w.send(Response::err("the master is stopping"));
+            }
+        }
+        for w in self.pending_reload.take().into_iter().flatten() {
+            let _ = w.send(Response::err("the master is stopping"));
+        }
+        self.recycle_queue.clear();
+    }
+
     /// Graceful stop; a second call kills at once.
     fn stop(&mut self) {
         if self.stopping {
@@ -1190,15 +1270,10 @@ impl Master {
             self.procs.len(),
             self.config.drain_timeout
         );
-        systemd::notify("STOPPING=1");
-        if let Some(rollout) = self.rollout.take() {
-            for w in rollout.waiters {
-                let _ = w.send(Response::err("the master is stopping"));
-            }
+        if self.lame_duck_until.take().is_none() {
+            systemd::notify("STOPPING=1");
         }
-        for w in self.pending_reload.take().into_iter().flatten() {
-            let _ = w.send(Response::err("the master is stopping"));
-        }
+        self.cancel_rollouts();
         self.stopping = true;
         let ids: Vec<u64> = self.procs.keys().copied().collect();
         for id in ids {

@@ -44,6 +44,7 @@
 //! | identity | `HERD_WORKER_INDEX` (0-based slot, the lowest free one is reused), `HERD_GENERATION` (bumped by each reload) |
 //! | cookie key | `HERD_SECRET`: the master's own, checked at its start (a malformed key stops the master with a clear error) and passed through unchanged; when unset or blank, 64 random bytes (base64) generated once per master life |
 //! | limits | `HERD_DRAIN_TIMEOUT_MS`, `HERD_MAX_REQUESTS` (when set) |
+//! | lame duck | the master writes `DRAINING\n` on fd 4 when its lame-duck period begins (see [below](#lame-duck-several-hosts-behind-a-load-balancer)); the worker's [`Worker::is_draining`] turns true |
 //! | metrics | `HERD_METRICS=1` when the master runs with [`Launcher::metrics`] or [`Launcher::dashboard`]: a worker built with the `metrics` feature then writes `METRICS "<Prometheus text as a JSON string>"` on fd 4 once a second (see [`crate::observe`]); other lines are ignored by the master, so programs that do not send it still work |
 //!
 //! Each worker runs in its own process group; stdout and stderr lines are prefixed with
@@ -54,9 +55,42 @@
 //!
 //! | signal | effect |
 //! |---|---|
-//! | `SIGTERM`, `SIGINT` | graceful stop: workers get `SIGTERM`, `SIGKILL` after the drain timeout (30 s); exit 0 when every worker stopped cleanly. A second one kills at once. |
+//! | `SIGTERM`, `SIGINT` | graceful stop: with a [lame duck](Launcher::lame_duck) period, the workers first report draining for that long while they keep serving; then workers get `SIGTERM`, `SIGKILL` after the drain timeout (30 s); exit 0 when every worker stopped cleanly. Another one during the lame-duck period starts the drain at once; one during the drain kills at once. |
 //! | `SIGHUP` | rolling reload: per slot, start a new worker from the program's path, wait for `READY`, then stop the old one gracefully. A new worker that fails to become ready aborts the reload; the old ones keep serving. |
 //! | `SIGTTIN` / `SIGTTOU` | one more / one fewer worker |
+//!
+//! # Lame duck: several hosts behind a load balancer
+//!
+//! A load balancer (HAProxy, nginx, a cloud one) learns that a host goes away from its health
+//! check, a few checks after the fact. A host that stopped accepting at once would refuse the
+//! connections sent meanwhile. With [`Launcher::lame_duck`] (`herd run --lame-duck S`,
+//! `HERD_LAME_DUCK_MS`) a stop first enters a **lame-duck period**: the master tells every worker
+//! that the host is draining, the workers keep serving everything, and the app's health route
+//! answers `503` ([`healthz`] does it, or read [`is_draining`] / [`Worker::is_draining`]), so
+//! the balancer moves traffic away; only then the usual drain begins. Choose a period longer
+//! than the balancer's checks need to mark the host down (HAProxy: `fall` × `inter`), plus a
+//! margin. `docs/several-machines.md` has the whole setup and its measured costs.
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use herd::launcher::{healthz, Launcher};
+//!
+//! fn main() -> Result<(), herd::launcher::Error> {
+//!     Launcher::new()
+//!         .lame_duck(std::time::Duration::from_secs(3))
+//!         .run(|worker| async move {
+//!             // 200 {"ok":true}; 503 {"ok":false,"draining":true} during the lame-duck period.
+//!             let app = Router::new().route("/healthz", get(healthz));
+//!             worker.serve(app).await
+//!         })
+//! }
+//! ```
+//!
+//! Only a stop makes a host a lame duck: a rolling reload replaces workers behind a socket that
+//! never closes, so the host keeps reporting healthy through it, and old workers being replaced
+//! do not report draining. A worker run without a master (systemd socket activation of the
+//! program itself) does the same on its own: on `SIGTERM` it reports draining for the period,
+//! then drains.
 
 mod control;
 mod dashboard;
@@ -72,7 +106,7 @@ use std::time::Duration;
 
 pub use control::{request, socket_path, Request, Response, Status, WorkerStatus};
 pub use systemd::{systemd_unit, UnitOptions};
-pub use worker::{RequestCounter, RequestCounterService, Worker};
+pub use worker::{healthz, is_draining, RequestCounter, RequestCounterService, Worker};
 
 /// Environment variable carrying the shared cookie key to every worker.
 pub const ENV_SECRET: &str = "HERD_SECRET";
@@ -86,6 +120,9 @@ pub const ENV_MASTER_FD: &str = "HERD_MASTER_FD";
 pub const ENV_DRAIN_TIMEOUT_MS: &str = "HERD_DRAIN_TIMEOUT_MS";
 /// Environment variable carrying the request limit after which a worker asks to be recycled.
 pub const ENV_MAX_REQUESTS: &str = "HERD_MAX_REQUESTS";
+/// Environment variable read by [`Launcher::new`] as the default [lame-duck
+/// period](Launcher::lame_duck), in milliseconds.
+pub const ENV_LAME_DUCK_MS: &str = "HERD_LAME_DUCK_MS";
 /// The most workers one master runs (`Launcher::workers`, `herd scale`, `SIGTTIN`, the dashboard).
 pub const MAX_WORKERS: usize = 1024;
 /// Environment variable set to `1` when the master collects metrics: the worker (built with the
@@ -161,6 +198,7 @@ pub(crate) struct Config {
     pub(crate) name: Option<String>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) lame_duck: Duration,
     pub(crate) ready_timeout: Duration,
     pub(crate) min_uptime: Duration,
     pub(crate) max_restarts: u32,
@@ -190,7 +228,8 @@ impl Default for Launcher {
 
 impl Launcher {
     /// A launcher with the defaults: one worker per CPU, `127.0.0.1:3000`, drain timeout 30 s,
-    /// ready timeout 30 s, crash loop = 5 quick crashes in a row (uptime under 5 s), backoff from
+    /// no lame-duck period (unless `HERD_LAME_DUCK_MS` says otherwise), ready timeout 30 s,
+    /// crash loop = 5 quick crashes in a row (uptime under 5 s), backoff from
     /// 500 ms doubling up to 30 s.
     pub fn new() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -201,6 +240,10 @@ impl Launcher {
                 name: None,
                 socket: None,
                 drain_timeout: Duration::from_secs(30),
+                lame_duck: std::env::var(ENV_LAME_DUCK_MS)
+                    .ok()
+                    .and_then(|ms| ms.trim().parse().ok())
+                    .map_or(Duration::ZERO, Duration::from_millis),
                 ready_timeout: Duration::from_secs(30),
                 min_uptime: Duration::from_secs(5),
                 max_restarts: 5,
@@ -260,6 +303,20 @@ impl Launcher {
     /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a stopping host keeps serving while it reports draining, before its workers
+    /// stop accepting: the [lame-duck period](self#lame-duck-several-hosts-behind-a-load-balancer)
+    /// that lets a load balancer's health checks move traffic away first. Default: zero (stop
+    /// at once), or `HERD_LAME_DUCK_MS` when set.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let launcher = herd::launcher::Launcher::new().lame_duck(Duration::from_secs(3));
+    /// ```
+    pub fn lame_duck(mut self, period: Duration) -> Self {
+        self.config.lame_duck = period;
         self
     }
 

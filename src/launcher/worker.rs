@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +21,60 @@ use super::{
 /// Between "stop accepting" and "close idle connections": a connection accepted just before the
 /// stop gets this long to have its request read, so it is served instead of reset.
 const ACCEPT_GRACE: Duration = Duration::from_millis(500);
+
+/// The line the master writes on the channel when its lame-duck period begins.
+pub(crate) const DRAINING_LINE: &str = "DRAINING\n";
+
+/// Whether this process's host is draining (a lame duck, see the [module
+/// docs](super#lame-duck-several-hosts-behind-a-load-balancer)): one per process, because a process
+/// is at most one worker. Never set back to `false`: a lame duck only stops.
+static DRAINING: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
+
+/// Mark this process's host as draining (idempotent).
+fn start_draining() {
+    if !DRAINING.send_replace(true) {
+        tracing::info!("herd worker: the host is a lame duck: /healthz reports draining");
+    }
+}
+
+/// Whether the host this worker runs on is in its lame-duck period: it still serves, but it is
+/// about to stop, and its health route should say so (`503`) so that a load balancer moves
+/// traffic away. `false` outside a herd worker and during rolling reloads. See
+/// [`Worker::is_draining`] and [`healthz`].
+pub fn is_draining() -> bool {
+    *DRAINING.borrow()
+}
+
+/// A ready health-check handler for a load balancer: `200 {"ok":true}`, or `503
+/// {"ok":false,"draining":true}` with `Retry-After: 1` while the host [is
+/// draining](is_draining).
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+/// let app: Router = Router::new().route("/healthz", get(herd::launcher::healthz));
+/// ```
+pub async fn healthz() -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    let (status, body) = if is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"ok":false,"draining":true}"#,
+        )
+    } else {
+        (StatusCode::OK, r#"{"ok":true}"#)
+    };
+    let mut res = axum::response::Response::new(axum::body::Body::from(body));
+    *res.status_mut() = status;
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    res
+}
 
 /// fd of the listening socket (systemd's `SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
@@ -80,9 +134,10 @@ impl Channel {
     }
 }
 
-/// Resolves when the master channel reaches end-of-file (the master died). A plain thread blocks
-/// in `read`, so the socket never has to be made non-blocking (see [`Channel`]). `None` if the
-/// thread cannot be started.
+/// Resolves when the master channel reaches end-of-file (the master died); on the way, a
+/// `DRAINING` line from the master marks the host as [draining](is_draining). A plain thread
+/// blocks in `read`, so the socket never has to be made non-blocking (see [`Channel`]). `None`
+/// if the thread cannot be started.
 fn master_eof(mut stream: UnixStream) -> Option<tokio::sync::oneshot::Receiver<()>> {
     use std::io::Read;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -90,12 +145,28 @@ fn master_eof(mut stream: UnixStream) -> Option<tokio::sync::oneshot::Receiver<(
         .name("herd-master-eof".into())
         .spawn(move || {
             let mut buf = [0u8; 64];
-            // The master never writes; any other return is end-of-file or an error: it is gone.
+            // The master writes only whole `DRAINING` lines; a partial one waits in `line`.
+            let mut line = Vec::with_capacity(DRAINING_LINE.len());
             loop {
                 match stream.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        for &b in &buf[..n] {
+                            line.push(b);
+                            if b == b'\n' {
+                                if line == DRAINING_LINE.as_bytes() {
+                                    start_draining();
+                                }
+                                line.clear();
+                            } else if line.len() > DRAINING_LINE.len() {
+                                // Not a line this side knows: skip it up to its end.
+                                line.clear();
+                                line.push(b'?');
+                            }
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // End-of-file or an error: the master is gone.
                     Err(_) => break,
                 }
             }
@@ -265,14 +336,18 @@ impl Worker {
             // Around the whole router, not `Router::layer` (which wraps every route in one more
             // boxed service: an allocation per request, measured at ~1 400 instructions).
             use tower_layer::Layer as _;
-            let app = crate::observe::CountRequests.layer(app);
+            let app = crate::observe::RequestsTotalLayer.layer(app);
             axum::serve(
                 listener,
-                axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+                axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                    crate::rate_limit::PeerAddr,
+                >(app),
             )
             .with_graceful_shutdown(drained)
             .await
         } else {
+            // With the peer address (`ConnectInfo`), for per-client rate limits.
+            let app = app.into_make_service_with_connect_info::<crate::rate_limit::PeerAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(drained)
                 .await
@@ -313,6 +388,22 @@ impl Worker {
         let mut rx = self.shutdown.clone();
         async move {
             let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Whether this worker's host is in its lame-duck period (see [`is_draining`], the same
+    /// for the whole process, and [`healthz`], a ready handler that reports it).
+    pub fn is_draining(&self) -> bool {
+        is_draining()
+    }
+
+    /// A future that resolves when the host enters its lame-duck period (at once if it already
+    /// did): for apps that want to act on it, e.g. ask long-lived connections to reconnect
+    /// elsewhere.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = DRAINING.subscribe();
+        async move {
+            let _ = rx.wait_for(|draining| *draining).await;
         }
     }
 
@@ -367,6 +458,16 @@ impl axum::serve::Listener for StopAccepting {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// The peer address of each connection, as `ConnectInfo<PeerAddr>` (axum implements
+/// `Connected` for `SocketAddr` on its own listeners only).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, StopAccepting>>
+    for crate::rate_limit::PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, StopAccepting>) -> Self {
+        crate::rate_limit::PeerAddr(*stream.remote_addr())
     }
 }
 
@@ -445,10 +546,20 @@ async fn recv_or_pending(signal: Option<&mut tokio::signal::unix::Signal>) {
 }
 
 /// Watch SIGTERM/SIGINT and the master channel; flip the shutdown signal.
-async fn watch_shutdown(tx: watch::Sender<bool>, master: Option<UnixStream>, drain: Duration) {
+///
+/// `lame_duck`: without a master (none drives the lame-duck period then), the first
+/// SIGTERM/SIGINT marks the host draining and waits this long, serving, before the shutdown (a
+/// second signal cuts the wait short). Under a master, the master drives it.
+async fn watch_shutdown(
+    tx: watch::Sender<bool>,
+    master: Option<UnixStream>,
+    drain: Duration,
+    lame_duck: Duration,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();
+    let own_lame_duck = master.is_none() && !lame_duck.is_zero();
     let eof = master.and_then(master_eof);
     let master_gone = async move {
         match eof {
@@ -466,6 +577,14 @@ async fn watch_shutdown(tx: watch::Sender<bool>, master: Option<UnixStream>, dra
             let _ = tx.send(true);
             tokio::time::sleep(drain).await;
             std::process::exit(1);
+        }
+    }
+    if own_lame_duck {
+        start_draining();
+        tokio::select! {
+            () = tokio::time::sleep(lame_duck) => {}
+            () = recv_or_pending(term.as_mut()) => {}
+            () = recv_or_pending(int.as_mut()) => {}
         }
     }
     let _ = tx.send(true);
@@ -496,11 +615,12 @@ where
         None => None,
     };
     let drain = worker.drain_timeout;
+    let lame_duck = config.lame_duck;
     debug_assert!(watch_stream
         .as_ref()
         .is_none_or(|s| s.as_raw_fd() != MASTER_FD));
     let result = runtime.block_on(async move {
-        tokio::spawn(watch_shutdown(tx, watch_stream, drain));
+        tokio::spawn(watch_shutdown(tx, watch_stream, drain, lame_duck));
         worker.observed = send_metrics(&worker.channel);
         app(worker).await
     });
@@ -585,6 +705,40 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        assert!(runtime.block_on(eof).is_ok());
+    }
+
+    #[test]
+    fn a_draining_line_from_the_master_makes_the_host_a_lame_duck() {
+        let (ours, mut master) = UnixStream::pair().unwrap();
+        let eof = master_eof(ours).expect("watcher thread");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let draining = DRAINING.subscribe();
+        assert!(!*draining.borrow(), "a worker starts healthy");
+        // An unknown long line first, then the draining line cut in two writes.
+        master
+            .write_all(b"SOMETHING ELSE ENTIRELY DRAINING\nDRAI")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!is_draining(), "only a whole DRAINING line counts");
+        master.write_all(b"NING\n").unwrap();
+        let res = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                let mut rx = draining;
+                let _ = rx.wait_for(|d| *d).await;
+            })
+            .await
+        });
+        assert!(res.is_ok(), "the DRAINING line was not seen");
+        let response = runtime.block_on(healthz());
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(master);
         assert!(runtime.block_on(eof).is_ok());
     }
 }

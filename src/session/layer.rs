@@ -1,6 +1,8 @@
 //! [`SessionLayer`], its service, and the [`Session`] extractor.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::cookie as codec;
-use super::store::Expiry;
+use super::timing::Expiry;
 use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
 use crate::client::{RedisClient, WithDeadline};
 
@@ -296,48 +298,36 @@ where
         // The service polled ready is called here, at once: its future owns what it needs, so no
         // clone of the inner service (for axum a boxed route: an allocation) is made per request.
         let inner = self.inner.call(req);
-        let settings = self.settings.clone();
-        if span.is_disabled() {
-            let handler = ResponseFuture {
-                kind: Kind::Handler {
-                    inner,
-                    session,
-                    settings,
-                },
-            };
-            return WithDeadline::new(handler, deadline);
-        }
-        let fut = async move {
-            let mut res = inner.await?;
-            let committed = match session.commit_if_clean() {
-                Some(action) => Ok(action),
-                None => session.commit().await,
-            };
-            finish(&settings, &mut res, committed);
-            Ok(res)
-        };
-        let observed = ResponseFuture {
-            kind: Kind::Observed {
-                fut: Box::pin(observed(span, fut)),
+        let handler = ResponseFuture {
+            kind: Kind::Handler {
+                inner,
+                session,
+                settings: self.settings.clone(),
             },
+            observed: (!span.is_disabled()).then(|| Box::new(Observed::new(span))),
+            error: PhantomData,
         };
-        WithDeadline::new(observed, deadline)
+        WithDeadline::new(handler, deadline)
     }
 }
 
 pin_project_lite::pin_project! {
     /// The response future of [`SessionService`]: the handler, then (only if the session has
-    /// changes) the write, before the response leaves. Not boxed: a request that does not write
-    /// costs no allocation here.
+    /// changes) the write, before the response leaves. One path whether or not the request's
+    /// tracing span is enabled: an enabled span is entered around each poll and gets the
+    /// request's Redis figures at the end. Not boxed: a request that does not write costs no
+    /// allocation here.
     pub struct ResponseFuture<F, E> {
         #[pin]
-        kind: Kind<F, E>,
+        kind: Kind<F>,
+        observed: Option<Box<Observed>>,
+        error: PhantomData<fn() -> E>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = KindProj]
-    enum Kind<F, E> {
+    enum Kind<F> {
         // The handler runs.
         Handler {
             #[pin]
@@ -349,12 +339,41 @@ pin_project_lite::pin_project! {
         Committing {
             commit: Pin<Box<dyn Future<Output = crate::Result<CookieAction>> + Send>>,
             res: Option<Response>,
+            session: Session,
             settings: Arc<Settings>,
         },
-        // With the request's tracing span enabled.
+    }
+}
+
+/// The request's enabled tracing span, and its Redis figures so far (carried between polls in
+/// the `observe::REQUEST` task-local, which the client updates).
+struct Observed {
+    span: tracing::Span,
+    round_trips: u32,
+    redis_nanos: u64,
+    loaded: bool,
+}
+
+impl Observed {
+    fn new(span: tracing::Span) -> Observed {
         Observed {
-            fut: Pin<Box<dyn Future<Output = Result<Response, E>> + Send>>,
-        },
+            span,
+            round_trips: 0,
+            redis_nanos: 0,
+            loaded: false,
+        }
+    }
+
+    /// Records the figures and the status on the span, and one event in it.
+    fn finish<E>(&self, result: &Result<Response, E>) {
+        let span = &self.span;
+        span.record("session_loaded", self.loaded);
+        span.record("redis_round_trips", self.round_trips);
+        span.record("redis_ms", self.redis_nanos as f64 / 1e6);
+        if let Ok(res) = result {
+            span.record("status", res.status().as_u16());
+        }
+        span.in_scope(|| tracing::debug!("herd: request done"));
     }
 }
 
@@ -370,88 +389,107 @@ where
 {
     type Output = Result<Response, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            match self.as_mut().project().kind.project() {
-                KindProj::Handler {
-                    inner,
-                    session,
-                    settings,
-                } => {
-                    let mut res = match inner.poll(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Ok(res)) => res,
-                    };
-                    // Untouched or read-only: settled at once, without a future.
-                    if let Some(action) = session.commit_if_clean() {
-                        finish(settings, &mut res, Ok(action));
-                        return Poll::Ready(Ok(res));
-                    }
-                    let session = session.clone();
-                    let settings = settings.clone();
-                    self.as_mut().project().kind.set(Kind::Committing {
-                        commit: Box::pin(async move { session.commit().await }),
-                        res: Some(res),
-                        settings,
-                    });
-                }
-                KindProj::Committing {
-                    commit,
-                    res,
-                    settings,
-                } => {
-                    let committed = match commit.as_mut().poll(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(committed) => committed,
-                    };
-                    let mut res = res.take().expect("ResponseFuture polled after completion");
-                    finish(settings, &mut res, committed);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(observed) = this.observed.as_deref_mut() else {
+            return poll_kind(this.kind, cx);
+        };
+        let _entered = observed.span.enter();
+        let stats = crate::observe::RequestStats {
+            round_trips: Cell::new(observed.round_trips),
+            redis_nanos: Cell::new(observed.redis_nanos),
+            loaded: Cell::new(observed.loaded),
+        };
+        let kind = this.kind;
+        let (poll, (round_trips, redis_nanos, loaded)) =
+            crate::observe::REQUEST.sync_scope(stats, || {
+                let poll = poll_kind(kind, cx);
+                let figures = crate::observe::REQUEST
+                    .with(|s| (s.round_trips.get(), s.redis_nanos.get(), s.loaded.get()));
+                (poll, figures)
+            });
+        observed.round_trips = round_trips;
+        observed.redis_nanos = redis_nanos;
+        observed.loaded = loaded;
+        if let Poll::Ready(result) = &poll {
+            observed.finish(result);
+        }
+        poll
+    }
+}
+
+/// The handler, then the commit.
+fn poll_kind<F, E>(mut kind: Pin<&mut Kind<F>>, cx: &mut Context<'_>) -> Poll<Result<Response, E>>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    loop {
+        match kind.as_mut().project() {
+            KindProj::Handler {
+                inner,
+                session,
+                settings,
+            } => {
+                let mut res = match inner.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(res)) => res,
+                };
+                // Untouched or read-only: settled at once, without a future.
+                if let Some(committed) = session.commit_if_clean() {
+                    finish(settings, &mut res, committed, session);
                     return Poll::Ready(Ok(res));
                 }
-                KindProj::Observed { fut } => return fut.as_mut().poll(cx),
+                let session = session.clone();
+                let settings = settings.clone();
+                let commit = {
+                    let session = session.clone();
+                    Box::pin(async move { session.commit().await })
+                };
+                kind.set(Kind::Committing {
+                    commit,
+                    res: Some(res),
+                    session,
+                    settings,
+                });
+            }
+            KindProj::Committing {
+                commit,
+                res,
+                session,
+                settings,
+            } => {
+                let committed = match commit.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(committed) => committed,
+                };
+                let mut res = res.take().expect("ResponseFuture polled after completion");
+                finish(settings, &mut res, committed, session);
+                return Poll::Ready(Ok(res));
             }
         }
     }
 }
 
 /// Puts the commit's outcome on the response: the cookie to set or remove, or the error (a failed
-/// save never reports success).
-fn finish(settings: &Settings, res: &mut Response, committed: crate::Result<CookieAction>) {
+/// save never reports success). A session that ended loses its cookie, unless its id was cycled
+/// away: the browser may already hold the new id's cookie, which a removal would delete.
+fn finish(
+    settings: &Settings,
+    res: &mut Response,
+    committed: crate::Result<CookieAction>,
+    session: &Session,
+) {
     match committed {
         Ok(action) => apply_cookie(settings, res, action),
         Err(e) => {
             let gone = e.is_session_gone();
             *res = e.into_response();
-            if gone {
+            if gone && !session.is_cycled_away() {
                 apply_cookie(settings, res, CookieAction::Remove);
             }
         }
     }
-}
-
-/// Runs a request inside its span, with per-request Redis figures recorded at the end.
-async fn observed<E>(
-    span: tracing::Span,
-    fut: impl Future<Output = Result<Response, E>>,
-) -> Result<Response, E> {
-    use tracing::Instrument as _;
-    let stats = crate::observe::RequestStats::default();
-    crate::observe::REQUEST
-        .scope(stats, async move {
-            let result = fut.instrument(span.clone()).await;
-            let _ = crate::observe::REQUEST.try_with(|s| {
-                span.record("session_loaded", s.loaded.get());
-                span.record("redis_round_trips", s.round_trips.get());
-                span.record("redis_ms", s.redis_nanos.get() as f64 / 1e6);
-            });
-            if let Ok(res) = &result {
-                span.record("status", res.status().as_u16());
-            }
-            span.in_scope(|| tracing::debug!("herd: request done"));
-            result
-        })
-        .await
 }
 
 fn apply_cookie(settings: &Settings, res: &mut Response, action: CookieAction) {

@@ -18,10 +18,17 @@
 -- no owner). An owned session's TTL never runs past 'indexed', so "log out everywhere" always finds
 -- every live session.
 --
--- Returns {status, n, owner, indexed}: status 1 = applied (n = the incremented value), 0 = the session
--- is gone (destroyed or expired: never resurrected), 2 = the id is taken, 3 = too large (n = size),
--- 4 = the incremented field is not an integer. Every check runs before the first write, so a refused
--- save writes nothing.
+-- Returns {status, n, owner, indexed, record}: status 1 = applied (n = the incremented value, record =
+-- the timing record now stored), 0 = the session is gone (destroyed or expired: never resurrected),
+-- 2 = the id is taken, 3 = too large (n = size), 4 = the incremented field is not an integer, 5 = the
+-- id was cycled away (a tombstone '$t', or '$m' while a cluster cycle runs): the session lives on
+-- under an id this request does not know, and nothing is written. Every check runs before the first
+-- write, so a refused save writes nothing.
+--
+-- A cycle leaves a tombstone under the old id: a hash holding only '$t', no data and no pointer to
+-- the new id (a fixated pre-login id gains nothing), expiring after a minute. A later request with
+-- the old id learns "cycled away" instead of "gone", so it neither removes the browser's cookie nor
+-- starts a fresh session whose cookie would replace the login's.
 local key = KEYS[1]
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -38,24 +45,61 @@ local nset = tonumber(ARGV[12])
 local first_set = 13
 local first_del = first_set + 2 * nset
 
-local gone = {0, 0, false, false}
+local gone = {0, 0, false, false, false}
+local tombstone_ms = 60000
+
+-- HINCRBY of the session's key, checked by Redis itself (it refuses a non-integer and writes
+-- nothing): the new value, or nil and the reply to give. Only "not an integer" is the caller's
+-- mistake; anything else (READONLY, OOM, ...) goes back to the client as the error it is.
+local function incr_checked()
+  local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'not an integer', 1, true) then return nil, {4, 0, false, false, false} end
+    return nil, redis.error_reply(r.err)
+  end
+  return r
+end
 local created = now
 local session_idle = nil
 local indexed = nil
 local current_owner = false
 if mode == 'new' then
-  if redis.call('EXISTS', key) == 1 then return {2, 0, false, false} end
+  if redis.call('EXISTS', key) == 1 then return {2, 0, false, false, false} end
 else
-  local meta = redis.call('HMGET', key, '$c', '$o', '$m')
-  -- '$m': the id is being cycled to another slot on a cluster (store.rs): gone for everyone else.
-  if not meta[1] or meta[3] then return gone end
+  local meta = redis.call('HMGET', key, '$c', '$o', '$m', '$t')
+  -- '$m': the id is being cycled to another slot on a cluster (store.rs); '$t': it was cycled.
+  if meta[3] or meta[4] then return {5, 0, false, false, false} end
+  if not meta[1] then return gone end
   local c, _, i, x = string.match(meta[1], '^(%d+):?(%d*):?(%d*):?(%d*)$')
   if not c then return gone end
   if i ~= '' then session_idle = tonumber(i) end
   if x ~= '' then indexed = tonumber(x) end
   current_owner = meta[2]
+  -- The common writes (a read-modify-write, a counter) change user fields only: the timing record
+  -- stays as it is, and none of the checks below applies. ('touched' is then older than the last
+  -- TTL push: a read's refresh may come early, never late. A refresh, which writes nothing else,
+  -- takes the full path below: it records 'touched'.)
+  local fields_only = #ARGV >= first_set
+  if incr_field ~= '' then fields_only = not fields_only end
+  if mode == 'existing' and fields_only and not clear and owner == '' and idle_override == ''
+      and index_until == '' and max_bytes == 0 then
+    if session_idle then idle = session_idle end
+    local ttl = math.min(idle, tonumber(c) + absolute - now)
+    if current_owner and indexed then ttl = math.min(ttl, indexed - now) end
+    if ttl <= 0 then return gone end
+    local n = 0
+    if incr_field ~= '' then
+      local refused
+      n, refused = incr_checked()
+      if refused then return refused end
+    end
+    if nset > 0 then redis.call('HSET', key, unpack(ARGV, first_set, first_del - 1)) end
+    if first_del <= #ARGV then redis.call('HDEL', key, unpack(ARGV, first_del, #ARGV)) end
+    redis.call('PEXPIRE', key, string.format('%d', ttl))
+    return {1, n, current_owner, indexed or false, meta[1]}
+  end
   if mode == 'cycle' then
-    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false} end
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false, false} end
   else
     created = tonumber(c)
   end
@@ -85,7 +129,7 @@ if incr_field ~= '' and not incr_first then
   if current == nil and not dels[incr_field] and not clear and mode ~= 'new' then
     current = redis.call('HGET', key, incr_field)
   end
-  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false, false} end
+  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false, false, false} end
 end
 
 if max_bytes > 0 then
@@ -100,27 +144,25 @@ if max_bytes > 0 then
     end
   end
   for f, v in pairs(sets) do total = total + #f + #v end
-  if total > max_bytes then return {3, total, false, false} end
+  if total > max_bytes then return {3, total, false, false, false} end
 end
 
 -- Checks done: write.
 local n = 0
 if incr_first then
-  local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
-  if type(r) == 'table' and r.err then
-    -- Only "not an integer" is the caller's mistake; anything else (READONLY, OOM, ...) goes back
-    -- to the client as the error it is. Nothing has been written either way.
-    if string.find(r.err, 'not an integer', 1, true) then return {4, 0, false, false} end
-    return redis.error_reply(r.err)
-  end
-  n = r
+  local refused
+  n, refused = incr_checked()
+  if refused then return refused end
 end
 if mode == 'cycle' then
   redis.call('RENAME', key, KEYS[2])
+  redis.call('HSET', key, '$t', '1')
+  redis.call('PEXPIRE', key, tombstone_ms)
   key = KEYS[2]
 end
 local function ms(v) if v then return string.format('%d', v) end return '' end
-redis.call('HSET', key, '$c', ms(created) .. ':' .. ms(now) .. ':' .. ms(session_idle) .. ':' .. ms(indexed))
+local record = ms(created) .. ':' .. ms(now) .. ':' .. ms(session_idle) .. ':' .. ms(indexed)
+redis.call('HSET', key, '$c', record)
 if clear then
   local fields = redis.call('HKEYS', key)
   for _, f in ipairs(fields) do
@@ -134,5 +176,5 @@ if owner ~= '' then
   current_owner = owner
 end
 if incr_field ~= '' and not incr_first then n = redis.call('HINCRBY', key, incr_field, incr_by) end
-redis.call('PEXPIRE', key, ttl)
-return {1, n, current_owner, indexed or false}
+redis.call('PEXPIRE', key, string.format('%d', ttl))
+return {1, n, current_owner, indexed or false, record}

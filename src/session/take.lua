@@ -3,13 +3,15 @@
 --
 -- KEYS[1]  the session's key        ARGV[1] the new id (the mark)
 --
--- Returns the session's fields and values (HGETALL), or nil when the session does not exist or is
--- already moving to another id. Once marked ('$m'), loads see the old session as absent and the
--- save script refuses to write into it, so the old id cannot be used any more even if the cycle
--- stops half-way. Running it again with the same new id answers the same (a retry is harmless).
+-- Returns the session's fields and values (HGETALL); nil when the session does not exist; 0 when
+-- its id was cycled away (a tombstone '$t', see save.lua) or is already moving to another id. Once
+-- marked ('$m'), loads see the old id as cycled away and the save script refuses to write into it,
+-- so the old id cannot be used any more even if the cycle stops half-way. Running it again with the
+-- same new id answers the same (a retry is harmless).
 local key = KEYS[1]
-local meta = redis.call('HMGET', key, '$c', '$m')
+local meta = redis.call('HMGET', key, '$c', '$m', '$t')
+if meta[3] then return 0 end
+if meta[2] and meta[2] ~= ARGV[1] then return 0 end
 if not meta[1] then return nil end
-if meta[2] and meta[2] ~= ARGV[1] then return nil end
 redis.call('HSET', key, '$m', ARGV[1])
 return redis.call('HGETALL', key)
