@@ -602,6 +602,7 @@ impl RedisClient {
         Ok(Bound {
             started,
             limit: limit.into(),
+            budget: limit - started,
             by_deadline,
         })
     }
@@ -624,7 +625,7 @@ impl RedisClient {
             }
             Ok(Err(e)) => {
                 breaker.record(started, ended, heard(&e));
-                Err(Error::from_redis(e, wrote, waited))
+                Err(Error::from_redis(e, wrote, bound.budget))
             }
             Err(_elapsed) => {
                 breaker.record(started, ended, Heard::Silence);
@@ -934,6 +935,8 @@ enum Gate {
 struct Bound {
     started: std::time::Instant,
     limit: tokio::time::Instant,
+    /// How long it may wait (reported by a write whose reply is lost).
+    budget: Duration,
     by_deadline: bool,
 }
 
