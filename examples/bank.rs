@@ -4,7 +4,7 @@
 //! Run it with:
 //!
 //! ```sh
-//! cargo run --example bank
+//! cargo run --features testing --example bank
 //! ```
 //!
 //! It uses the Redis at `REDIS_URL`; without `REDIS_URL` the one on `127.0.0.1:6379`, and if none
@@ -15,9 +15,6 @@
 //! shared but Redis). They make random transfers between three accounts at once; a transfer that
 //! would overdraw an account is refused with the bank's own error. At the end the balances still add
 //! up, read in one consistent snapshot.
-
-#[path = "support/private_redis.rs"]
-mod private_redis;
 
 use std::process::ExitCode;
 
@@ -74,15 +71,15 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Kept until the end of `run`: a private redis-server stops when this is dropped.
-    let redis_server = private_redis::find_or_start("bank")?;
+    let redis_server = herd::testing::LocalRedis::find_or_start("bank")?;
     let config = Config::builder()
-        .redis_url(&redis_server.url)
+        .redis_url(redis_server.url())
         .prefix("bank-example")
         .key(herd::cookie::Key::generate()) // only sessions use the cookie key
         .build()?;
     let redis = RedisClient::connect(config)
         .await
-        .map_err(|e| format!("no answer from the Redis at {}: {e}", redis_server.source))?;
+        .map_err(|e| format!("no answer from the Redis at {}: {e}", redis_server.source()))?;
     // Any two transfers between three accounts share an account, so contention is extreme here:
     // allow more optimistic attempts than the default 10.
     let globals = Globals::new(redis).with_max_attempts(25);

@@ -3,7 +3,7 @@
 //! Run it with:
 //!
 //! ```sh
-//! cargo run --example counter
+//! cargo run --features testing --example counter
 //! curl -c /tmp/jar -b /tmp/jar http://127.0.0.1:3000/   # 1, 2, 3, ... per cookie jar
 //! ```
 //!
@@ -11,9 +11,6 @@
 //! answers there and `redis-server` is installed, a private one started for the run. `ADDR` sets
 //! the listening address (default `127.0.0.1:3000`); the other `HERD_*` variables are read as
 //! `herd::Config::from_env` documents. Ctrl-C (or SIGTERM) stops it.
-
-#[path = "support/private_redis.rs"]
-mod private_redis;
 
 use std::process::ExitCode;
 
@@ -44,13 +41,13 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Kept until the end of `run`: a private redis-server stops when this is dropped.
-    let redis_server = private_redis::find_or_start("counter")?;
+    let redis_server = herd::testing::LocalRedis::find_or_start("counter")?;
     let config = ConfigBuilder::from_env()?
-        .redis_url(&redis_server.url)
+        .redis_url(redis_server.url())
         .build()?;
     let redis = RedisClient::connect(config)
         .await
-        .map_err(|e| format!("no answer from the Redis at {}: {e}", redis_server.source))?;
+        .map_err(|e| format!("no answer from the Redis at {}: {e}", redis_server.source()))?;
     let app = Router::new()
         .route("/", get(counter))
         // Plain http on localhost: browsers drop `Secure` cookies there. Keep the default in production.

@@ -4,7 +4,7 @@
 //! and `redis-server` is installed, a private one is started for the run):
 //!
 //! ```sh
-//! cargo run --release --example multi_worker -- --workers 4 --port 3000
+//! cargo run --release --features testing --example multi_worker -- --workers 4 --port 3000
 //! curl -s -c jar -b jar localhost:3000/counter    # {"counter":1,"worker":2} ... any worker, one count
 //! curl -s localhost:3000/hits                      # a global counter shared by all workers
 //! curl -s -X POST localhost:3000/transfer -d '{"from":"acct-1","to":"acct-7","amount":5}'
@@ -15,175 +15,51 @@
 //! ```
 //!
 //! Flags: `--workers N` (default: CPU count), `--port P` (default 3000), `--host H` (default
-//! 127.0.0.1). The HTTP contract is in the README ("The flagship example").
-
-#[path = "support/private_redis.rs"]
-#[allow(dead_code)] // `find_or_start` is for the single-process examples; this one supervises
-mod private_redis;
+//! 127.0.0.1). The HTTP contract is in the README ("The flagship example"). Redis trouble (a 503
+//! with `Retry-After` within the request deadline, fast while Redis is down) is herd's own doing:
+//! see `herd::client`.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use herd::globals::{Globals, Group, UpdateError};
 use herd::launcher::Launcher;
-use herd::{Config, RedisClient, Session, SessionLayer};
+use herd::{RedisClient, Session, SessionLayer};
 use serde_json::{json, Value};
 
-const ACCOUNTS: usize = 10;
+const ACCOUNTS: [&str; 10] = [
+    "acct-0", "acct-1", "acct-2", "acct-3", "acct-4", "acct-5", "acct-6", "acct-7", "acct-8",
+    "acct-9",
+];
 const INITIAL_BALANCE: i64 = 1000;
 const MAX_AMOUNT: u64 = 1_000_000;
 const MAX_SLOW_MS: u64 = 30_000;
-/// Each worker pings Redis this often to know whether it answers (see [`RedisHealth`]) ...
-const PING_EVERY: Duration = Duration::from_millis(200);
-/// ... and gives each ping this long.
-const PING_TIMEOUT: Duration = Duration::from_millis(500);
-/// Redis silent for this long (no pong, no request served with its help) counts as unreachable.
-const REDIS_SILENCE: Duration = Duration::from_millis(800);
-/// A request that needs Redis runs this long before its worker looks at Redis' health
-/// (see [`redis_deadline`]); then again every [`CHECK_EVERY`].
-const REDIS_PATIENCE: Duration = Duration::from_millis(800);
-const CHECK_EVERY: Duration = Duration::from_millis(100);
-/// The longest any route that needs Redis may take, even while Redis answers pings.
-const REDIS_ROUTE_LIMIT: Duration = Duration::from_secs(15);
 
+/// What every handler can reach: add a field here for a new route's shared state.
 #[derive(Clone)]
 struct AppState {
     worker: Option<usize>,
     bank: Group,
     stats: Group,
+    /// This worker has made sure the accounts exist (see [`seed_accounts`]).
     seeded: Arc<AtomicBool>,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,herd=info".into()),
-        )
-        // Colour only on a terminal (log files and journald get plain text).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse()?;
-    let is_master = std::env::var_os("LISTEN_FDS").is_none();
-    // Only the master decides about Redis; workers inherit REDIS_URL from it.
-    let private_redis = if is_master {
-        PrivateRedis::ensure()?
-    } else {
-        None
-    };
-
-    let result = Launcher::new()
-        .workers(args.workers)
-        .bind(format!("{}:{}", args.host, args.port))
-        .name(format!("multi_worker-{}", args.port))
-        .hang_timeout(hang_timeout_from_env()?)
-        .run(|worker| async move {
-            let redis = RedisClient::new(config()?)?;
-            // Best effort: a worker also starts (and answers 503 where Redis is needed) while
-            // Redis is down, so that the routes that do not need it keep working.
-            if let Err(e) = redis.ping().await {
-                tracing::warn!(
-                    "worker {:?}: Redis does not answer yet: {e}",
-                    worker.index()
-                );
-            }
-            let globals = Globals::new(redis.clone()).with_max_attempts(50);
-            let state = AppState {
-                worker: worker.index(),
-                bank: globals.group("bank")?,
-                stats: globals.group("stats")?,
-                seeded: Arc::new(AtomicBool::new(false)),
-            };
-            if let Err(e) = seed_accounts(&state).await {
-                tracing::warn!("worker {:?}: accounts not seeded yet: {e}", worker.index());
-            }
-            tokio::spawn(coordination::tick_job(globals.clone(), worker.shutdown()));
-            let app = router(state, redis)
-                .layer(worker.requests())
-                .layer(middleware::map_response(json_errors));
-            // Reports READY, serves, and on SIGTERM stops accepting, then drains.
-            worker
-                .serve(app)
-                .await
-                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
-        });
-    drop(private_redis);
-    result.map_err(Into::into)
-}
-
-/// The environment's configuration, with two defaults of this example's own (environment wins):
-/// `/transfer` updates ten hot accounts with WATCH, and few concurrent WATCHers per worker conflict
-/// less (more commits per round trip) than many, so the pool of dedicated connections is small; a
-/// burst of transfers then queues for a connection a little longer before it gets a 503.
-fn config() -> herd::Result<Config> {
-    let mut builder = herd::ConfigBuilder::from_env()?;
-    if std::env::var_os("HERD_POOL_SIZE").is_none() {
-        builder = builder.pool_size(4);
-    }
-    if std::env::var_os("HERD_POOL_WAIT_MS").is_none() {
-        builder = builder.pool_wait_timeout(Duration::from_secs(5));
-    }
-    builder.build()
-}
-
-/// When this worker last heard Redis answer: a task pings it every [`PING_EVERY`], and every
-/// request that Redis helped to serve counts too. Under a heavy burst the pings can come back late
-/// (two cores shared by the workers, Redis and the clients), while hundreds of requests still get
-/// served: those are the proof that Redis is busy, not gone.
-#[derive(Clone)]
-struct RedisHealth {
-    origin: Instant,
-    /// Milliseconds from `origin` to the last answer (0: none yet).
-    last_answer_ms: Arc<AtomicU64>,
-}
-
-impl RedisHealth {
-    fn start(redis: RedisClient) -> RedisHealth {
-        let health = RedisHealth {
-            origin: Instant::now(),
-            last_answer_ms: Arc::new(AtomicU64::new(0)),
-        };
-        let h = health.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, redis.ping()).await {
-                    h.heard();
-                }
-                tokio::time::sleep(PING_EVERY).await;
-            }
-        });
-        health
-    }
-
-    /// Redis answered just now.
-    fn heard(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
-        self.last_answer_ms.fetch_max(now, Ordering::Relaxed);
-    }
-
-    /// How long Redis has not answered this worker.
-    fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
-        self.origin.elapsed().saturating_sub(last)
-    }
-}
-
+/// The routes; add new ones here.
 fn router(state: AppState, redis: RedisClient) -> Router {
-    // The routes that need Redis: sessions, and a deadline so that they answer (503 if need be)
-    // within 2 s even when Redis is frozen or the pool of connections is exhausted.
-    let needs_redis = Router::new()
+    Router::new()
+        .route("/healthz", get(herd::launcher::healthz))
+        .route("/whoami", get(whoami))
+        .route("/slow", get(slow))
+        .route("/stall", get(stall))
         .route("/counter", get(counter))
         .route("/session", get(session_data))
         .route("/login", post(login))
@@ -197,101 +73,105 @@ fn router(state: AppState, redis: RedisClient) -> Router {
             "/limited",
             coordination::limited_route(&redis, state.worker),
         )
-        .with_state(state.clone())
-        // Plain http in this example: browsers drop `Secure` cookies there.
-        .layer(SessionLayer::new(redis.clone()).with_secure(false))
-        .layer(middleware::from_fn_with_state(
-            RedisHealth::start(redis),
-            redis_deadline,
-        ));
-    Router::new()
-        .route("/healthz", get(herd::launcher::healthz))
-        .route("/whoami", get(whoami))
-        .route("/slow", get(slow))
-        .route("/stall", get(stall))
-        .with_state(state)
-        .merge(needs_redis)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+        // Plain http in this example: browsers drop `Secure` cookies there.
+        .layer(SessionLayer::new(redis).with_secure(false))
+        // A plain function on the response: no future of its own per request.
+        .layer(tower::util::MapResponseLayer::new(json_errors))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,herd=info".into()),
+        )
+        // Colour only on a terminal (log files and journald get plain text).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    // This example's defaults (the environment wins): few concurrent WATCHers on ten hot accounts
+    // conflict less than many, so the pool is small and a burst of transfers may queue for a
+    // connection (5 s) while Redis answers, within a 15 s request deadline. While Redis does not
+    // answer, herd's breaker fails requests within about one command timeout (1 s) anyway.
+    for (name, value) in [
+        ("HERD_POOL_SIZE", "4"),
+        ("HERD_POOL_WAIT_MS", "5000"),
+        ("HERD_REQUEST_TIMEOUT_MS", "15000"),
+    ] {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, value); // before any thread exists
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers: usize = flag("workers", cpus)?.max(1);
+    let (port, host): (u16, String) = (flag("port", 3000)?, flag("host", "127.0.0.1".into())?);
+    // The master picks the Redis (maybe a private one, stopped after the workers have drained);
+    // workers inherit REDIS_URL, set before any thread exists.
+    let local_redis = match std::env::var_os("LISTEN_FDS") {
+        None => {
+            let redis = herd::testing::LocalRedis::find_or_start("multi_worker")?;
+            std::env::set_var("REDIS_URL", redis.url());
+            Some(redis)
+        }
+        Some(_) => None,
+    };
+    let result = Launcher::new()
+        .workers(workers)
+        .bind(format!("{host}:{port}"))
+        .name(format!("multi_worker-{port}"))
+        .hang_timeout(hang_timeout_from_env()?)
+        .run(|worker| async move {
+            // Connects lazily: a worker starts (and answers 503 where Redis is needed) while
+            // Redis is down.
+            let redis = RedisClient::new(herd::Config::from_env()?)?;
+            let globals = Globals::new(redis.clone()).with_max_attempts(50);
+            let state = AppState {
+                worker: worker.index(),
+                bank: globals.group("bank")?,
+                stats: globals.group("stats")?,
+                seeded: Arc::new(AtomicBool::new(false)),
+            };
+            if let Err(e) = seed_accounts(&state, false).await {
+                tracing::warn!("worker {:?}: accounts not seeded yet: {e}", worker.index());
+            }
+            tokio::spawn(coordination::tick_job(globals.clone(), worker.shutdown()));
+            let app = router(state, redis).layer(worker.requests());
+            // Reports READY, serves, and on SIGTERM stops accepting, then drains.
+            worker
+                .serve(app)
+                .await
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        });
+    drop(local_redis);
+    result.map_err(Into::into)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
-}
-
-/// 503 with `Retry-After`, as herd answers when Redis is unavailable.
-fn unavailable(message: &str) -> Response {
-    let mut res = error(StatusCode::SERVICE_UNAVAILABLE, message);
-    res.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    let mut res = (status, Json(json!({ "error": message }))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
     res
 }
 
-/// Every answer is JSON: the errors axum makes itself (405 for a wrong method, 413 for a body over
-/// the 2 MB limit, 400 for a query string that does not parse) are plain text or empty; they become
-/// `{"error": TEXT}` here, with their status and headers (`Allow`, `Retry-After`) kept.
-async fn json_errors(res: Response) -> Response {
-    let status = res.status();
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
+/// Every answer is JSON: the errors axum makes itself (405, 413, 400 for a bad query string, ...)
+/// become `{"error": REASON}` here, status and headers (`Allow`) kept.
+fn json_errors(res: Response) -> Response {
+    let is_json = (res.headers().get(header::CONTENT_TYPE))
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = res.status();
     if is_json || !(status.is_client_error() || status.is_server_error()) {
         return res;
     }
-    let (mut parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-        .unwrap_or_default();
-    let message = match text.is_empty() {
-        true => status.canonical_reason().unwrap_or("error").to_owned(),
-        false => text,
-    };
+    let (mut parts, _) = res.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error");
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
-}
-
-/// The contract says: Redis unreachable, the routes that need it answer 503 within 2 s. Each Redis
-/// round trip is bounded (1 s by default), but a request can wait for several: a pooled connection
-/// (up to 5 s in this example, see [`config`]), its health check, `WATCH`, `EXEC`. So a request
-/// still running after [`REDIS_PATIENCE`] looks at the worker's [`RedisHealth`]: Redis silent for
-/// [`REDIS_SILENCE`] means down or frozen, and the request gets its 503 now (dropping it is safe:
-/// a write cut short is at worst applied whole, never half); Redis still answering means it is only
-/// busy (a burst of transfers queueing for connections), and the request goes on.
-async fn redis_deadline(State(health): State<RedisHealth>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    // Routes that cannot answer 200 or 409 without Redis (/session and /me can, for a visitor
-    // without a session).
-    let always_redis = matches!(
-        req.uri().path(),
-        "/counter" | "/hits" | "/accounts" | "/transfer" | "/login"
-    );
-    let run = next.run(req);
-    tokio::pin!(run);
-    let mut wait = REDIS_PATIENCE;
-    loop {
-        tokio::select! {
-            res = &mut run => {
-                let s = res.status();
-                if always_redis && (s.is_success() || s == StatusCode::CONFLICT) {
-                    health.heard();
-                }
-                return res;
-            }
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = CHECK_EVERY;
-        if health.silent_for() >= REDIS_SILENCE {
-            return unavailable("Redis is not answering, please retry");
-        }
-        if started.elapsed() >= REDIS_ROUTE_LIMIT {
-            return unavailable("too busy, please retry");
-        }
-    }
+    let json = HeaderValue::from_static("application/json");
+    parts.headers.insert(header::CONTENT_TYPE, json);
+    Response::from_parts(parts, Body::from(json!({ "error": reason }).to_string()))
 }
 
 async fn whoami(State(s): State<AppState>) -> Json<Value> {
@@ -307,30 +187,27 @@ async fn session_data(session: Session) -> herd::Result<Json<Value>> {
     Ok(Json(json!({ "data": session.entries().await? })))
 }
 
+#[derive(serde::Deserialize)]
+struct Login {
+    user: String,
+}
+
 async fn login(session: Session, body: Bytes) -> Result<Json<Value>, Response> {
-    let user = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("user").and_then(Value::as_str).map(str::to_owned))
-        .filter(|u| {
-            (1..=64).contains(&u.len())
-                && u.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
-        })
-        .ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "expected {\"user\": NAME}, NAME of 1 to 64 letters, digits or _.@-",
-            )
-        })?;
+    let valid = |c: u8| c.is_ascii_alphanumeric() || b"_.@-".contains(&c);
+    let login = serde_json::from_slice::<Login>(&body).ok();
+    let user = login
+        .map(|l| l.user)
+        .filter(|u| u.len() <= 64 && !u.is_empty());
+    let Some(user) = user.filter(|u| u.bytes().all(valid)) else {
+        let expected = "expected {\"user\": NAME}, NAME of 1 to 64 letters, digits or _.@-";
+        return Err(error(StatusCode::BAD_REQUEST, expected));
+    };
     session.cycle_id().await;
-    session
-        .insert("user", &user)
-        .await
-        .map_err(IntoResponse::into_response)?;
-    session
-        .set_owner(&user)
-        .await
-        .map_err(IntoResponse::into_response)?;
+    let stored = async {
+        session.insert("user", &user).await?;
+        session.set_owner(&user).await
+    };
+    stored.await.map_err(IntoResponse::into_response)?;
     Ok(Json(json!({ "user": user })))
 }
 
@@ -352,20 +229,15 @@ async fn hits(State(s): State<AppState>) -> herd::Result<Json<Value>> {
     Ok(Json(json!({ "hits": n })))
 }
 
-fn account_names() -> Vec<String> {
-    (0..ACCOUNTS).map(|i| format!("acct-{i}")).collect()
-}
-
-/// Creates the accounts at 1000 each, all of them or none, only if none exists yet (one optimistic
-/// update of the ten). Each worker remembers that it was done; [`reseed_accounts`] forgets it.
-async fn seed_accounts(s: &AppState) -> herd::Result<()> {
-    if s.seeded.load(Ordering::Relaxed) {
+/// Creates the accounts at 1000 each, all or none, only if none exists (one optimistic update of
+/// the ten, so two workers doing it at once still give 10000). Each worker does it once, and
+/// `again` when Redis lost its data (restarted empty, or flushed).
+async fn seed_accounts(s: &AppState, again: bool) -> herd::Result<()> {
+    if !again && s.seeded.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let names = account_names();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     s.bank
-        .update(&names, |balances: &mut [Option<i64>]| {
+        .update(&ACCOUNTS, |balances: &mut [Option<i64>]| {
             if balances.iter().all(Option::is_none) {
                 balances.iter_mut().for_each(|b| *b = Some(INITIAL_BALANCE));
             }
@@ -376,96 +248,76 @@ async fn seed_accounts(s: &AppState) -> herd::Result<()> {
     Ok(())
 }
 
-/// The accounts were found missing: Redis lost its data (restarted without persistence, or was
-/// flushed). Seed them again, with the same all-or-nothing, only-if-absent update, so that two
-/// workers doing it at once still give 10000 in total.
-async fn reseed_accounts(s: &AppState) -> herd::Result<()> {
-    tracing::warn!(
-        "worker {:?}: the accounts are missing in Redis; seeding them again",
-        s.worker
-    );
-    s.seeded.store(false, Ordering::Relaxed);
-    seed_accounts(s).await
-}
-
-enum TransferError {
-    Insufficient,
+/// Why a transfer's update was refused.
+enum Refused {
+    Funds,
     /// An account does not exist in Redis (it lost its data).
     Missing,
 }
 
+#[derive(serde::Deserialize)]
+struct Transfer {
+    from: String,
+    to: String,
+    amount: u64,
+}
+
 async fn transfer(State(s): State<AppState>, body: Bytes) -> Response {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, m);
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return bad("malformed JSON");
-    };
-    let names = account_names();
-    let (Some(from), Some(to)) = (
-        v.get("from").and_then(Value::as_str),
-        v.get("to").and_then(Value::as_str),
-    ) else {
+    let Ok(Transfer { from, to, amount }) = serde_json::from_slice(&body) else {
         return bad("expected {\"from\": ACCOUNT, \"to\": ACCOUNT, \"amount\": INTEGER}");
     };
-    if !names.iter().any(|n| n == from) || !names.iter().any(|n| n == to) {
-        return bad("unknown account (acct-0 to acct-9)");
+    if !ACCOUNTS.contains(&from.as_str()) || !ACCOUNTS.contains(&to.as_str()) || from == to {
+        return bad("from and to must be two different accounts, acct-0 to acct-9");
     }
-    if from == to {
-        return bad("from and to must differ");
+    if !(1..=MAX_AMOUNT).contains(&amount) {
+        return bad("amount must be an integer from 1 to 1000000");
     }
-    let amount = match v.get("amount").and_then(Value::as_u64) {
-        Some(a) if (1..=MAX_AMOUNT).contains(&a) => a as i64,
-        _ => return bad("amount must be an integer from 1 to 1000000"),
-    };
-    if let Err(e) = seed_accounts(&s).await {
-        return e.into_response();
-    }
-    let pair = [from, to];
-    let attempt = || {
-        s.bank.update(&pair, |balances: &mut [Option<i64>]| {
-            let (Some(a), Some(b)) = (balances[0], balances[1]) else {
-                return Err(TransferError::Missing);
-            };
-            if a < amount {
-                return Err(TransferError::Insufficient);
-            }
-            balances[0] = Some(a - amount);
-            balances[1] = Some(b + amount);
-            Ok(())
-        })
-    };
-    let mut result = attempt().await;
-    if let Err(UpdateError::Aborted(TransferError::Missing)) = result {
-        if let Err(e) = reseed_accounts(&s).await {
+    let amount = amount as i64;
+    // A second round only if the accounts were missing: Redis lost them, seed them again.
+    for again in [false, true] {
+        if let Err(e) = seed_accounts(&s, again).await {
             return e.into_response();
         }
-        result = attempt().await;
+        let pair = [from.as_str(), to.as_str()];
+        let moved = s
+            .bank
+            .update(&pair, |b: &mut [Option<i64>]| match (b[0], b[1]) {
+                (Some(x), Some(y)) if x >= amount => {
+                    (b[0], b[1]) = (Some(x - amount), Some(y + amount));
+                    Ok(())
+                }
+                (Some(_), Some(_)) => Err(Refused::Funds),
+                _ => Err(Refused::Missing),
+            });
+        return match moved.await {
+            Ok(()) => Json(json!({ "ok": true })).into_response(),
+            Err(UpdateError::Aborted(Refused::Missing)) if !again => continue,
+            Err(UpdateError::Aborted(Refused::Missing)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the accounts are being recreated, please retry",
+            ),
+            Err(UpdateError::Aborted(Refused::Funds)) => {
+                error(StatusCode::CONFLICT, "insufficient funds")
+            }
+            // Lost the race too often: busy, not short of funds (409 means that here).
+            Err(UpdateError::Failed(e)) if e.is_conflict() => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "too busy, please retry")
+            }
+            Err(UpdateError::Failed(e)) => e.into_response(),
+        };
     }
-    match result {
-        Ok(()) => Json(json!({ "ok": true })).into_response(),
-        Err(UpdateError::Aborted(TransferError::Insufficient)) => {
-            error(StatusCode::CONFLICT, "insufficient funds")
-        }
-        // Still missing right after seeding them again: Redis is losing data as we go.
-        Err(UpdateError::Aborted(TransferError::Missing)) => {
-            unavailable("the accounts are being recreated, please retry")
-        }
-        // Lost the race `with_max_attempts` times in a row: busy, not short of funds (409 means that
-        // here), so the client is told to retry.
-        Err(UpdateError::Failed(e)) if e.is_conflict() => unavailable("too busy, please retry"),
-        Err(UpdateError::Failed(e)) => e.into_response(),
-    }
+    unreachable!("the loop returns in its second round")
 }
 
 async fn accounts(State(s): State<AppState>) -> herd::Result<Json<Value>> {
-    seed_accounts(&s).await?;
-    let names = account_names();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut balances: Vec<Option<i64>> = s.bank.get_many(&refs).await?;
+    seed_accounts(&s, false).await?;
+    let mut balances: Vec<Option<i64>> = s.bank.get_many(&ACCOUNTS).await?;
     if balances.iter().all(Option::is_none) {
-        reseed_accounts(&s).await?;
-        balances = s.bank.get_many(&refs).await?;
+        seed_accounts(&s, true).await?;
+        balances = s.bank.get_many(&ACCOUNTS).await?;
     }
-    let map: BTreeMap<&str, i64> = refs
+    let map: BTreeMap<&str, i64> = ACCOUNTS
         .iter()
         .zip(&balances)
         .map(|(n, b)| (*n, b.unwrap_or(0)))
@@ -480,124 +332,22 @@ struct SlowQuery {
 }
 
 async fn slow(Query(q): Query<SlowQuery>) -> Response {
-    let Some(ms) =
-        q.ms.as_deref()
-            .and_then(|m| m.parse::<u64>().ok())
-            .filter(|ms| *ms <= MAX_SLOW_MS)
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected ?ms=N, N a whole number of milliseconds from 0 to 30000",
-        );
+    let ms = q.ms.as_deref().and_then(|m| m.parse::<u64>().ok());
+    let Some(ms) = ms.filter(|ms| *ms <= MAX_SLOW_MS) else {
+        let expected = "expected ?ms=N, N a whole number of milliseconds from 0 to 30000";
+        return error(StatusCode::BAD_REQUEST, expected);
     };
     tokio::time::sleep(Duration::from_millis(ms)).await;
     Json(json!({ "slept": ms })).into_response()
 }
 
-/// Command-line flags (three of them: not worth a parser dependency in an example).
-struct Args {
-    workers: usize,
-    port: u16,
-    host: String,
-}
-
-impl Args {
-    fn parse() -> Result<Args, String> {
-        let mut args = Args {
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            port: 3000,
-            host: "127.0.0.1".into(),
-        };
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--workers" => {
-                    args.workers = value()?
-                        .parse()
-                        .ok()
-                        .filter(|n| *n >= 1)
-                        .ok_or("--workers takes a whole number of at least 1")?
-                }
-                "--port" => {
-                    args.port = value()?.parse().map_err(|_| "--port takes a port number")?
-                }
-                "--host" => args.host = value()?,
-                "-h" | "--help" => {
-                    println!("usage: multi_worker [--workers N] [--port P] [--host H]");
-                    std::process::exit(0);
-                }
-                other => return Err(format!("unknown argument {other:?} (try --help)")),
-            }
-        }
-        Ok(args)
-    }
-}
-
-/// A redis-server started for this run when no Redis answers on the default address.
-struct PrivateRedis {
-    child: Arc<Mutex<Child>>,
-    stopping: Arc<AtomicBool>,
-}
-
-impl PrivateRedis {
-    fn ensure() -> Result<Option<PrivateRedis>, String> {
-        if std::env::var_os("REDIS_URL").is_some() {
-            return Ok(None);
-        }
-        let default: SocketAddr = ([127, 0, 0, 1], 6379).into();
-        if TcpStream::connect_timeout(&default, Duration::from_millis(300)).is_ok() {
-            return Ok(None);
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port for a private redis-server: {e}"))?
-            .port();
-        let child = private_redis::spawn_server(port)?;
-        let url = format!("redis://127.0.0.1:{port}");
-        private_redis::wait_until_up(port)?;
-        // Before any thread exists: workers inherit it.
-        std::env::set_var("REDIS_URL", &url);
-        println!(
-            "multi_worker: no Redis on 127.0.0.1:6379, so a private redis-server runs on {url} for \
-             this run (data is not kept; it stops when this program does)"
-        );
-        let child = Arc::new(Mutex::new(child));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (c, s) = (child.clone(), stopping.clone());
-        std::thread::spawn(move || supervise_redis(&c, &s, port));
-        Ok(Some(PrivateRedis { child, stopping }))
-    }
-}
-
-/// Starts redis-server in a process group of its own, so that Ctrl-C (SIGINT to the terminal's
-/// foreground group) reaches only the master, which drains its workers while Redis still serves
-/// them; the master stops Redis afterwards. On Linux it also gets `PR_SET_PDEATHSIG`: if the
-/// master is killed outright (SIGKILL), Redis goes with it instead of lingering.
-/// Restarts the private redis-server if it dies while the program runs.
-fn supervise_redis(child: &Mutex<Child>, stopping: &AtomicBool, port: u16) {
-    while !stopping.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
-        let mut guard = child.lock().unwrap_or_else(|p| p.into_inner());
-        if stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Ok(Some(status)) = guard.try_wait() {
-            eprintln!("multi_worker: the private redis-server exited ({status}); restarting it");
-            match private_redis::spawn_server(port) {
-                Ok(c) => *guard = c,
-                Err(e) => eprintln!("multi_worker: cannot restart redis-server: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
+/// The value of `--NAME VALUE` on the command line, or `default`.
+fn flag<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| *a == format!("--{name}")) {
+        None => Ok(default),
+        Some(i) => (args.get(i + 1).and_then(|v| v.parse().ok()))
+            .ok_or_else(|| format!("--{name} needs a valid value (usage: multi_worker [--workers N] [--port P] [--host H])")),
     }
 }
 

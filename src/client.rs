@@ -15,7 +15,7 @@
 //! | topology | multiplexed connection | dedicated connections (`WATCH`) |
 //! |---|---|---|
 //! | one server, `redis://` or `rediss://` (TLS) | [`ConnectionManager`] | deadpool-redis pool |
-//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`compare_and_swap.lua`) |
+//! | Redis Cluster, `redis+cluster://` | redis-rs `cluster_async` connection (routes by slot, follows `MOVED`/`ASK`) | none: `WATCH` cannot span a cluster client; herd uses a compare-and-swap script instead (`globals/compare_and_swap.lua`) |
 //! | Sentinel, `redis+sentinel://.../<master>` | a multiplexed connection to the master the sentinels name, looked up again after an error | deadpool-redis' sentinel pool |
 //!
 //! **Retries on a cluster.** redis-rs' own retries are turned off (`retries(0)`) because redis-rs
@@ -27,9 +27,57 @@
 //! There is no per-node response timeout inside redis-rs: herd's own timeout drops the request, and a
 //! dropped request is never retried by redis-rs.
 //!
+//! # Deadlines and fail-fast: what Redis trouble costs a request
+//!
 //! Every wait is bounded: connecting, each round trip ([`Config::command_timeout`]), waiting for a
 //! pooled connection, recycling one. A round trip that times out is an error the caller sees at once
-//! ([`Error::Unavailable`] for reads, [`Error::OutcomeUnknown`] for writes), never a hang.
+//! ([`Error::Unavailable`] for reads, [`Error::OutcomeUnknown`] for writes), never a hang. Two rules
+//! on top of those bounds make Redis trouble cheap for the requests that meet it:
+//!
+//! **One deadline per request.** [`SessionLayer`](crate::SessionLayer) (and, for apps that use only
+//! globals, [`RequestDeadlineLayer`]) gives each request a deadline: the time it reached the layer
+//! plus [`Config::request_timeout`] (`HERD_REQUEST_TIMEOUT_MS`, default 2 s). Every Redis call made
+//! for that request — session load and save, globals, the wait for a pooled connection, `WATCH`,
+//! `EXEC`, the compare-and-swap script — ends by the earlier of its own timeout and that deadline,
+//! so a request that makes three round trips during a stall fails after one deadline, not three. A
+//! call made once the deadline has passed fails at once, without sending anything. The deadline is
+//! an instant kept in a tokio task-local: no timer is armed per request, only the one a round trip
+//! arms while it actually waits for Redis. Outside a request (a spawned task, a job) only the
+//! per-call timeouts apply, or a deadline of your own with [`with_deadline`].
+//!
+//! **A circuit breaker per client.** Each [`RedisClient`] (and its clones) keeps a breaker fed by
+//! its own traffic:
+//!
+//! | state | calls | leaves it when |
+//! |---|---|---|
+//! | closed | go out | calls get no answer (timeout, connection refused or dropped, I/O error) for 500 ms, **and no call was answered since the first of them began**: then open |
+//! | open | fail at once with [`Error::Unavailable`] (503 + `Retry-After`), nothing sent; calls waiting for a pooled connection stop waiting and fail too | the probe task's next tick (every 200 ms): half-open |
+//! | half-open | fail at once; one `PING` (the probe) is in flight, bounded by the command timeout | the probe is answered: closed; it is not: open again |
+//!
+//! "No call answered since the first began" is what tells a stopped or frozen Redis from a busy
+//! one: under a burst a slow reply times out while others keep arriving, and the breaker stays
+//! closed. The 500 ms of silence keep one dropped connection (redis-rs reconnects at once), a call
+//! cut short by a nearly spent deadline, or a distant Redis from opening it.
+//! Any answer (a value or an error reply) closes the breaker, and so does a call already in flight
+//! that is answered late. A wait for a pooled connection that lasts a command timeout with no
+//! answer from Redis to anyone meanwhile counts as silence too (deadpool checks idle connections
+//! one by one before lending one). While closed and idle (no answer for 2 s), the probe task sends a `PING`
+//! too, so that an idle worker learns about an outage before its next visitor does. Probes are not
+//! counted in [`round_trips`](RedisClient::round_trips). Nothing is retried by the breaker: a call
+//! that failed is reported as it failed (a write whose reply never came stays
+//! [`Error::OutcomeUnknown`]), and a call refused by an open breaker was never sent. The state is
+//! visible through [`RedisClient::health`], the `herd_redis_breaker_open` gauge and
+//! `herd_redis_breaker_opened_total` counter (feature `metrics`, see [`observe`](crate::observe)),
+//! and, under the launcher with `--metrics` or `--dashboard`, in the `redis` column of
+//! `herd status` and on the dashboard (`closed`, or `open` and since when). Without a tokio
+//! runtime at [`RedisClient::new`] there is no probe task, and the breaker never opens.
+//!
+//! **Choosing the deadline.** The breaker makes outages cheap whatever the deadline: against a
+//! stopped or frozen Redis, a request fails within about one command timeout, the next ones at
+//! once. The deadline bounds what a *slow but answering* Redis may cost: a request queueing for a
+//! pooled connection behind a burst of `WATCH` transactions, or retrying a contended update. Raise
+//! it for routes that may wait (the flagship example allows 15 s for its transfers), lower it to
+//! shed load sooner.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,11 +92,18 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::topology::Topology;
 
+mod breaker;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod commands;
+mod deadline;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+
+use breaker::Breaker;
+pub(crate) use breaker::Heard;
+pub use breaker::{BreakerState, RedisHealth};
+pub use deadline::{with_deadline, RequestDeadline, RequestDeadlineLayer, WithDeadline};
 
 /// A cheap-to-clone handle on Redis: one multiplexed connection plus a pool of dedicated connections,
 /// with the [`Config`] they were made from.
@@ -70,6 +125,7 @@ struct Inner {
     shared: Shared,
     pool: DedicatedPool,
     round_trips: AtomicU64,
+    breaker: Breaker,
 }
 
 /// The multiplexed connection of each topology.
@@ -229,78 +285,7 @@ impl std::fmt::Debug for RedisClient {
     }
 }
 
-impl RedisClient {
-    /// Clients for pub/sub connections (each subscription has its own connection): the server
-    /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
-    ///
-    /// # Errors
-    /// [`Error::Config`] if a node's URL cannot be used.
-    pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
-        let config = &self.inner.config;
-        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
-            crate::topology::Topology::Single(url) => vec![url],
-            crate::topology::Topology::Cluster(nodes) => nodes,
-            // Through Sentinel the master is asked for at each (re)connection: see
-            // `pubsub_master_client`.
-            crate::topology::Topology::Sentinel { .. } => Vec::new(),
-        };
-        urls.iter()
-            .map(|url| {
-                single_client(config, url)
-                    .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
-            })
-            .collect()
-    }
-}
-
-impl RedisClient {
-    /// Through Sentinel: a client for the current master (asked of the sentinels now), for a
-    /// pub/sub connection. `None` for other topologies.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`] when no sentinel names a reachable master.
-    pub(crate) async fn pubsub_master_client(&self) -> Result<Option<redis::Client>> {
-        match &self.inner.shared {
-            #[cfg(feature = "sentinel")]
-            Shared::Sentinel(master) => {
-                master
-                    .client_now()
-                    .await
-                    .map(Some)
-                    .map_err(|e| Error::Unavailable {
-                        reason: "no master named by the sentinels".into(),
-                        source: Some(e),
-                    })
-            }
-            _ => Ok(None),
-        }
-    }
-}
-
-/// Opens a single-server client, with the configured CA for `rediss://`.
-fn single_client(config: &Config, url: &str) -> redis::RedisResult<redis::Client> {
-    #[cfg(feature = "tls")]
-    if let Some(ca) = &config.ca_pem {
-        return redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            },
-        );
-    }
-    let _ = config;
-    redis::Client::open(url)
-}
-
-fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
-    let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
-    pool.timeouts.wait = Some(config.pool_wait_timeout);
-    pool.timeouts.create = Some(config.connect_timeout);
-    pool.timeouts.recycle = Some(config.command_timeout);
-    pool
-}
-
+/// Construction: nothing touches the network until the first call.
 impl RedisClient {
     /// Builds the client without touching the network: connections open on first use, so a worker
     /// starts (and answers 503 where Redis is needed) even while Redis is down. Must be called inside
@@ -404,15 +389,18 @@ impl RedisClient {
             _ => return Err(bad(&"this topology needs a cargo feature of herd")),
         };
 
-        Ok(RedisClient {
+        let client = RedisClient {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
                 config,
                 shared,
                 pool,
                 round_trips: AtomicU64::new(0),
+                breaker: Breaker::new(tokio::runtime::Handle::try_current().is_ok()),
             }),
-        })
+        };
+        client.spawn_probe();
+        Ok(client)
     }
 
     /// [`new`](Self::new), then one `PING` to prove Redis answers.
@@ -438,7 +426,10 @@ impl RedisClient {
         debug_assert_eq!(pong, "PONG");
         Ok(())
     }
+}
 
+/// What the client is and what it has done.
+impl RedisClient {
     /// The configuration this client was built from.
     pub fn config(&self) -> &Config {
         &self.inner.config
@@ -448,6 +439,12 @@ impl RedisClient {
     /// check the round-trip budget; it is also a cheap metric.
     pub fn round_trips(&self) -> u64 {
         self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
+    pub(crate) fn count_round_trip(&self) {
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        crate::observe::round_trip();
     }
 
     pub(crate) fn keys(&self) -> &Keys {
@@ -464,6 +461,21 @@ impl RedisClient {
         }
     }
 
+    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
+    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
+    /// API). Always 0 on other topologies.
+    #[doc(hidden)]
+    pub fn cluster_redirects(&self) -> u64 {
+        match &self.inner.shared {
+            #[cfg(feature = "cluster")]
+            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+}
+
+/// Round trips on the shared connection, bounded by the command timeout and the request's deadline.
+impl RedisClient {
     /// The multiplexed connection (connecting it first on a cluster or through Sentinel), for a
     /// round trip that may write (`wrote`) or not.
     async fn connection(&self, wrote: bool) -> redis::RedisResult<Connection> {
@@ -487,27 +499,54 @@ impl RedisClient {
         }
     }
 
-    /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout.
+    /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout and
+    /// the request's deadline; refused at once while the breaker is open (see the module docs).
     /// `wrote` says whether the command can change data (it decides how a lost reply is reported).
     /// On a cluster the command or pipeline must stay within one hash slot.
-    pub(crate) async fn run<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    ///
+    /// Not an `async fn` of its own (nor is [`run_alongside`](Self::run_alongside)): the future
+    /// is the round trip's, one level less in every handler's future (rustc's layout depth limit).
+    pub(crate) fn run<'a, T, F, Fut>(
+        &'a self,
+        wrote: bool,
+        f: F,
+    ) -> impl Future<Output = Result<T>> + 'a
     where
-        F: FnOnce(Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(Connection) -> Fut + 'a,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+        T: 'a,
     {
-        self.count_round_trip();
-        self.run_alongside(wrote, f).await
+        self.shared_round_trip(wrote, Gate::Counted, f)
     }
 
     /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
     /// commands for other slots that travel in parallel): not counted as a round trip of its own.
-    pub(crate) async fn run_alongside<T, F, Fut>(&self, wrote: bool, f: F) -> Result<T>
+    pub(crate) fn run_alongside<'a, T, F, Fut>(
+        &'a self,
+        wrote: bool,
+        f: F,
+    ) -> impl Future<Output = Result<T>> + 'a
+    where
+        F: FnOnce(Connection) -> Fut + 'a,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+        T: 'a,
+    {
+        self.shared_round_trip(wrote, Gate::Uncounted, f)
+    }
+
+    /// A round trip on the shared connection: refused at once while the breaker is open (except a
+    /// probe), counted (or not), bounded, and fed to the breaker.
+    async fn shared_round_trip<T, F, Fut>(&self, wrote: bool, gate: Gate, f: F) -> Result<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let timeout = self.inner.config.command_timeout;
-        let started = std::time::Instant::now(); // observe: latency histogram, error counter
+        if gate != Gate::Probe && !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        if gate == Gate::Counted {
+            self.count_round_trip();
+        }
         let mut used = None; // the Sentinel connection the round trip went out on
         let used_slot = &mut used;
         let round_trip = async move {
@@ -515,21 +554,12 @@ impl RedisClient {
             *used_slot = conn.sentinel_generation();
             f(conn).await
         };
-        let outcome = tokio::time::timeout(timeout, round_trip).await;
+        let bound = self.bound()?;
+        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
         if outcome.is_err() {
             self.forget_after_timeout(used);
         }
-        let result = match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Error::from_redis(e, wrote, timeout)),
-            Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
-            Err(_elapsed) => Err(Error::Unavailable {
-                reason: format!("no reply from Redis within {timeout:?}"),
-                source: None,
-            }),
-        };
-        crate::observe::redis_round_trip(started.elapsed(), result.is_ok());
-        result
+        self.settle(wrote, &bound, outcome)
     }
 
     /// Sends commands that may belong to different hash slots: one pipeline on a single server or
@@ -558,6 +588,81 @@ impl RedisClient {
         replies.into_iter().collect()
     }
 
+    /// Starts a bounded round trip: its limit is the earlier of the command timeout and the
+    /// request's deadline (a call made once the deadline passed fails at once, nothing sent).
+    /// Sync, with [`settle`](Self::settle), so that the callers await the round trip themselves:
+    /// one async layer less in every handler's future.
+    #[inline]
+    fn bound(&self) -> Result<Bound> {
+        let started = std::time::Instant::now(); // observe: latency histogram, error counter
+        let (limit, by_deadline) = self.limit(started, self.inner.config.command_timeout);
+        if by_deadline && limit <= started {
+            return Err(deadline_passed());
+        }
+        Ok(Bound {
+            started,
+            limit: limit.into(),
+            budget: limit - started,
+            by_deadline,
+        })
+    }
+
+    /// Classifies a bounded round trip's outcome and feeds it to the breaker.
+    fn settle<T>(
+        &self,
+        wrote: bool,
+        bound: &Bound,
+        outcome: std::result::Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
+        let ended = std::time::Instant::now();
+        let started = bound.started;
+        let waited = ended - started;
+        let breaker = &self.inner.breaker;
+        let result = match outcome {
+            Ok(Ok(value)) => {
+                breaker.record(started, ended, Heard::Answer);
+                Ok(value)
+            }
+            Ok(Err(e)) => {
+                breaker.record(started, ended, heard(&e));
+                Err(Error::from_redis(e, wrote, bound.budget))
+            }
+            Err(_elapsed) => {
+                breaker.record(started, ended, Heard::Silence);
+                Err(no_reply(wrote, waited, bound.by_deadline))
+            }
+        };
+        crate::observe::redis_round_trip(waited, result.is_ok());
+        result
+    }
+
+    /// When a wait that began at `now` and may last `own` must end: the earlier of `now + own` and
+    /// the request's deadline; `true` when the deadline is the bound.
+    #[inline]
+    fn limit(&self, now: std::time::Instant, own: Duration) -> (std::time::Instant, bool) {
+        let own = now + own;
+        match deadline::current() {
+            Some(deadline) if deadline < own => (deadline, true),
+            _ => (own, false),
+        }
+    }
+
+    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
+    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
+    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
+    /// because the timeout drops the request first — and without this herd would keep sending to
+    /// it after the sentinels promoted its replica, until it thawed.
+    fn forget_after_timeout(&self, generation: Option<u64>) {
+        #[cfg(feature = "sentinel")]
+        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
+            master.forget(generation, "no reply within the command timeout");
+        }
+        let _ = generation;
+    }
+}
+
+/// Dedicated (pooled) connections for `WATCH`.
+impl RedisClient {
     /// Checks out a dedicated connection (for `WATCH`): waits at most the pool wait timeout for a
     /// free slot, then at most one connect or command timeout to make a connection usable — the
     /// whole checkout is bounded by their sum. (deadpool pings an idle connection before lending
@@ -566,10 +671,26 @@ impl RedisClient {
     ///
     /// On a Redis Cluster there is none ([`Error::Unsupported`]): a `WATCH` must run on a connection to the
     /// node owning the slot, which the cluster client does not lend out. Use
-    /// [`compare_and_swap`](Self::compare_and_swap) there (it works on every topology).
+    /// the compare-and-swap script of `globals` there (it works on every topology).
     pub(crate) async fn dedicated(&self) -> Result<DedicatedConnection> {
-        let pool_wait = self.inner.config.pool_wait_timeout;
+        // Registered before the check, so that an opening in between is not missed.
+        let opening = self.inner.breaker.opening();
+        tokio::pin!(opening);
+        opening.as_mut().enable();
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
+        }
+        let config = &self.inner.config;
+        let pool_wait = config.pool_wait_timeout;
         let started = std::time::Instant::now(); // observe: pool wait histogram
+        let (limit, by_deadline) = self.limit(
+            started,
+            pool_wait + config.connect_timeout.max(config.command_timeout),
+        );
+        if by_deadline && limit <= started {
+            return Err(deadline_passed());
+        }
+        let breaker = &self.inner.breaker;
         let unavailable = |e: deadpool_redis::PoolError| match e {
             deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
                 Error::Unavailable {
@@ -577,10 +698,21 @@ impl RedisClient {
                     source: None,
                 }
             }
+            // Opening or checking a connection got no answer.
+            deadpool_redis::PoolError::Timeout(_) => {
+                let now = std::time::Instant::now();
+                breaker.record(started, now, Heard::Silence);
+                Error::Unavailable {
+                    reason: "no answer from Redis while opening or checking a pooled connection"
+                        .into(),
+                    source: None,
+                }
+            }
             // Opening a connection failed: the same words as for the shared connection (an
             // untrusted TLS certificate says so), always "unavailable".
             deadpool_redis::PoolError::Backend(e) => {
-                match Error::from_redis(e, false, self.inner.config.command_timeout) {
+                breaker.record(started, std::time::Instant::now(), heard(&e));
+                match Error::from_redis(e, false, config.command_timeout) {
                     Error::Redis(e) => Error::Unavailable {
                         reason: "cannot open a pooled Redis connection".into(),
                         source: Some(e),
@@ -593,7 +725,9 @@ impl RedisClient {
                 source: None,
             },
         };
-        let checkout = async {
+        // Boxed: deadpool's checkout future is large (kilobytes), and it would otherwise sit in the
+        // future of every `update` (clippy's `large_futures`). One allocation per checkout.
+        let checkout = Box::pin(async {
             match &self.inner.pool {
                 DedicatedPool::Single(pool) => pool
                     .get()
@@ -612,15 +746,41 @@ impl RedisClient {
                         .into(),
                 )),
             }
-        };
-        let config = &self.inner.config;
-        let limit = pool_wait + config.connect_timeout.max(config.command_timeout);
+        });
         // Dropping the checkout midway is clean: deadpool discards a connection it was checking.
-        let conn = tokio::time::timeout(limit, checkout)
+        // A wait cut short is not fed to the breaker: it may be a queue for a free connection.
+        // The breaker opening while it waits ends the wait at once. So does a checkout that is
+        // still pending after a command timeout with no answer from Redis to anyone meanwhile:
+        // deadpool checks idle connections one by one (each check up to a command timeout), and
+        // against a frozen Redis that is silence like any other.
+        let silence = async {
+            loop {
+                tokio::time::sleep(config.command_timeout).await;
+                if !breaker.answered_since(started) {
+                    breaker.record(started, std::time::Instant::now(), Heard::Silence);
+                    if !breaker.admits() {
+                        return;
+                    }
+                }
+            }
+        };
+        let checkout = async {
+            tokio::select! {
+                conn = checkout => conn,
+                () = opening => Err(circuit_open()),
+                () = silence => Err(circuit_open()),
+            }
+        };
+        let conn = tokio::time::timeout_at(limit.into(), checkout)
             .await
             .unwrap_or_else(|_elapsed| {
+                let waited = started.elapsed();
                 Err(Error::Unavailable {
-                    reason: format!("no usable pooled Redis connection within {limit:?}"),
+                    reason: if by_deadline {
+                        format!("no usable pooled Redis connection before the request's deadline ({waited:?})")
+                    } else {
+                        format!("no usable pooled Redis connection within {waited:?}")
+                    },
                     source: None,
                 })
             });
@@ -628,158 +788,194 @@ impl RedisClient {
         conn
     }
 
-    /// Optimistic write that works on every topology (single server, Sentinel, Redis Cluster): sets
-    /// `keys[i]` to `new[i]` (`None` deletes it, a value keeps the key's TTL) **only if** every key
-    /// still holds `expected[i]` (`None`: the key must not exist), all in one script, so atomically.
-    /// Returns `Ok(true)` when written, `Ok(false)` when some key had changed (read again and retry,
-    /// with jitter, like a failed `WATCH`).
-    ///
-    /// This is the cluster replacement for `WATCH`/`MULTI`/`EXEC`: on a cluster the keys must share a
-    /// hash tag (one group of globals), else Redis answers `CROSSSLOT`. Values are compared as bytes.
-    /// A timeout is [`Error::OutcomeUnknown`], as for every write; running the same call again is
-    /// then safe: if the first one was applied the keys no longer hold `expected` (unless
-    /// `new == expected`) and it answers `false`.
+    /// One round trip on a dedicated connection (`WATCH`, `MULTI`/`EXEC`): refused at once while
+    /// the breaker is open, bounded like every round trip (command timeout, request deadline),
+    /// its outcome fed to the breaker. The caller counts the round trip.
     ///
     /// # Errors
-    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`], or [`Error::Redis`] (a key holds a
-    /// non-string value, `CROSSSLOT`).
-    pub(crate) async fn compare_and_swap(
+    /// [`Error::Unavailable`], [`Error::OutcomeUnknown`] (a write timed out), or the error Redis
+    /// answered, classified as [`Error::from_redis`] does.
+    pub(crate) async fn on_dedicated<T>(
         &self,
-        keys: &[String],
-        expected: &[Option<Vec<u8>>],
-        new: &[Option<Vec<u8>>],
-    ) -> Result<bool> {
-        static CAS: std::sync::LazyLock<redis::Script> =
-            std::sync::LazyLock::new(|| redis::Script::new(include_str!("compare_and_swap.lua")));
-        assert!(keys.len() == expected.len() && keys.len() == new.len());
-        let mut invocation = CAS.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
+        wrote: bool,
+        round_trip: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        if !self.inner.breaker.admits() {
+            return Err(circuit_open());
         }
-        for value in expected.iter().chain(new) {
-            match value {
-                Some(v) => invocation.arg(1).arg(v.as_slice()),
-                None => invocation.arg(0).arg(""),
-            };
-        }
-        let written: i64 = self
-            .run(true, |mut c| async move {
-                invocation.invoke_async(&mut c).await
+        let bound = self.bound()?;
+        let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
+        self.settle(wrote, &bound, outcome)
+    }
+}
+
+/// Redis' health: the circuit breaker and its probe.
+impl RedisClient {
+    /// What this client knows of Redis' health: the breaker's state and since when (see the
+    /// [module docs](self)).
+    pub fn health(&self) -> RedisHealth {
+        self.inner.breaker.health()
+    }
+
+    /// Starts the probe task (see the [module docs](self)) if a tokio runtime is running. It holds
+    /// the client weakly and ends once every clone of the client is dropped.
+    fn spawn_probe(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(breaker::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = RedisClient { inner };
+                if client.inner.breaker.wants_probe(std::time::Instant::now()) {
+                    let probe = client
+                        .shared_round_trip(false, Gate::Probe, |mut c| async move {
+                            redis::cmd("PING").query_async::<()>(&mut c).await
+                        })
+                        .await;
+                    // The outcome was fed to the breaker; a half-open breaker that heard nothing
+                    // conclusive (the deadline of no request applies here) goes back to open.
+                    if probe.is_err() {
+                        client.inner.breaker.probe_abandoned();
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Pub/sub: connections of their own.
+impl RedisClient {
+    /// Clients for pub/sub connections (each subscription has its own connection): the server
+    /// itself; on a cluster every node, tried in turn (a `PUBLISH` reaches subscribers on every node).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if a node's URL cannot be used.
+    pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
+        let config = &self.inner.config;
+        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
+            crate::topology::Topology::Single(url) => vec![url],
+            crate::topology::Topology::Cluster(nodes) => nodes,
+            // Through Sentinel the master is asked for at each (re)connection: see
+            // `pubsub_master_client`.
+            crate::topology::Topology::Sentinel { .. } => Vec::new(),
+        };
+        urls.iter()
+            .map(|url| {
+                single_client(config, url)
+                    .map_err(|e| Error::Config(format!("REDIS_URL `{}`: {e}", redact_url(url))))
             })
-            .await?;
-        Ok(written == 1)
+            .collect()
     }
 
-    /// Counts one round trip made outside [`run`](Self::run) (on a dedicated connection).
-    pub(crate) fn count_round_trip(&self) {
-        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        crate::observe::round_trip();
-    }
-
-    /// After a round trip timed out: through Sentinel, drops the master connection it went out on
-    /// (`generation`), so the next request asks the sentinels again. A frozen or partitioned master
-    /// answers nothing at all — no error ever reaches [`sentinel::MasterConnection`]'s own checks,
-    /// because the timeout drops the request first — and without this herd would keep sending to
-    /// it after the sentinels promoted its replica, until it thawed.
-    fn forget_after_timeout(&self, generation: Option<u64>) {
-        #[cfg(feature = "sentinel")]
-        if let (Shared::Sentinel(master), Some(generation)) = (&self.inner.shared, generation) {
-            master.forget(generation, "no reply within the command timeout");
-        }
-        let _ = generation;
-    }
-
-    /// How many times a request of this client (and its clones) to a Redis Cluster was re-sent
-    /// after the server refused it with `MOVED` or `ASK` (for tests and diagnostics; not a stable
-    /// API). Always 0 on other topologies.
-    #[doc(hidden)]
-    pub fn cluster_redirects(&self) -> u64 {
+    /// Through Sentinel: a client for the current master (asked of the sentinels now), for a
+    /// pub/sub connection. `None` for other topologies.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no sentinel names a reachable master.
+    pub(crate) async fn pubsub_master_client(&self) -> Result<Option<redis::Client>> {
         match &self.inner.shared {
-            #[cfg(feature = "cluster")]
-            Shared::Cluster(cluster) => cluster.redirects.load(Ordering::Relaxed),
-            _ => 0,
+            #[cfg(feature = "sentinel")]
+            Shared::Sentinel(master) => {
+                master
+                    .client_now()
+                    .await
+                    .map(Some)
+                    .map_err(|e| Error::Unavailable {
+                        reason: "no master named by the sentinels".into(),
+                        source: Some(e),
+                    })
+            }
+            _ => Ok(None),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A throwaway `redis-server` for the crate-private helpers (the integration tests have the full
-    /// harness in `tests/support`).
-    struct Server(std::process::Child, u16);
-
-    impl Server {
-        fn start() -> Server {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port");
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH");
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "redis-server did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Server(child, port)
-        }
+/// Opens a single-server client, with the configured CA for `rediss://`.
+fn single_client(config: &Config, url: &str) -> redis::RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    if let Some(ca) = &config.ca_pem {
+        return redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        );
     }
+    let _ = config;
+    redis::Client::open(url)
+}
 
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+fn pool_config(config: &Config) -> deadpool_redis::PoolConfig {
+    let mut pool = deadpool_redis::PoolConfig::new(config.pool_size);
+    pool.timeouts.wait = Some(config.pool_wait_timeout);
+    pool.timeouts.create = Some(config.connect_timeout);
+    pool.timeouts.recycle = Some(config.command_timeout);
+    pool
+}
+
+/// How a round trip on the shared connection passes the breaker and the round-trip count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// A round trip of its own: refused while the breaker is open, counted.
+    Counted,
+    /// Sent alongside a counted one: refused while open, not counted.
+    Uncounted,
+    /// The breaker's probe: always sent, never counted.
+    Probe,
+}
+
+/// A round trip under way: when it began, when it must end, and whether the request's deadline
+/// (rather than the command timeout) is what ends it.
+struct Bound {
+    started: std::time::Instant,
+    limit: tokio::time::Instant,
+    /// How long it may wait (reported by a write whose reply is lost).
+    budget: Duration,
+    by_deadline: bool,
+}
+
+/// The error of a call refused by an open breaker: nothing was sent.
+fn circuit_open() -> Error {
+    Error::Unavailable {
+        reason: "Redis is not answering (circuit breaker open): failing fast until a probe gets an answer".into(),
+        source: None,
     }
+}
 
-    #[tokio::test]
-    async fn compare_and_swap_writes_only_what_was_read() {
-        let server = Server::start();
-        let config = Config::builder()
-            .redis_url(format!("redis://127.0.0.1:{}", server.1))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
-            .build()
-            .expect("config");
-        let client = RedisClient::connect(config).await.expect("connect");
-        let keys = ["t:g:{bank}:a".to_owned(), "t:g:{bank}:b".to_owned()];
-        let v = |s: &str| Some(s.as_bytes().to_vec());
-        // Both absent: create them.
-        assert!(client
-            .compare_and_swap(&keys, &[None, None], &[v("10"), v("0")])
-            .await
-            .expect("cas"));
-        // A stale read: nothing written.
-        assert!(!client
-            .compare_and_swap(&keys, &[v("9"), v("0")], &[v("0"), v("9")])
-            .await
-            .expect("cas"));
-        // The current values: moved, and a delete.
-        assert!(client
-            .compare_and_swap(&keys, &[v("10"), v("0")], &[v("4"), None])
-            .await
-            .expect("cas"));
-        let (a, b): (Option<String>, Option<String>) = client
-            .run(false, |mut c| async move {
-                redis::cmd("MGET")
-                    .arg("t:g:{bank}:a")
-                    .arg("t:g:{bank}:b")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await
-            .expect("mget");
-        assert_eq!((a.as_deref(), b), (Some("4"), None));
+/// The error of a call made after its request's deadline: nothing was sent.
+fn deadline_passed() -> Error {
+    Error::Unavailable {
+        reason: "the request's deadline for Redis calls has passed".into(),
+        source: None,
+    }
+}
+
+/// A round trip that got no reply within `waited`.
+fn no_reply(wrote: bool, waited: Duration, by_deadline: bool) -> Error {
+    match (wrote, by_deadline) {
+        (true, _) => Error::OutcomeUnknown { timeout: waited },
+        (false, true) => Error::Unavailable {
+            reason: format!("no reply from Redis before the request's deadline ({waited:?})"),
+            source: None,
+        },
+        (false, false) => Error::Unavailable {
+            reason: format!("no reply from Redis within {waited:?}"),
+            source: None,
+        },
+    }
+}
+
+/// Whether an error means Redis answered (an error reply) or did not (no reply, no connection).
+fn heard(e: &redis::RedisError) -> Heard {
+    if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        Heard::Silence
+    } else {
+        Heard::Answer
     }
 }

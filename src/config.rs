@@ -10,6 +10,7 @@
 //! | `HERD_OLD_SECRETS` | comma-separated earlier secrets still accepted when verifying cookies (key rotation) | none |
 //! | `HERD_PREFIX` | prefix of every Redis key herd writes | `herd` |
 //! | `HERD_REDIS_TIMEOUT_MS` | longest wait for one Redis round trip (connecting included) | `1000` |
+//! | `HERD_REQUEST_TIMEOUT_MS` | longest time all the Redis calls of one request may take together, pool waits included (the request deadline; see [`client`](crate::client#deadlines-and-fail-fast-what-redis-trouble-costs-a-request)) | `2000` |
 //! | `HERD_CONNECT_TIMEOUT_MS` | longest wait to open a connection | `1000` |
 //! | `HERD_POOL_SIZE` | connections in the pool of dedicated connections (used for `WATCH`) | `16` |
 //! | `HERD_POOL_WAIT_MS` | longest wait for a free pooled connection | `1000` |
@@ -44,6 +45,7 @@ pub struct Config {
     pub(crate) key_is_ephemeral: bool,
     pub(crate) prefix: String,
     pub(crate) command_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
     pub(crate) pool_wait_timeout: Duration,
@@ -61,6 +63,7 @@ impl fmt::Debug for Config {
             .field("key_is_ephemeral", &self.key_is_ephemeral)
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
@@ -110,6 +113,12 @@ impl Config {
         self.command_timeout
     }
 
+    /// The request deadline: the longest time all the Redis calls made for one request may take
+    /// together (see the [client module docs](crate::client)).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// True when no secret was configured and a random per-process key is in use.
     pub fn key_is_ephemeral(&self) -> bool {
         self.key_is_ephemeral
@@ -124,6 +133,7 @@ pub struct ConfigBuilder {
     old_secrets: Vec<Secret>,
     prefix: Option<String>,
     command_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
     pool_size: Option<usize>,
     pool_wait_timeout: Option<Duration>,
@@ -235,6 +245,7 @@ impl ConfigBuilder {
             b.ca_file = Some(path.into());
         }
         b.command_timeout = millis("HERD_REDIS_TIMEOUT_MS")?;
+        b.request_timeout = millis("HERD_REQUEST_TIMEOUT_MS")?;
         b.connect_timeout = millis("HERD_CONNECT_TIMEOUT_MS")?;
         b.pool_wait_timeout = millis("HERD_POOL_WAIT_MS")?;
         if let Some(size) = var("HERD_POOL_SIZE") {
@@ -327,6 +338,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// The request deadline: the longest time all the Redis calls of one request may take
+    /// together, pool waits included. Default 2 s. See the [client module docs](crate::client).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
     /// The longest wait to open a connection. Default 1 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
@@ -400,6 +418,10 @@ impl ConfigBuilder {
             key_is_ephemeral,
             prefix,
             command_timeout: positive("the Redis timeout", self.command_timeout)?,
+            request_timeout: positive(
+                "the request timeout",
+                self.request_timeout.or(Some(Duration::from_secs(2))),
+            )?,
             connect_timeout: positive("the connect timeout", self.connect_timeout)?,
             pool_size,
             pool_wait_timeout: positive("the pool wait timeout", self.pool_wait_timeout)?,
@@ -548,6 +570,7 @@ mod tests {
             ("HERD_OLD_SECRETS", &old_list),
             ("HERD_PREFIX", "shop-1.prod:eu"),
             ("HERD_REDIS_TIMEOUT_MS", "250"),
+            ("HERD_REQUEST_TIMEOUT_MS", "1500"),
             ("HERD_CONNECT_TIMEOUT_MS", " 750 "),
             ("HERD_POOL_SIZE", "3"),
             ("HERD_POOL_WAIT_MS", "1500"),
@@ -567,6 +590,7 @@ mod tests {
         );
         assert_eq!(config.prefix(), "shop-1.prod:eu");
         assert_eq!(config.command_timeout(), Duration::from_millis(250));
+        assert_eq!(config.request_timeout(), Duration::from_millis(1500));
         assert_eq!(config.connect_timeout, Duration::from_millis(750));
         assert_eq!(config.pool_size, 3);
         assert_eq!(config.pool_wait_timeout, Duration::from_millis(1500));
@@ -596,6 +620,7 @@ mod tests {
             assert_eq!(config.redis_url(), "redis://127.0.0.1:6379");
             assert_eq!(config.prefix(), "herd");
             assert_eq!(config.command_timeout(), Duration::from_secs(1));
+            assert_eq!(config.request_timeout(), Duration::from_secs(2));
             assert_eq!(config.connect_timeout, Duration::from_secs(1));
             assert_eq!(config.pool_wait_timeout, Duration::from_secs(1));
             assert_eq!(config.pool_size, 16);
@@ -672,6 +697,11 @@ mod tests {
                 vec![("HERD_REDIS_TIMEOUT_MS", "0")],
                 "HERD_REDIS_TIMEOUT_MS",
                 "above zero",
+            ),
+            (
+                vec![("HERD_REQUEST_TIMEOUT_MS", "2s")],
+                "HERD_REQUEST_TIMEOUT_MS",
+                "`2s`",
             ),
             (
                 vec![("HERD_CONNECT_TIMEOUT_MS", "-5")],

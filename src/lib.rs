@@ -57,6 +57,8 @@ pub mod launcher;
 pub mod observe;
 pub mod rate_limit;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub(crate) mod topology;
 
 pub use crate::client::RedisClient;

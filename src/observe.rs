@@ -23,6 +23,9 @@
 //! | `herd_redis_command_seconds` | histogram | latency of each round trip on the shared connection |
 //! | `herd_redis_errors_total` | counter | round trips that failed or timed out |
 //! | `herd_redis_pool_wait_seconds` | histogram | wait for a dedicated (pooled) connection |
+//! | `herd_redis_breaker_open` | gauge | 1 while the client's circuit breaker is open or half-open (Redis not answering), 0 when closed ([`client`](crate::client)) |
+//! | `herd_redis_breaker_opened_total` | counter | times the breaker opened |
+//! | `herd_redis_breaker_changed_seconds` | gauge | Unix time of the breaker's last opening or closing (shown by `herd status` and the dashboard) |
 //! | `herd_update_conflicts_total` | counter | optimistic updates that lost a race (`WATCH` fired) |
 //! | `herd_update_retries_total` | counter | retries after such a conflict |
 //!
@@ -54,6 +57,12 @@ pub mod names {
     pub const REDIS_ERRORS: &str = "herd_redis_errors_total";
     /// Histogram (seconds): wait for a pooled connection.
     pub const POOL_WAIT_SECONDS: &str = "herd_redis_pool_wait_seconds";
+    /// Gauge: 1 while the Redis circuit breaker is open, 0 when closed.
+    pub const BREAKER_OPEN: &str = "herd_redis_breaker_open";
+    /// Counter: times the Redis circuit breaker opened.
+    pub const BREAKER_OPENED: &str = "herd_redis_breaker_opened_total";
+    /// Gauge: Unix time (seconds) of the breaker's last opening or closing.
+    pub const BREAKER_CHANGED: &str = "herd_redis_breaker_changed_seconds";
     /// Counter: optimistic updates that lost a race.
     pub const UPDATE_CONFLICTS: &str = "herd_update_conflicts_total";
     /// Counter: retries after a conflict.
@@ -74,6 +83,9 @@ mod recorder {
         pub(super) redis_seconds: metrics::Histogram,
         pub(super) redis_errors: metrics::Counter,
         pub(super) pool_wait: metrics::Histogram,
+        pub(super) breaker_open: metrics::Gauge,
+        pub(super) breaker_opened: metrics::Counter,
+        pub(super) breaker_changed: metrics::Gauge,
         pub(super) conflicts: metrics::Counter,
         pub(super) retries: metrics::Counter,
     }
@@ -103,6 +115,18 @@ mod recorder {
                 Unit::Seconds,
                 "Wait for a dedicated pooled Redis connection."
             );
+            metrics::describe_gauge!(
+                names::BREAKER_OPEN,
+                "1 while the Redis circuit breaker is open (Redis not answering)."
+            );
+            describe_counter!(
+                names::BREAKER_OPENED,
+                "Times the Redis circuit breaker opened."
+            );
+            metrics::describe_gauge!(
+                names::BREAKER_CHANGED,
+                "Unix time of the Redis circuit breaker's last opening or closing."
+            );
             describe_counter!(
                 names::UPDATE_CONFLICTS,
                 "Optimistic updates that lost a race."
@@ -117,6 +141,9 @@ mod recorder {
                 redis_seconds: metrics::histogram!(names::REDIS_SECONDS),
                 redis_errors: metrics::counter!(names::REDIS_ERRORS),
                 pool_wait: metrics::histogram!(names::POOL_WAIT_SECONDS),
+                breaker_open: metrics::gauge!(names::BREAKER_OPEN),
+                breaker_opened: metrics::counter!(names::BREAKER_OPENED),
+                breaker_changed: metrics::gauge!(names::BREAKER_CHANGED),
                 conflicts: metrics::counter!(names::UPDATE_CONFLICTS),
                 retries: metrics::counter!(names::UPDATE_RETRIES),
             }
@@ -243,6 +270,18 @@ pub(crate) fn session_saved(created: bool) {
         }
     });
     let _ = created;
+}
+
+/// The Redis circuit breaker opened (`true`) or closed, at `unix_ms`.
+pub(crate) fn breaker(open: bool, unix_ms: u64) {
+    record!(h => {
+        h.breaker_open.set(if open { 1.0 } else { 0.0 });
+        h.breaker_changed.set(unix_ms as f64 / 1000.0);
+        if open {
+            h.breaker_opened.increment(1);
+        }
+    });
+    let _ = (open, unix_ms);
 }
 
 /// A session was destroyed.

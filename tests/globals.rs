@@ -625,7 +625,8 @@ async fn watch_hygiene_concurrent_and_cancelled_updates() {
 #[tokio::test]
 async fn a_lost_exec_reply_is_outcome_unknown_and_never_retried() {
     let server = RedisServer::start();
-    let globals = globals_for(&server, "unknown"); // 500 ms command timeout
+    let config = config(&server, "unknown"); // 500 ms command timeout
+    let globals = Globals::new(RedisClient::new(config.clone()).expect("client"));
     let g = globals.group("grp").unwrap();
     g.set("n", &1_i64).await.unwrap();
 
@@ -651,12 +652,39 @@ async fn a_lost_exec_reply_is_outcome_unknown_and_never_retried() {
         "a lost commit must not be retried"
     );
 
-    // The same for an atomic group and a counter on the shared connection; a read is Unavailable.
-    let err = g.atomic().incr("n", 1).apply().await.unwrap_err();
-    assert!(err.is_outcome_unknown(), "{err:?}");
+    // 500 ms without an answer opened the client's circuit breaker: the next call is refused at
+    // once, nothing sent (Unavailable, not OutcomeUnknown).
+    let t = std::time::Instant::now();
     let err = g.incr("n", 1).await.unwrap_err();
+    assert!(
+        err.is_unavailable() && t.elapsed() < Duration::from_millis(100),
+        "{err:?}"
+    );
+    // With a client of its own each (a closed breaker): an atomic group and a counter on the
+    // shared connection whose replies never come are OutcomeUnknown; a read is Unavailable.
+    let fresh = || Globals::new(RedisClient::new(config.clone()).expect("client"));
+    let err = fresh()
+        .group("grp")
+        .unwrap()
+        .atomic()
+        .incr("n", 1)
+        .apply()
+        .await
+        .unwrap_err();
     assert!(err.is_outcome_unknown(), "{err:?}");
-    let err = g.get::<i64>("n").await.unwrap_err();
+    let err = fresh()
+        .group("grp")
+        .unwrap()
+        .incr("n", 1)
+        .await
+        .unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err:?}");
+    let err = fresh()
+        .group("grp")
+        .unwrap()
+        .get::<i64>("n")
+        .await
+        .unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     server.thaw();
 

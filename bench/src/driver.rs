@@ -66,6 +66,7 @@ pub struct Options {
     wrk: String,
     redis_server: String,
     multi_worker_bin: Option<PathBuf>,
+    multi_workers: Vec<usize>,
     out: Option<PathBuf>,
 }
 
@@ -84,6 +85,7 @@ impl Options {
             wrk: "wrk".into(),
             redis_server: "redis-server".into(),
             multi_worker_bin: None,
+            multi_workers: vec![1, 2, 4],
             out: None,
         };
         let mut explicit = Vec::new();
@@ -117,6 +119,12 @@ impl Options {
                 "--wrk" => o.wrk = v.clone(),
                 "--redis-server" => o.redis_server = v.clone(),
                 "--multi-worker-bin" => o.multi_worker_bin = Some(v.into()),
+                "--multi-workers" => {
+                    o.multi_workers = list(v)
+                        .iter()
+                        .map(|s| s.parse())
+                        .collect::<Result<_, _>>()?
+                }
                 "--out" => o.out = Some(v.into()),
                 _ => return Err(format!("unknown flag {flag}").into()),
             }
@@ -759,7 +767,8 @@ pub fn run(o: Options) -> Result<(), Error> {
 
 type MultiSamples = BTreeMap<(usize, usize), Vec<Sample>>; // (connections, workers)
 
-/// The multi-worker example (`--workers N --port P`, env `REDIS_URL`) with 1, 2 and 4 workers on
+/// The multi-worker example (`--workers N --port P`, env `REDIS_URL`) with 1, 2 and 4 workers
+/// (`--multi-workers`) on
 /// `/counter`; CPU is the launcher's whole process tree.
 fn run_multi_worker(
     o: &Options,
@@ -769,7 +778,7 @@ fn run_multi_worker(
 ) -> Result<MultiSamples, Error> {
     let mut out: MultiSamples = BTreeMap::new();
     for round in 1..=o.rounds {
-        for workers in [1usize, 2, 4] {
+        for &workers in &o.multi_workers {
             let port = free_port()?;
             let child = Command::new(bin)
                 .args([

@@ -14,6 +14,7 @@ usage:
   herd-bench run [--smoke] [--rounds N] [--duration SECS] [--connections 64,256]
                  [--apps herd,tower-sessions,limit,getset,plain] [--routes counter,rmw,read,untouched]
                  [--sessions N] [--wrk PATH] [--redis-server PATH] [--multi-worker-bin PATH]
+                 [--multi-workers 1,2,4]
   herd-bench serve --app herd|tower-sessions|limit|getset|plain --port PORT --redis URL";
 
 fn main() {

@@ -114,6 +114,7 @@
 
 mod atomic;
 mod channel;
+mod compare_and_swap;
 mod hash;
 pub mod lease;
 mod update;

@@ -238,7 +238,7 @@ impl Group {
     /// `update` on a Redis Cluster, where `WATCH` cannot be used (the cluster client does not lend a
     /// connection to the slot's node): read with `MGET`, run `f`, then commit with one
     /// compare-and-swap script that writes only if every variable still holds what was read
-    /// (`RedisClient::compare_and_swap`). Same retries, backoff and errors as the `WATCH` path; a
+    /// (`compare_and_swap.rs`). Same retries, backoff and errors as the `WATCH` path; a
     /// refused or unchanged update sends nothing after the read. Two round trips per attempt.
     async fn update_by_compare_and_swap<T, R, E, F>(
         &self,
@@ -277,7 +277,7 @@ impl Group {
             }
             let expected: Vec<Option<Vec<u8>>> =
                 raw.into_iter().map(|r| r.map(String::into_bytes)).collect();
-            if client.compare_and_swap(keys, &expected, &new).await? {
+            if super::compare_and_swap::compare_and_swap(client, keys, &expected, &new).await? {
                 return Ok(result);
             }
             crate::observe::update_conflict(attempt < settings.max_attempts);
@@ -368,27 +368,21 @@ impl Dedicated {
         wrote: bool,
         map: impl FnOnce(redis::RedisResult<T>) -> redis::RedisResult<U>,
     ) -> Result<U> {
-        let timeout = client.config().command_timeout();
         let conn = self.conn.as_mut().ok_or_else(|| Error::Unavailable {
             reason: "the pooled connection was closed".into(),
             source: None,
         })?;
         client.count_round_trip();
         self.dirty = true;
-        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut **conn)).await {
-            Err(_elapsed) if wrote => Err(Error::OutcomeUnknown { timeout }),
-            Err(_elapsed) => Err(Error::Unavailable {
-                reason: format!("no reply from Redis within {timeout:?}"),
-                source: None,
-            }),
-            Ok(reply) => match map(reply) {
-                Ok(value) => {
-                    self.dirty = false;
-                    Ok(value)
-                }
-                Err(e) => Err(Error::from_redis(e, wrote, timeout)),
-            },
-        }
+        // Bounded by the command timeout and the request's deadline; refused while Redis is
+        // known down (`RedisClient::on_dedicated`).
+        let value = client
+            .on_dedicated(wrote, async {
+                map(pipe.query_async::<T>(&mut **conn).await)
+            })
+            .await?;
+        self.dirty = false;
+        Ok(value)
     }
 }
 

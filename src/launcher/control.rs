@@ -126,6 +126,29 @@ pub struct WorkerStatus {
     /// Requests per second over the last second (same condition, and the worker reports metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_sec: Option<f64>,
+    /// The worker's Redis circuit breaker (same condition, feature `metrics`): `closed` or
+    /// `open` (half-open counts as open), see [`client`](crate::client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    /// Unix time (seconds) of the breaker's last opening or closing, if it ever changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_since: Option<f64>,
+}
+
+impl WorkerStatus {
+    /// `closed`, `open 12s` (open for that long), or `-` (not reported).
+    fn redis_column(&self) -> String {
+        match (self.redis.as_deref(), self.redis_since) {
+            (None, _) => "-".into(),
+            (Some("open"), Some(since)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(since, |d| d.as_secs_f64());
+                format!("open {}", human_duration((now - since).max(0.0) as u64))
+            }
+            (Some(state), _) => state.to_owned(),
+        }
+    }
 }
 
 fn human_duration(secs: u64) -> String {
@@ -160,13 +183,13 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} state",
-            "index", "pid", "gen", "uptime", "restarts", "hangs", "memory", "cpu", "req/s"
+            "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} {:<9} state",
+            "index", "pid", "gen", "uptime", "restarts", "hangs", "memory", "cpu", "req/s", "redis"
         )?;
         for w in &self.workers {
             writeln!(
                 f,
-                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} {}",
+                "{:<6} {:<8} {:<4} {:<7} {:<8} {:<5} {:<9} {:<6} {:<8} {:<9} {}",
                 w.index,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -180,6 +203,7 @@ impl fmt::Display for Status {
                 human_bytes(w.memory_bytes),
                 w.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
                 w.requests_per_sec.map_or("-".into(), |r| format!("{r:.1}")),
+                w.redis_column(),
                 match &w.last_exit {
                     Some(exit) if w.state == "errored" || w.state == "waiting" =>
                         format!("{} ({exit})", w.state),
@@ -378,10 +402,22 @@ mod tests {
                 last_exit: Some("exit code 1".into()),
                 cpu_percent: None,
                 requests_per_sec: None,
+                redis: None,
+                redis_since: None,
             }],
         };
         let table = status.to_string();
         assert!(table.starts_with("shop (master pid 10, 127.0.0.1:3000, generation 2)"));
         assert!(table.contains("errored (exit code 1)"), "{table}");
+        let mut open = status.workers[0].clone();
+        open.redis = Some("open".into());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        open.redis_since = Some(now - 75.0);
+        assert_eq!(open.redis_column(), "open 1m");
+        open.redis = Some("closed".into());
+        assert_eq!(open.redis_column(), "closed");
     }
 }

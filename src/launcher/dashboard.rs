@@ -51,6 +51,10 @@ struct WorkerPoint {
     cpu: Option<f64>,
     /// Requests per second over the last interval.
     rps: Option<f64>,
+    /// The worker's Redis circuit breaker is open (`None`: not reported).
+    redis_open: Option<bool>,
+    /// Unix time of its last opening or closing.
+    redis_since: Option<f64>,
 }
 
 #[derive(Serialize, Clone)]
@@ -160,12 +164,20 @@ impl Observer {
                 redis_errors += (errors - prev.redis_errors).max(0.0) / dt;
                 dt_total = f64::max(dt_total, dt);
             }
+            // A worker that reports metrics but never opened its breaker has no breaker series.
+            let redis_open = w
+                .text
+                .as_ref()
+                .map(|_| value(text, crate::observe::names::BREAKER_OPEN).is_some_and(|v| v > 0.0));
             points.push(WorkerPoint {
                 index: w.slot,
                 pid: w.pid,
                 rss: w.rss,
                 cpu,
                 rps: rate(requests, prev.requests),
+                redis_open,
+                redis_since: value(text, crate::observe::names::BREAKER_CHANGED)
+                    .filter(|t| *t > 0.0),
             });
             prev_map.insert(
                 w.pid,
@@ -205,6 +217,18 @@ impl Observer {
             .back()
             .map(|s| s.workers.iter().map(|w| (w.pid, (w.cpu, w.rps))).collect())
             .unwrap_or_default()
+    }
+
+    /// Each worker pid's Redis breaker at the latest sample: `closed`/`open`, and since when.
+    pub(crate) fn redis_breakers(&self) -> HashMap<u32, (String, Option<f64>)> {
+        let snap = self.lock();
+        let Some(sample) = snap.history.back() else {
+            return HashMap::new();
+        };
+        let state = |open: bool| if open { "open" } else { "closed" }.to_owned();
+        (sample.workers.iter())
+            .filter_map(|w| Some((w.pid, (state(w.redis_open?), w.redis_since))))
+            .collect()
     }
 
     /// Every worker's series with a `worker` label, then the master's own, in the text format.

@@ -18,7 +18,7 @@ use tower_service::Service;
 use super::cookie as codec;
 use super::timing::Expiry;
 use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
-use crate::client::RedisClient;
+use crate::client::{RedisClient, WithDeadline};
 
 /// A tower [`Layer`] that gives every request a lazy [`Session`] stored in Redis. See the
 /// [module docs](crate::session).
@@ -265,13 +265,16 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, S::Error>;
+    /// The request's deadline for its Redis calls is in scope while it runs
+    /// ([client module docs](crate::client)).
+    type Future = WithDeadline<ResponseFuture<S::Future, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let deadline = std::time::Instant::now() + self.settings.client.config().request_timeout;
         // Only the `Cookie` headers are kept (a reference-counted clone, no copy); finding and
         // verifying our cookie waits until the handler first uses the session.
         let mut all = req.headers().get_all(header::COOKIE).iter();
@@ -295,7 +298,7 @@ where
         // The service polled ready is called here, at once: its future owns what it needs, so no
         // clone of the inner service (for axum a boxed route: an allocation) is made per request.
         let inner = self.inner.call(req);
-        ResponseFuture {
+        let handler = ResponseFuture {
             kind: Kind::Handler {
                 inner,
                 session,
@@ -303,7 +306,8 @@ where
             },
             observed: (!span.is_disabled()).then(|| Box::new(Observed::new(span))),
             error: PhantomData,
-        }
+        };
+        WithDeadline::new(handler, deadline)
     }
 }
 

@@ -16,6 +16,7 @@ fn test_features() -> Vec<&'static str> {
         ("sentinel", cfg!(feature = "sentinel")),
         ("tls", cfg!(feature = "tls")),
         ("metrics", cfg!(feature = "metrics")),
+        ("testing", cfg!(feature = "testing")),
     ];
     all.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect()
 }

@@ -184,6 +184,7 @@ impl Master {
             .as_ref()
             .map(|o| o.latest())
             .unwrap_or_default();
+        let redis = (self.observer.as_ref()).map_or_else(Default::default, |o| o.redis_breakers());
         let row = |p: &Proc, state: &str, s: Option<&Slot>| WorkerStatus {
             index: p.slot,
             pid: Some(p.pid),
@@ -196,6 +197,8 @@ impl Master {
             last_exit: s.and_then(|s| s.last_exit.clone()),
             cpu_percent: live.get(&p.pid).and_then(|l| l.0),
             requests_per_sec: live.get(&p.pid).and_then(|l| l.1),
+            redis: redis.get(&p.pid).map(|r| r.0.clone()),
+            redis_since: redis.get(&p.pid).and_then(|r| r.1),
         };
         for (&index, s) in &self.slots {
             match s.current.and_then(|id| self.procs.get(&id)) {
@@ -219,6 +222,8 @@ impl Master {
                     last_exit: s.last_exit.clone(),
                     cpu_percent: None,
                     requests_per_sec: None,
+                    redis: None,
+                    redis_since: None,
                 }),
             }
         }
