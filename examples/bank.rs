@@ -4,7 +4,7 @@
 //! Run it with:
 //!
 //! ```sh
-//! cargo run --features testing --example bank
+//! cargo run --example bank
 //! ```
 //!
 //! It uses the Redis at `REDIS_URL`; without `REDIS_URL` the one on `127.0.0.1:6379`, and if none

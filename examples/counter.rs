@@ -3,7 +3,7 @@
 //! Run it with:
 //!
 //! ```sh
-//! cargo run --features testing --example counter
+//! cargo run --example counter
 //! curl -c /tmp/jar -b /tmp/jar http://127.0.0.1:3000/   # 1, 2, 3, ... per cookie jar
 //! ```
 //!

@@ -4,7 +4,7 @@
 //! and `redis-server` is installed, a private one is started for the run):
 //!
 //! ```sh
-//! cargo run --release --features testing --example multi_worker -- --workers 4 --port 3000
+//! cargo run --release --example multi_worker -- --workers 4 --port 3000
 //! curl -s -c jar -b jar localhost:3000/counter    # {"counter":1,"worker":2} ... any worker, one count
 //! curl -s localhost:3000/hits                      # a global counter shared by all workers
 //! curl -s -X POST localhost:3000/transfer -d '{"from":"acct-1","to":"acct-7","amount":5}'
@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Flags: `--workers N` (default: CPU count), `--port P` (default 3000), `--host H` (default
-//! 127.0.0.1). The HTTP contract is in the README ("The flagship example"). Redis trouble (a 503
+//! 127.0.0.1). The HTTP contract is in `docs/flagship.md`. Redis trouble (a 503
 //! with `Retry-After` within the request deadline, fast while Redis is down) is herd's own doing:
 //! see `herd::client`.
 

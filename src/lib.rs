@@ -44,6 +44,7 @@
 //! | `sentinel` | no | Redis Sentinel (`redis+sentinel://`) |
 //! | `tls` | no | TLS (`rediss://`) with rustls |
 //! | `metrics` | no | Prometheus metrics in [`observe`] |
+//! | `testing` | no | `testing`: a private `redis-server` (and a small cluster) for your own tests and examples |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
@@ -58,6 +59,7 @@ pub mod observe;
 pub mod rate_limit;
 pub mod session;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub(crate) mod topology;
 
