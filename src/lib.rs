@@ -44,7 +44,7 @@
 //! | `sentinel` | no | Redis Sentinel (`redis+sentinel://`) |
 //! | `tls` | no | TLS (`rediss://`) with rustls |
 //! | `metrics` | no | Prometheus metrics in [`observe`] |
-//! | `testing` | no | `testing`: a private `redis-server` (and a small cluster) for your own tests and examples |
+//! | `testing` | no | the `testing` module: real Redis for your own tests and examples, a private `redis-server` on a free port or a small Redis Cluster |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
