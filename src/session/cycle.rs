@@ -16,6 +16,16 @@ const TAKE_SOURCE: &str = include_str!("take.lua");
 /// [`cycle_across_slots`]).
 const SETTLE_SOURCE: &str = include_str!("settle.lua");
 
+/// A refused cycle on a Redis Cluster: the old session, still marked as moving to `ARGV[1]`, is
+/// unmarked and gets back the TTL it had before the mark capped it (`$p`, see `take.lua`).
+const UNMARK_SOURCE: &str = r"
+if redis.call('HGET', KEYS[1], '$m') ~= ARGV[1] then return 0 end
+local ttl = redis.call('HGET', KEYS[1], '$p')
+redis.call('HDEL', KEYS[1], '$m', '$p')
+if ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+";
+
 /// Cycles a session id on a Redis Cluster, where the old and new keys live in different slots, so
 /// neither `RENAME` nor one script may touch both. Three round trips, each on one slot:
 ///
@@ -25,10 +35,12 @@ const SETTLE_SOURCE: &str = include_str!("settle.lua");
 /// 2. the session's data (the old fields with this request's changes applied) is written under the
 ///    new id by the usual save script in `new` mode (all checks before any write), with the owner
 ///    index update sent alongside;
-/// 3. the old key is deleted.
+/// 3. the old key becomes a tombstone (`settle.lua`: only `$t`, for one minute), as after a cycle
+///    on one server.
 ///
-/// What a crash or a lost reply leaves: after 1, the old session is marked and unusable and the
-/// visitor is logged out — the marked key expires with its idle timeout; after 2, the new session is
+/// What a crash or a lost reply leaves: after 1, the old session is marked and unusable (a request
+/// carrying its id gets 409, as after a login) and the visitor is logged out — the marked key
+/// expires within a minute, like a tombstone (`take.lua` caps its TTL); after 2, the new session is
 /// complete and the marked old key also just expires. Never two usable sessions, never the old id
 /// still valid after a login (no fixation). If step 2 refuses (too large, not an integer, id taken)
 /// nothing was written under the new id, and the mark is removed again: the old session is intact.
@@ -114,7 +126,12 @@ pub(crate) async fn cycle_across_slots(
     .await?;
     if !matches!(outcome, SaveOutcome::Applied { .. }) {
         // Nothing was written under the new id: the old session stays valid.
-        let unmark = redis::cmd("HDEL").arg(&old_key).arg("$m").to_owned();
+        let unmark = redis::cmd("EVAL")
+            .arg(UNMARK_SOURCE)
+            .arg(1)
+            .arg(&old_key)
+            .arg(new_id.as_str())
+            .to_owned();
         if let Err(e) = client
             .run(true, |mut c| async move {
                 unmark.query_async::<i64>(&mut c).await

@@ -8,10 +8,21 @@
 -- marked ('$m'), loads see the old id as cycled away and the save script refuses to write into it,
 -- so the old id cannot be used any more even if the cycle stops half-way. Running it again with the
 -- same new id answers the same (a retry is harmless).
+--
+-- A cycle that stops half-way (the process dies between its steps) leaves the old id refused for
+-- no longer than a tombstone (one minute, settle.lua), not for the rest of its idle timeout: the
+-- marked key's TTL is capped at that, and '$p' keeps the TTL it had, restored if the cycle is
+-- refused and the mark removed (cycle.rs).
 local key = KEYS[1]
 local meta = redis.call('HMGET', key, '$c', '$m', '$t')
 if meta[3] then return 0 end
 if meta[2] and meta[2] ~= ARGV[1] then return 0 end
 if not meta[1] then return nil end
 redis.call('HSET', key, '$m', ARGV[1])
-return redis.call('HGETALL', key)
+local fields = redis.call('HGETALL', key)
+local ttl = redis.call('PTTL', key)
+if ttl > 60000 then
+  redis.call('HSET', key, '$p', ttl)
+  redis.call('PEXPIRE', key, 60000)
+end
+return fields
