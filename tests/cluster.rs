@@ -335,6 +335,10 @@ async fn a_cycle_cut_after_the_mark_refuses_the_old_id_for_a_minute() {
     );
     let (_, body, _) = request(&app, "GET", "/get", Some(&cycled.expect("new cookie"))).await;
     assert_eq!(body, "1");
-    let (_, body, _) = request(&app, "GET", "/get", Some(&c)).await;
-    assert_eq!(body, "0", "the old id is dead");
+    let (status, _, set_cookie) = request(&app, "GET", "/get", Some(&c)).await;
+    assert_eq!(
+        (status, set_cookie),
+        (StatusCode::CONFLICT, None),
+        "the old id is cycled away"
+    );
 }
