@@ -68,7 +68,7 @@
 //! | writes without reading | 1 |
 //! | reads, then writes | 2 |
 //! | `incr` | 1 |
-//! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 (a cycle on a Redis Cluster: 3) |
+//! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 (a cycle on a Redis Cluster: 3; writes after a `destroy` start a new session: 2) |
 //!
 //! # Cookies
 //! Signed with the configured key ([`Config`](crate::Config)), `HttpOnly`, `SameSite=Lax`, `Path=/`,
