@@ -30,8 +30,8 @@ return 1
 /// neither `RENAME` nor one script may touch both. Three round trips, each on one slot:
 ///
 /// 1. on the old key, a script checks the session exists, **marks** it as moving
-///    (field `$m` = the new id) and reads it (`take.lua`). From then on the old id is dead: loads see it as
-///    absent and saves into it answer "gone", exactly as after a destroy;
+///    (field `$m` = the new id) and reads it (`take.lua`). From then on the old id is cycled away:
+///    loads and saves that meet the mark answer 409 without a cookie, as at a tombstone;
 /// 2. the session's data (the old fields with this request's changes applied) is written under the
 ///    new id by the usual save script in `new` mode (all checks before any write), with the owner
 ///    index update sent alongside;
@@ -43,7 +43,8 @@ return 1
 /// expires within a minute, like a tombstone (`take.lua` caps its TTL); after 2, the new session is
 /// complete and the marked old key also just expires. Never two usable sessions, never the old id
 /// still valid after a login (no fixation). If step 2 refuses (too large, not an integer, id taken)
-/// nothing was written under the new id, and the mark is removed again: the old session is intact.
+/// nothing was written under the new id, and the mark is removed again (with the TTL it had): the
+/// old session is intact.
 pub(crate) async fn cycle_across_slots(
     client: &RedisClient,
     save: Save<'_>,
