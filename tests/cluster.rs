@@ -294,13 +294,8 @@ async fn a_cycle_cut_after_the_mark_refuses_the_old_id_for_a_minute() {
     assert!(ttl_before > 60_000, "{ttl_before}");
     // Step 1 of a cycle, as herd runs it, and then the process dies.
     let take = include_str!("../src/session/take.lua");
-    let fields: Vec<String> = cluster.cmd(&[
-        "EVAL",
-        take,
-        "1",
-        &key,
-        "0123456789abcdef0123456789abcdef",
-    ]);
+    let fields: Vec<String> =
+        cluster.cmd(&["EVAL", take, "1", &key, "0123456789abcdef0123456789abcdef"]);
     assert!(fields.iter().any(|f| f == "n"), "{fields:?}");
     let ttl: i64 = cluster.cmd(&["PTTL", &key]);
     assert!(
