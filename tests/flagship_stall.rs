@@ -178,6 +178,10 @@ fn a_worker_stalled_20s_is_replaced_within_6s_while_the_others_serve() {
         .index;
     let stalled = Instant::now();
     let stall = std::thread::spawn(move || get_on(&mut conn, "/stall?ms=20000"));
+    // The stall request travels on an open connection and blocks the victim's threads as soon as
+    // it is read; a fresh request sent before that may still be answered by the victim, which says
+    // nothing about the hang. Half a second is far more than a loopback write and a handler start.
+    std::thread::sleep(Duration::from_millis(500));
     // Fresh requests meanwhile, one at a time, until the replacement is online.
     let (mut served, mut failed) = (0, Vec::new());
     let replaced = loop {
