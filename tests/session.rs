@@ -1586,6 +1586,116 @@ async fn read_only_requests_refresh_the_ttl_at_most_once_per_tenth() {
     assert!(ttl > 9000, "TTL not pushed back: {ttl}");
 }
 
+/// The common writes (`incr`, read-then-write) leave the TTL as it is and push it back as reads
+/// do: no `PEXPIRE` while less than a tenth of the idle timeout has passed, exactly one refresh
+/// (off the request's path) once more has.
+#[tokio::test]
+async fn field_writes_refresh_the_ttl_at_most_once_per_tenth() {
+    let server = RedisServer::start();
+    let idle = 600_000_i64;
+    let app = App::with(&server, "write-refresh", |l| {
+        l.with_idle_timeout(Duration::from_millis(idle as u64))
+    });
+    let cookie = new_session(&app).await;
+    let key = app.session_keys(&server).pop().expect("key");
+    let pttl = || server.cmd::<i64>(&["PTTL", &key]);
+
+    // Within a tenth: the write and nothing else.
+    for (method, path) in [("GET", "/incr/n"), ("POST", "/read-then-write/m")] {
+        let before = pttl();
+        server.reset_stats();
+        let r = app.send(method, path, Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {:?}", r.body);
+        assert!(r.set_cookie.is_empty(), "{path}");
+        let calls = settle(&server, 1, Duration::from_millis(300)).await;
+        assert_eq!(calls.get("pexpire"), None, "{path}: {calls:?}");
+        assert_eq!(calls.get("evalsha"), Some(&1), "{path}: {calls:?}");
+        assert!(
+            pttl() <= before,
+            "{path}: TTL pushed back: {} > {before}",
+            pttl()
+        );
+    }
+
+    // More than a tenth later: the increment, then one refresh to the full timeout.
+    age_session(&server, &key, 100_000);
+    server.reset_stats();
+    let r = app.send("GET", "/incr/n", Some(&cookie)).await;
+    assert_eq!(r.body, json!({ "value": 2 }));
+    let calls = settle(&server, 1, Duration::from_secs(5)).await;
+    assert_eq!(calls.get("hincrby"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("pexpire"), Some(&1), "{calls:?}");
+    assert_eq!(
+        calls.get("evalsha"),
+        Some(&2),
+        "the write and the refresh: {calls:?}"
+    );
+    assert!(pttl() > idle - idle / 10, "TTL not pushed back: {}", pttl());
+
+    // The clock starts again.
+    server.reset_stats();
+    app.send("GET", "/incr/n", Some(&cookie)).await;
+    let calls = settle(&server, 1, Duration::from_millis(300)).await;
+    assert_eq!(calls.get("pexpire"), None, "refreshed twice: {calls:?}");
+}
+
+/// A session past its absolute deadline by its record is over even while Redis still holds the key
+/// (clocks of different machines, or a key about to expire): a blind `incr`, which learns it from
+/// the write's reply, starts a fresh session; a read-then-write learns it from the read. No read
+/// sees the old session again.
+#[tokio::test]
+async fn a_field_write_into_a_session_past_its_deadline_keeps_nothing() {
+    let server = RedisServer::start();
+    let absolute = 3_600_000_i64;
+    let app = App::with(&server, "write-deadline", |l| {
+        l.with_absolute_timeout(Duration::from_millis(absolute as u64))
+    });
+    let past_deadline = |key: &str| {
+        let record: String = server.cmd(&["HGET", key, "$c"]);
+        let mut parts: Vec<String> = record.split(':').map(str::to_owned).collect();
+        let created: i64 = parts[0].parse().expect("created");
+        parts[0] = (created - absolute - 1000).to_string();
+        let _: i64 = server.cmd(&["HSET", key, "$c", &parts.join(":")]);
+    };
+
+    let cookie = new_session(&app).await;
+    let old_key = app.session_keys(&server).pop().expect("key");
+    past_deadline(&old_key);
+    let r = app.send("GET", "/incr/n", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        r.body,
+        json!({ "value": 1 }),
+        "a fresh session counts from 1"
+    );
+    let fresh = r.cookie().expect("a fresh session gets a cookie");
+    assert_ne!(fresh, cookie);
+    let r = app.send("GET", "/get/seed", Some(&cookie)).await;
+    assert_eq!(
+        r.body,
+        json!({ "value": null }),
+        "the old session was read again"
+    );
+
+    let cookie = new_session(&app).await;
+    let r = app.send("POST", "/read-then-write/m", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let key = app
+        .session_keys(&server)
+        .into_iter()
+        .find(|k| *k != old_key && server.cmd::<Option<String>>(&["HGET", k, "m"]).is_some())
+        .expect("the session just written");
+    past_deadline(&key);
+    let r = app.send("POST", "/read-then-write/m", Some(&cookie)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "a read that finds it over starts afresh: {:?}",
+        r.body
+    );
+    assert_eq!(r.body, json!({ "value": 1 }));
+}
+
 /// Cookie attributes set on the layer: `Max-Age` for a persistent cookie (the absolute timeout,
 /// also after a new id; none by default), `SameSite`, `Domain`, `Path`, on the cookie that is set
 /// and on the one that removes it; the cookie still round-trips; `__Host-` overrides domain/path.

@@ -445,15 +445,20 @@ impl Session {
                 loaded.needs_refresh = false;
                 self.spawn_index_bump(id, loaded.owner.clone(), loaded.timing.idle);
             } else if std::mem::take(&mut loaded.needs_refresh) {
-                let client = self.client().clone();
-                let expiry = self.settings().expiry;
-                tokio::spawn(async move {
-                    if let Err(e) = store::touch(&client, &id, expiry).await {
-                        tracing::debug!(error = %e, "herd: session TTL refresh failed");
-                    }
-                });
+                self.spawn_touch(id);
             }
         }
+    }
+
+    /// Pushes the session's idle timeout back off the request's path: a late refresh loses nothing.
+    fn spawn_touch(&self, id: SessionId) {
+        let client = self.client().clone();
+        let expiry = self.settings().expiry;
+        tokio::spawn(async move {
+            if let Err(e) = store::touch(&client, &id, expiry).await {
+                tracing::debug!(error = %e, "herd: session TTL refresh failed");
+            }
+        });
     }
 
     /// Writes everything buffered (plus an increment): the destroys, then one save planned by
@@ -583,7 +588,10 @@ impl Session {
         state.id = Some(stored.id);
         state.drop_changes();
         if stored.owner.is_some() && stored.timing.index_due(now_ms(), expiry) {
+            // Refreshes the idle timeout too.
             self.spawn_index_bump(stored.id, stored.owner, stored.timing.idle);
+        } else if stored.refresh_due {
+            self.spawn_touch(stored.id);
         }
         Ok(delta.incr.map(|_| stored.incr))
     }

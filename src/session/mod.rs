@@ -80,8 +80,9 @@
 //!
 //! # Expiry
 //! * **Idle timeout** ([`with_idle_timeout`](SessionLayer::with_idle_timeout), default 24 h; per
-//!   session with [`Session::set_idle_timeout`]): the key's TTL. Reads push it back at most once per
-//!   tenth of the timeout, so read-only traffic does not write on every request.
+//!   session with [`Session::set_idle_timeout`]): the key's TTL. Requests push it back at most once
+//!   per tenth of the timeout (off the request's path when the request only read or only changed
+//!   fields), so busy traffic does not pay for a TTL write on every request.
 //! * **Absolute timeout** ([`with_absolute_timeout`](SessionLayer::with_absolute_timeout), default
 //!   7 days): counted from creation (or the last [`cycle_id`](Session::cycle_id)); activity never
 //!   extends it.

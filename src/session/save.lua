@@ -75,29 +75,6 @@ else
   if i ~= '' then session_idle = tonumber(i) end
   if x ~= '' then indexed = tonumber(x) end
   current_owner = meta[2]
-  -- The common writes (a read-modify-write, a counter) change user fields only: the timing record
-  -- stays as it is, and none of the checks below applies. ('touched' is then older than the last
-  -- TTL push: a read's refresh may come early, never late. A refresh, which writes nothing else,
-  -- takes the full path below: it records 'touched'.)
-  local fields_only = #ARGV >= first_set
-  if incr_field ~= '' then fields_only = not fields_only end
-  if mode == 'existing' and fields_only and not clear and owner == '' and idle_override == ''
-      and index_until == '' and max_bytes == 0 then
-    if session_idle then idle = session_idle end
-    local ttl = math.min(idle, tonumber(c) + absolute - now)
-    if current_owner and indexed then ttl = math.min(ttl, indexed - now) end
-    if ttl <= 0 then return gone end
-    local n = 0
-    if incr_field ~= '' then
-      local refused
-      n, refused = incr_checked()
-      if refused then return refused end
-    end
-    if nset > 0 then redis.call('HSET', key, unpack(ARGV, first_set, first_del - 1)) end
-    if first_del <= #ARGV then redis.call('HDEL', key, unpack(ARGV, first_del, #ARGV)) end
-    redis.call('PEXPIRE', key, string.format('%d', ttl))
-    return {1, n, current_owner, indexed or false, meta[1]}
-  end
   if mode == 'cycle' then
     if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false, false} end
   else

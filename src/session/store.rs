@@ -11,15 +11,19 @@
 //! * `$m`, only on a cluster while the id is being cycled (see `cycle::cycle_across_slots`);
 //! * `$t`, alone in the hash: the **tombstone** of an id that was cycled away (see `save.lua`).
 //!
-//! Every write of a session's data is one run of the save script ([`execute`]): it checks the
-//! session still exists (and was not cycled away) and writes in one atomic step, so no interleaving
-//! with another request's write, `RENAME` or `DEL` can land a change where it was not meant to go.
+//! Every write of a session's data is one run of a script ([`execute`]): it checks the session still
+//! exists (and was not cycled away) and writes in one atomic step, so no interleaving with another
+//! request's write, `RENAME` or `DEL` can land a change where it was not meant to go. The common
+//! write, user fields of an existing session and nothing else, runs a small script of its own
+//! (`write.lua`: two commands, three arguments); everything else runs the save script.
 //!
 //! The key's TTL is the idle timeout, capped so that it never runs past the absolute deadline, nor,
 //! for an owned session, past the time its owner's index lists it until: the index always knows
 //! every live session of its owner, and it never outlives them by more than one idle timeout
 //! (entries are pushed forward by `7/4` of the idle timeout when less than `5/4` of it is left, off
-//! the request's path — see `owners::bump_index`).
+//! the request's path — see `owners::bump_index`). The TTL is pushed back (and `touched` recorded)
+//! by the save script only: at a full save, and off the request's path when a read or a field
+//! write finds a tenth of the idle timeout passed since the last push ([`Timing::refresh_due`]).
 
 use std::sync::LazyLock;
 
@@ -40,6 +44,9 @@ use crate::keys::SessionId;
 /// meanwhile must not be resurrected, an id must not be taken twice, and nothing may be written when
 /// a check (size, integer) fails. All checks run before the first write.
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
+
+/// The common write: user fields of an existing session, nothing else (see `write.lua`).
+static WRITE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("write.lua")));
 
 /// A logout: deletes a session unless its id was cycled away (rare enough for `EVAL` with the source).
 const DESTROY_SOURCE: &str = include_str!("destroy.lua");
@@ -65,8 +72,11 @@ pub(crate) enum SaveOutcome {
         incr: i64,
         owner: Option<String>,
         indexed: Option<u64>,
-        /// The timing record the save wrote.
+        /// The timing record the save wrote (or found, when it wrote fields only).
         timing: Timing,
+        /// The save left the TTL as it was, and it is due to be pushed back (off the request's
+        /// path: [`touch`]).
+        refresh_due: bool,
     },
     /// The session does not exist any more (destroyed or expired).
     Gone,
@@ -140,17 +150,7 @@ pub(crate) async fn load(client: &RedisClient, id: &SessionId, expiry: Expiry) -
         // about to drop it).
         return Ok(Found::Missing);
     };
-    // The key expires at `touched + idle` at the latest (capped); pushing it to `now + idle` is
-    // worth a write once a tenth of the idle timeout has passed: sessions then expire between 90%
-    // and 100% of the idle timeout after the last request, and a busy visitor costs at most one
-    // refresh per tenth of the idle timeout, not one per request. (`incr` pushes the TTL back
-    // without updating `touched`: then a refresh may come early, never late.)
-    let idle = timing.idle(expiry);
-    let expires = timing
-        .touched
-        .saturating_add(idle)
-        .min(timing.limit(expiry));
-    loaded.needs_refresh = expires.saturating_add(idle / 10) < now.saturating_add(ttl);
+    loaded.needs_refresh = timing.refresh_due(now, ttl, expiry);
     loaded.index_due = loaded.owner.is_some() && timing.index_due(now, expiry);
     loaded.timing = timing;
     Ok(Found::Session(loaded))
@@ -225,6 +225,8 @@ pub(crate) struct Stored {
     pub(crate) owner: Option<String>,
     /// The incremented field's new value (0 without an increment).
     pub(crate) incr: i64,
+    /// The TTL is due to be pushed back (the save left it as it was).
+    pub(crate) refresh_due: bool,
 }
 
 /// How [`execute`] ended.
@@ -309,6 +311,7 @@ pub(crate) async fn execute(
                 owner,
                 indexed,
                 timing,
+                refresh_due,
             } => {
                 let final_id = new_id.unwrap_or(key_id);
                 if let (SaveMode::Cycle, None, Some(owner), Some(indexed), false) =
@@ -338,6 +341,7 @@ pub(crate) async fn execute(
                     timing,
                     owner,
                     incr,
+                    refresh_due,
                 })
             }
             SaveOutcome::Gone => Executed::Gone,
@@ -355,7 +359,87 @@ pub(crate) async fn save(client: &RedisClient, save: Save<'_>) -> Result<SaveOut
     if save.mode == SaveMode::Cycle && client.is_cluster() {
         return cycle_across_slots(client, save).await;
     }
+    if save.fields_only() {
+        return write_fields(client, save).await;
+    }
     save_in_place(client, save).await
+}
+
+impl Save<'_> {
+    /// User fields of an existing session and nothing else: either sets and removals or one
+    /// increment (their relative order is the save script's business), no clear, owner, idle
+    /// timeout, index update or size check in Redis.
+    fn fields_only(&self) -> bool {
+        let delta = self.delta;
+        self.mode == SaveMode::Existing
+            && self.new_id.is_none()
+            && self.index.is_none()
+            && self.max_bytes == 0
+            && !delta.clear
+            && delta.owner.is_none()
+            && delta.idle_override_ms.is_none()
+            && delta.incr.is_some() == (delta.set.is_empty() && delta.remove.is_empty())
+    }
+}
+
+/// The common write (`write.lua`): checks the session exists and was not cycled away, writes its
+/// fields, and answers with the stored timing record, which decides here whether the session is
+/// past its deadline (gone: Redis drops the key at that time, no read sees it again) and whether
+/// its TTL is due to be pushed back. One `EVALSHA`, a reply of four values.
+async fn write_fields(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
+    let delta = save.delta;
+    let mut cmd = evalsha(&WRITE);
+    cmd.arg(1).arg(client.keys().session(save.id));
+    match &delta.incr {
+        Some((field, by)) => cmd.arg(field).arg(*by),
+        None => cmd.arg("").arg(0),
+    };
+    cmd.arg(delta.set.len());
+    for (field, value) in &delta.set {
+        cmd.arg(field).arg(value.as_slice());
+    }
+    for field in &delta.remove {
+        cmd.arg(field);
+    }
+    let reply = run_with_script(client, &Query::Cmd(&cmd), &WRITE).await?;
+    let reply: (i64, i64, Option<String>, Option<Vec<u8>>) =
+        redis::from_redis_value(reply).map_err(|e| Error::Redis(e.into()))?;
+    Ok(match reply {
+        (1, incr, owner, record) => {
+            let timing = record
+                .as_deref()
+                .and_then(Timing::parse)
+                .ok_or_else(no_record)?;
+            let now = now_ms();
+            match timing.ttl(now, save.expiry) {
+                None => SaveOutcome::Gone,
+                Some(ttl) => SaveOutcome::Applied {
+                    incr,
+                    owner,
+                    indexed: timing.indexed,
+                    refresh_due: timing.refresh_due(now, ttl, save.expiry),
+                    timing,
+                },
+            }
+        }
+        (0, ..) => SaveOutcome::Gone,
+        (5, ..) => SaveOutcome::Cycled,
+        (4, ..) => SaveOutcome::NotAnInteger,
+        (status, ..) => {
+            return Err(Error::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unknown status from the session write",
+                status.to_string(),
+            ))))
+        }
+    })
+}
+
+fn no_record() -> Error {
+    Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "the session save answered without a timing record",
+    )))
 }
 
 /// The save script on one key (plus the new key on a single server when cycling).
@@ -470,12 +554,11 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             incr,
             owner,
             indexed,
-            timing: record.as_deref().and_then(Timing::parse).ok_or_else(|| {
-                Error::Redis(redis::RedisError::from((
-                    redis::ErrorKind::UnexpectedReturnType,
-                    "the session save answered without a timing record",
-                )))
-            })?,
+            timing: record
+                .as_deref()
+                .and_then(Timing::parse)
+                .ok_or_else(no_record)?,
+            refresh_due: false,
         },
         (0, ..) => SaveOutcome::Gone,
         (5, ..) => SaveOutcome::Cycled,
@@ -564,9 +647,10 @@ enum Query<'a> {
 }
 
 /// Runs a command or pipeline that contains an `EVALSHA` of `script`; if Redis does not know the
-/// script yet (first use, or after a restart), loads it and runs it again. Safe to repeat: a
-/// `NOSCRIPT` reply means the script did not run, and the other commands pipelined with it are
-/// idempotent index updates.
+/// script yet (first use, or after a restart), loads it — and the other write script with it, in
+/// the same round trip of latency: a Redis that lost one lost both — and runs it again. Safe to
+/// repeat: a `NOSCRIPT` reply means the script did not run, and the other commands pipelined with
+/// it are idempotent index updates.
 async fn run_with_script(
     client: &RedisClient,
     query: &Query<'_>,
@@ -586,11 +670,20 @@ async fn run_with_script(
         Err(Error::Redis(e))
             if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
         {
-            client
-                .run(false, |mut c| async move {
+            let other: &Script = if std::ptr::eq(script, &*SAVE) {
+                &WRITE
+            } else {
+                &SAVE
+            };
+            let (loaded, _) = tokio::join!(
+                client.run(false, |mut c| async move {
                     script.prepare_invoke().load_async(&mut c).await
+                }),
+                client.run_alongside(false, |mut c| async move {
+                    other.prepare_invoke().load_async(&mut c).await
                 })
-                .await?;
+            );
+            loaded?;
             once(client, query).await
         }
         other => other,

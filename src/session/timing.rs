@@ -82,6 +82,17 @@ impl Timing {
         (left > 0).then(|| self.idle(expiry).min(left))
     }
 
+    /// Whether pushing the key's TTL back to `now + ttl` (`ttl` from [`ttl`](Self::ttl)) is worth
+    /// a write. The key expires at `touched + idle` at the latest (capped); the push is due once it
+    /// would move that by more than a tenth of the idle timeout: sessions then expire between 90%
+    /// and 100% of the idle timeout after the last request, and a busy visitor costs at most one
+    /// refresh per tenth of the idle timeout, not one per request.
+    pub(crate) fn refresh_due(&self, now: u64, ttl: u64, expiry: Expiry) -> bool {
+        let idle = self.idle(expiry);
+        let expires = self.touched.saturating_add(idle).min(self.limit(expiry));
+        expires.saturating_add(idle / 10) < now.saturating_add(ttl)
+    }
+
     /// Whether the owner's index should be pushed forward (see [`bump_index`]).
     pub(crate) fn index_due(&self, now: u64, expiry: Expiry) -> bool {
         self.indexed.is_some_and(|indexed| {
