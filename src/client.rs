@@ -105,6 +105,18 @@ pub(crate) use breaker::Heard;
 pub use breaker::{BreakerState, RedisHealth};
 pub use deadline::{with_deadline, RequestDeadline, RequestDeadlineLayer, WithDeadline};
 
+/// Whether a call may change data in Redis. It decides what a call that got no reply reports: a
+/// read is [`Error::Unavailable`], but a write may have been applied before its reply was lost, so
+/// it is [`Error::OutcomeUnknown`] (never retried blindly). On a cluster it also decides whether a
+/// refused pipeline may be re-sent (see `client/cluster.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Reads only: a lost reply means Redis was unavailable.
+    ReadOnly,
+    /// May write: a lost reply leaves the outcome unknown.
+    MayWrite,
+}
+
 /// A cheap-to-clone handle on Redis: one multiplexed connection plus a pool of dedicated connections,
 /// with the [`Config`] they were made from.
 ///
@@ -419,7 +431,7 @@ impl RedisClient {
     /// [`Error::Unavailable`] if Redis does not answer within the command timeout.
     pub async fn ping(&self) -> Result<()> {
         let pong: String = self
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("PING").query_async(&mut c).await
             })
             .await?;
@@ -477,9 +489,9 @@ impl RedisClient {
 /// Round trips on the shared connection, bounded by the command timeout and the request's deadline.
 impl RedisClient {
     /// The multiplexed connection (connecting it first on a cluster or through Sentinel), for a
-    /// round trip that may write (`wrote`) or not.
-    async fn connection(&self, wrote: bool) -> redis::RedisResult<Connection> {
-        let _ = wrote; // used on a cluster only
+    /// round trip that may write or not (`effect`).
+    async fn connection(&self, effect: Effect) -> redis::RedisResult<Connection> {
+        let _ = effect; // used on a cluster only
         match &self.inner.shared {
             Shared::Single(c) => Ok(Connection::Single(c.clone())),
             #[cfg(feature = "cluster")]
@@ -490,7 +502,7 @@ impl RedisClient {
                 .map(|c| {
                     Connection::Cluster(cluster::RoundTrip {
                         conn: c.clone(),
-                        wrote,
+                        effect,
                         redirects: Arc::clone(&cluster.redirects),
                     })
                 }),
@@ -501,14 +513,14 @@ impl RedisClient {
 
     /// Runs one round trip on the shared multiplexed connection, bounded by the command timeout and
     /// the request's deadline; refused at once while the breaker is open (see the module docs).
-    /// `wrote` says whether the command can change data (it decides how a lost reply is reported).
+    /// `effect` says whether the command can change data (it decides how a lost reply is reported).
     /// On a cluster the command or pipeline must stay within one hash slot.
     ///
     /// Not an `async fn` of its own (nor is [`run_alongside`](Self::run_alongside)): the future
     /// is the round trip's, one level less in every handler's future (rustc's layout depth limit).
     pub(crate) fn run<'a, T, F, Fut>(
         &'a self,
-        wrote: bool,
+        effect: Effect,
         f: F,
     ) -> impl Future<Output = Result<T>> + 'a
     where
@@ -516,14 +528,14 @@ impl RedisClient {
         Fut: Future<Output = redis::RedisResult<T>> + 'a,
         T: 'a,
     {
-        self.shared_round_trip(wrote, Gate::Counted, f)
+        self.shared_round_trip(effect, Gate::Counted, f)
     }
 
     /// [`run`](Self::run) for a request sent at the same time as another, counted one (on a cluster,
     /// commands for other slots that travel in parallel): not counted as a round trip of its own.
     pub(crate) fn run_alongside<'a, T, F, Fut>(
         &'a self,
-        wrote: bool,
+        effect: Effect,
         f: F,
     ) -> impl Future<Output = Result<T>> + 'a
     where
@@ -531,12 +543,12 @@ impl RedisClient {
         Fut: Future<Output = redis::RedisResult<T>> + 'a,
         T: 'a,
     {
-        self.shared_round_trip(wrote, Gate::Uncounted, f)
+        self.shared_round_trip(effect, Gate::Uncounted, f)
     }
 
     /// A round trip on the shared connection: refused at once while the breaker is open (except a
     /// probe), counted (or not), bounded, and fed to the breaker.
-    async fn shared_round_trip<T, F, Fut>(&self, wrote: bool, gate: Gate, f: F) -> Result<T>
+    async fn shared_round_trip<T, F, Fut>(&self, effect: Effect, gate: Gate, f: F) -> Result<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -550,7 +562,7 @@ impl RedisClient {
         let mut used = None; // the Sentinel connection the round trip went out on
         let used_slot = &mut used;
         let round_trip = async move {
-            let conn = self.connection(wrote).await?;
+            let conn = self.connection(effect).await?;
             *used_slot = conn.sentinel_generation();
             f(conn).await
         };
@@ -559,27 +571,30 @@ impl RedisClient {
         if outcome.is_err() {
             self.forget_after_timeout(used);
         }
-        self.settle(wrote, &bound, outcome)
+        self.settle(effect, &bound, outcome)
     }
 
     /// Sends commands that may belong to different hash slots: one pipeline on a single server or
     /// Sentinel (one round trip), one command each and all at once on a cluster (one round trip of
     /// latency, one per node in load). The replies come back in order. Only for commands that are
     /// independent of each other: on a cluster their order of execution is not defined.
-    pub(crate) async fn run_each(&self, wrote: bool, cmds: Vec<Cmd>) -> Result<Vec<Value>> {
+    pub(crate) async fn run_each(&self, effect: Effect, cmds: Vec<Cmd>) -> Result<Vec<Value>> {
         if !self.is_cluster() {
             let mut pipe = redis::pipe();
             for cmd in cmds {
                 pipe.add_command(cmd);
             }
             return self
-                .run(wrote, |mut c| async move { pipe.query_async(&mut c).await })
+                .run(
+                    effect,
+                    |mut c| async move { pipe.query_async(&mut c).await },
+                )
                 .await;
         }
         // They go out together: one round trip of latency.
         self.count_round_trip();
         let each = cmds.into_iter().map(|cmd| async move {
-            self.run_alongside(wrote, |mut c| async move {
+            self.run_alongside(effect, |mut c| async move {
                 cmd.query_async::<Value>(&mut c).await
             })
             .await
@@ -610,7 +625,7 @@ impl RedisClient {
     /// Classifies a bounded round trip's outcome and feeds it to the breaker.
     fn settle<T>(
         &self,
-        wrote: bool,
+        effect: Effect,
         bound: &Bound,
         outcome: std::result::Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T> {
@@ -625,11 +640,11 @@ impl RedisClient {
             }
             Ok(Err(e)) => {
                 breaker.record(started, ended, heard(&e));
-                Err(Error::from_redis(e, wrote, bound.budget))
+                Err(Error::from_redis(e, effect, bound.budget))
             }
             Err(_elapsed) => {
                 breaker.record(started, ended, Heard::Silence);
-                Err(no_reply(wrote, waited, bound.by_deadline))
+                Err(no_reply(effect, waited, bound.by_deadline))
             }
         };
         crate::observe::redis_round_trip(waited, result.is_ok());
@@ -712,7 +727,7 @@ impl RedisClient {
             // untrusted TLS certificate says so), always "unavailable".
             deadpool_redis::PoolError::Backend(e) => {
                 breaker.record(started, std::time::Instant::now(), heard(&e));
-                match Error::from_redis(e, false, config.command_timeout) {
+                match Error::from_redis(e, Effect::ReadOnly, config.command_timeout) {
                     Error::Redis(e) => Error::Unavailable {
                         reason: "cannot open a pooled Redis connection".into(),
                         source: Some(e),
@@ -797,7 +812,7 @@ impl RedisClient {
     /// answered, classified as [`Error::from_redis`] does.
     pub(crate) async fn on_dedicated<T>(
         &self,
-        wrote: bool,
+        effect: Effect,
         round_trip: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
         if !self.inner.breaker.admits() {
@@ -805,7 +820,7 @@ impl RedisClient {
         }
         let bound = self.bound()?;
         let outcome = tokio::time::timeout_at(bound.limit, round_trip).await;
-        self.settle(wrote, &bound, outcome)
+        self.settle(effect, &bound, outcome)
     }
 }
 
@@ -833,7 +848,7 @@ impl RedisClient {
                 let client = RedisClient { inner };
                 if client.inner.breaker.wants_probe(std::time::Instant::now()) {
                     let probe = client
-                        .shared_round_trip(false, Gate::Probe, |mut c| async move {
+                        .shared_round_trip(Effect::ReadOnly, Gate::Probe, |mut c| async move {
                             redis::cmd("PING").query_async::<()>(&mut c).await
                         })
                         .await;
@@ -957,14 +972,14 @@ fn deadline_passed() -> Error {
 }
 
 /// A round trip that got no reply within `waited`.
-fn no_reply(wrote: bool, waited: Duration, by_deadline: bool) -> Error {
-    match (wrote, by_deadline) {
-        (true, _) => Error::OutcomeUnknown { timeout: waited },
-        (false, true) => Error::Unavailable {
+fn no_reply(effect: Effect, waited: Duration, by_deadline: bool) -> Error {
+    match (effect, by_deadline) {
+        (Effect::MayWrite, _) => Error::OutcomeUnknown { timeout: waited },
+        (Effect::ReadOnly, true) => Error::Unavailable {
             reason: format!("no reply from Redis before the request's deadline ({waited:?})"),
             source: None,
         },
-        (false, false) => Error::Unavailable {
+        (Effect::ReadOnly, false) => Error::Unavailable {
             reason: format!("no reply from Redis within {waited:?}"),
             source: None,
         },
