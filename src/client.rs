@@ -87,10 +87,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::config::{redact_url, Config};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::topology::Topology;
+use crate::topology::{redact_url, Topology};
 
 mod breaker;
 #[cfg(feature = "cluster")]
@@ -123,7 +123,7 @@ pub(crate) enum Effect {
 /// ```no_run
 /// # async fn run() -> herd::Result<()> {
 /// let redis = herd::RedisClient::connect(herd::Config::from_env()?).await?;
-/// let sessions = herd::SessionLayer::new(redis.clone());
+/// let sessions = herd::SessionLayer::from_env(redis.clone())?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -309,7 +309,7 @@ impl RedisClient {
     pub fn new(config: Config) -> Result<RedisClient> {
         let url = redact_url(&config.redis_url);
         let bad = |e: &dyn std::fmt::Display| Error::Config(format!("REDIS_URL `{url}`: {e}"));
-        let (shared, pool) = match Topology::parse(&config.redis_url, config.cluster_mode)? {
+        let (shared, pool) = match config.topology.clone() {
             Topology::Single(u) => {
                 let client = single_client(&config, &u).map_err(|e| bad(&e))?;
                 let manager_config = ConnectionManagerConfig::new()
@@ -872,12 +872,12 @@ impl RedisClient {
     /// [`Error::Config`] if a node's URL cannot be used.
     pub(crate) fn pubsub_clients(&self) -> Result<Vec<redis::Client>> {
         let config = &self.inner.config;
-        let urls = match crate::topology::Topology::parse(&config.redis_url, config.cluster_mode)? {
-            crate::topology::Topology::Single(url) => vec![url],
-            crate::topology::Topology::Cluster(nodes) => nodes,
+        let urls = match &config.topology {
+            Topology::Single(url) => vec![url.clone()],
+            Topology::Cluster(nodes) => nodes.clone(),
             // Through Sentinel the master is asked for at each (re)connection: see
             // `pubsub_master_client`.
-            crate::topology::Topology::Sentinel { .. } => Vec::new(),
+            Topology::Sentinel { .. } => Vec::new(),
         };
         urls.iter()
             .map(|url| {

@@ -24,7 +24,6 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
     let client = RedisClient::connect(
         herd::Config::builder()
             .redis_url(cluster.url())
-            .secret_base64(support::test_secret())
             .prefix(support::unique_prefix("reshard"))
             .command_timeout(Duration::from_secs(2))
             .build()
@@ -142,7 +141,6 @@ async fn a_globals_group_moving_under_atomic_groups_and_updates_stays_exact() {
     let client = RedisClient::connect(
         herd::Config::builder()
             .redis_url(cluster.url())
-            .secret_base64(support::test_secret())
             .prefix(support::unique_prefix("reshard-globals"))
             .command_timeout(Duration::from_secs(2))
             .build()

@@ -33,7 +33,6 @@ const TOTAL: i64 = 10_000;
 fn child_config(url: &str, prefix: &str) -> herd::Config {
     herd::Config::builder()
         .redis_url(url)
-        .secret_base64(support::test_secret())
         .prefix(prefix)
         // Several processes share two cores: be patient, but bounded.
         .command_timeout(Duration::from_secs(3))

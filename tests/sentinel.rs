@@ -73,7 +73,6 @@ async fn failover(fault: Fault) {
     assert_eq!(setup.master_port(), Some(setup.primary.port()));
     let config = herd::Config::builder()
         .redis_url(setup.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("sentinel"))
         .command_timeout(TIMEOUT)
         .connect_timeout(TIMEOUT)

@@ -260,7 +260,9 @@ impl App {
     }
 
     fn from_client(client: RedisClient, f: impl FnOnce(SessionLayer) -> SessionLayer) -> App {
-        let layer = f(SessionLayer::new(client.clone()).with_secure(false));
+        let layer = f(SessionLayer::new(client.clone())
+            .with_key(support::test_key())
+            .with_secure(false));
         App {
             router: routes().layer(layer),
             client,
@@ -387,7 +389,7 @@ async fn secure_defaults_and_host_prefix() {
     let server = RedisServer::start();
     let client = RedisClient::new(config(&server, "secure")).expect("client");
     let app = App {
-        router: routes().layer(SessionLayer::new(client.clone())),
+        router: routes().layer(SessionLayer::new(client.clone()).with_key(support::test_key())),
         client: client.clone(),
     };
     let r = app.send("POST", "/set/a/1", None).await;
@@ -396,6 +398,7 @@ async fn secure_defaults_and_host_prefix() {
     let app = App {
         router: routes().layer(
             SessionLayer::new(client.clone())
+                .with_key(support::test_key())
                 .with_host_prefix(true)
                 .with_secure(false),
         ),
@@ -817,27 +820,23 @@ async fn anonymous_flood_creates_no_keys_and_no_cookies() {
 
 #[tokio::test]
 async fn key_rotation_accepts_old_keys_and_signs_with_the_new_one() {
-    use base64::Engine as _;
     let server = RedisServer::start();
-    let old_secret = support::test_secret();
-    let new_secret = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let old_key = support::test_key();
+    let new_key = herd::cookie::Key::from(&[7u8; 64]);
     let prefix = support::unique_prefix("rotation");
-    let make = |secret: &str, old: Option<&str>| {
-        let mut b = herd::Config::builder()
+    let make = |key: &herd::cookie::Key, old: Option<&herd::cookie::Key>| {
+        let config = herd::Config::builder()
             .redis_url(server.url())
             .prefix(prefix.clone())
-            .secret_base64(secret);
-        if let Some(old) = old {
-            b = b.old_secret_base64(old);
-        }
-        App::from_client(
-            RedisClient::new(b.build().expect("config")).expect("client"),
-            |l| l,
-        )
+            .build()
+            .expect("config");
+        App::from_client(RedisClient::new(config).expect("client"), |l| {
+            l.with_key(key.clone()).with_old_keys(old.cloned())
+        })
     };
-    let before = make(&old_secret, None);
+    let before = make(&old_key, None);
     let cookie = new_session(&before).await;
-    let after = make(&new_secret, Some(&old_secret));
+    let after = make(&new_key, Some(&old_key));
     let r = after.send("GET", "/get/seed", Some(&cookie)).await;
     assert_eq!(
         r.body,
@@ -969,7 +968,11 @@ async fn undecodable_values_and_non_integers_are_clear_errors() {
                 }
             }),
         )
-        .layer(SessionLayer::new(client).with_secure(false));
+        .layer(
+            SessionLayer::new(client)
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let req = Request::builder()
         .uri("/typed")
         .header(header::COOKIE, &cookie)

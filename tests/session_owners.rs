@@ -74,6 +74,7 @@ impl App {
     fn new(redis: &TestRedis, name: &str, idle: Duration) -> App {
         let client = RedisClient::new(config(redis, name)).expect("client");
         let layer = SessionLayer::new(client.clone())
+            .with_key(support::test_key())
             .with_secure(false)
             .with_idle_timeout(idle)
             .with_absolute_timeout(Duration::from_secs(3600));
@@ -266,7 +267,6 @@ async fn a_write_whose_outcome_is_unknown_is_not_sent_again_at_commit() {
     let timeout = Duration::from_millis(300);
     let config = herd::Config::builder()
         .redis_url(proxy.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("unknown"))
         .command_timeout(timeout)
         .connect_timeout(timeout)
@@ -282,7 +282,11 @@ async fn a_write_whose_outcome_is_unknown_is_not_sent_again_at_commit() {
                 Ok::<_, herd::Error>(Json(json!({ "incr_failed": incr.is_err() })))
             }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let send = |cookie: Option<String>| {
         let router = router.clone();
         async move {

@@ -351,10 +351,6 @@ mod tests {
                 "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
                 a.port, b.port
             ))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
             .command_timeout(Duration::from_millis(800))
             .build()
             .expect("config");

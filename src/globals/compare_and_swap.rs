@@ -93,10 +93,6 @@ mod tests {
         let server = Server::start();
         let config = Config::builder()
             .redis_url(format!("redis://127.0.0.1:{}", server.1))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
             .build()
             .expect("config");
         let client = RedisClient::connect(config).await.expect("connect");

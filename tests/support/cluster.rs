@@ -356,7 +356,6 @@ impl TestRedis {
 pub fn config(redis: &TestRedis, name: &str) -> herd::Config {
     herd::Config::builder()
         .redis_url(redis.url())
-        .secret_base64(super::test_secret())
         .prefix(unique_prefix(name))
         .command_timeout(Duration::from_millis(500))
         .connect_timeout(Duration::from_millis(500))
@@ -425,7 +424,7 @@ pub fn counter_app(client: &herd::RedisClient) -> axum::Router {
                 Ok::<_, herd::Error>("ok")
             }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false))
+        .layer(SessionLayer::new(client.clone()).with_key(super::test_key()).with_secure(false))
 }
 
 /// The guard of a suite compiled for a cluster (`*_cluster.rs`): fails if the harness would not start
