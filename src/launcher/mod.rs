@@ -100,6 +100,7 @@ mod file;
 mod lame_duck;
 mod logs;
 mod master;
+mod master_channel;
 mod max_requests;
 mod spawn;
 mod systemd;
