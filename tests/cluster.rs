@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use herd::RedisClient;
 use http::StatusCode;
-use support::cluster::{config, counter_app, request, RedisCluster, TestRedis};
+use support::cluster::RedisCluster;
+use support::topology::{config, counter_app, request, TestRedis};
 
 /// Sessions whose slots move from one node to another while four tasks increment them: every
 /// request succeeds and every counter is exact.

@@ -31,7 +31,7 @@ use herd::session::pause::{self, Step};
 use herd::{RedisClient, Session, SessionLayer};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
-use support::cluster::{config, request, TestRedis};
+use support::topology::{config, request, TestRedis};
 use tokio::sync::{mpsc, oneshot};
 
 const LAYER_IDLE_MS: u64 = 60_000;

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod example_bin;
 pub mod sentinel;
 pub mod tls;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
