@@ -144,12 +144,7 @@ impl ConfigBuilder {
     /// variable, `None` when it is not set. A pure function of `lookup` (the process environment is
     /// global, which makes `from_env` itself awkward to test).
     pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<ConfigBuilder> {
-        // Empty or blank counts as unset (`REDIS_URL= cargo run` means "the default").
-        let var = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = |name: &str| non_blank(lookup(name));
         let millis = |name: &str| -> Result<Option<Duration>> {
             var(name)
                 .map(|v| match v.parse::<u64>() {
@@ -325,6 +320,12 @@ impl ConfigBuilder {
             ca_pem,
         })
     }
+}
+
+/// A variable's value, trimmed; an empty or blank one counts as unset (`REDIS_URL= cargo run`
+/// means "the default").
+pub(crate) fn non_blank(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
 /// The sentence inside an [`Error::Config`] (other errors as displayed).

@@ -85,7 +85,7 @@
 //! | where the key comes from | how |
 //! |---|---|
 //! | the environment | [`SessionLayer::from_env`]: `HERD_SECRET` (base64 of at least 64 random bytes, `openssl rand -base64 64`) signs; `HERD_OLD_SECRETS` (comma-separated) still verify. A blank variable counts as unset |
-//! | code | [`SessionLayer::with_key`] and [`SessionLayer::with_old_keys`] ([`Key`](cookie::Key) from the `cookie` crate, re-exported as `herd::cookie`) |
+//! | code | [`SessionLayer::with_key`] and [`SessionLayer::with_old_keys`] ([`Key`](crate::cookie::Key) from the `cookie` crate, re-exported as `herd::cookie`) |
 //! | neither | a random key for this process only, and a loud warning when the layer is first used: cookies verify in this one process and until it restarts ([`SessionLayer::key_is_ephemeral`] says so) |
 //!
 //! A secret that is set but malformed (not base64, fewer than 64 bytes) is an

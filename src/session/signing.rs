@@ -10,6 +10,7 @@ use base64::Engine as _;
 use cookie::Key;
 
 use super::cookie::Verifier;
+use crate::config::non_blank;
 use crate::error::{Error, Result};
 
 /// The variable holding the current secret.
@@ -55,11 +56,7 @@ impl SigningKeys {
     /// [`from_env`](Self::from_env) over any source of variables: `lookup` answers the value of a
     /// variable, `None` when it is not set. An empty or blank value counts as unset.
     pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<SigningKeys> {
-        let var = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = |name: &str| non_blank(lookup(name));
         let mut keys = match var(ENV_SECRET) {
             Some(secret) => SigningKeys {
                 current: key_from_base64(ENV_SECRET, &secret)?,
@@ -216,7 +213,9 @@ mod tests {
         let good = b64(&[1u8; 64]);
         let short = b64(&[1u8; 40]);
         let good_then_short = format!("{good},{short}");
-        let cases: [(&[(&str, &str)], &str, &str); 4] = [
+        // (variables, the variable the message must name, a detail it must give)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: [Case<'_>; 4] = [
             (
                 &[("HERD_SECRET", "not base64!")],
                 "HERD_SECRET",

@@ -271,8 +271,13 @@ pub fn unique_prefix(name: &str) -> String {
 
 /// A herd config pointing at `server`, with a unique prefix.
 pub fn config(server: &RedisServer, name: &str) -> herd::Config {
+    config_at(&server.url(), name)
+}
+
+/// A herd config pointing at `url`, with a unique prefix and short timeouts.
+pub fn config_at(url: &str, name: &str) -> herd::Config {
     herd::Config::builder()
-        .redis_url(server.url())
+        .redis_url(url)
         .prefix(unique_prefix(name))
         .command_timeout(Duration::from_millis(500))
         .connect_timeout(Duration::from_millis(500))

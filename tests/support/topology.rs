@@ -5,11 +5,10 @@
 //! the crate root's declaration is the one that counts.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use super::cluster::RedisCluster;
 use super::sentinel::SentinelSetup;
-use super::{unique_prefix, RedisServer};
+use super::RedisServer;
 
 /// The kinds of Redis a suite can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,14 +132,7 @@ impl TestRedis {
 
 /// A herd config pointing at `redis`, with a unique prefix (as [`super::config`]).
 pub fn config(redis: &TestRedis, name: &str) -> herd::Config {
-    herd::Config::builder()
-        .redis_url(redis.url())
-        .prefix(unique_prefix(name))
-        .command_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_millis(500))
-        .pool_wait_timeout(Duration::from_millis(500))
-        .build()
-        .expect("test config")
+    super::config_at(&redis.url(), name)
 }
 
 /// Sends one request with an optional cookie through `app`; returns the status, the body as text
