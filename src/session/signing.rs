@@ -4,7 +4,7 @@
 //! names one, a random key for this process only.
 
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use base64::Engine as _;
 use cookie::Key;
@@ -39,10 +39,12 @@ impl fmt::Debug for SigningKeys {
 }
 
 impl SigningKeys {
-    /// A random key for this process only, no old keys.
+    /// A random key for this process only (the same for every layer of the process), no old
+    /// keys.
     pub(crate) fn ephemeral() -> SigningKeys {
+        static PROCESS_KEY: OnceLock<Key> = OnceLock::new();
         SigningKeys {
-            current: Key::generate(),
+            current: PROCESS_KEY.get_or_init(Key::generate).clone(),
             old: Vec::new(),
             ephemeral: true,
         }
@@ -197,15 +199,17 @@ mod tests {
         );
     }
 
-    /// No secret: a random key per process, flagged, never the same twice.
+    /// No secret: a random key of this process, flagged, the same for every layer of it.
     #[test]
     fn a_missing_secret_gives_an_ephemeral_random_key() {
         let a = from_vars(&[]).expect("keys");
         let b = from_vars(&[("HERD_SECRET", " "), ("HERD_OLD_SECRETS", "")]).expect("keys");
         assert!(a.ephemeral && b.ephemeral);
         assert!(a.old.is_empty() && b.old.is_empty());
-        assert_ne!(a.current.master(), b.current.master());
+        assert_eq!(a.current.master(), b.current.master());
         assert_eq!(a.current.master().len(), 64);
+        let given = from_vars(&[("HERD_SECRET", &b64(&[9u8; 64]))]).expect("keys");
+        assert_ne!(given.current.master(), a.current.master());
     }
 
     #[test]
