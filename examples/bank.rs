@@ -75,7 +75,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::builder()
         .redis_url(redis_server.url())
         .prefix("bank-example")
-        .key(herd::cookie::Key::generate()) // only sessions use the cookie key
         .build()?;
     let redis = RedisClient::connect(config)
         .await

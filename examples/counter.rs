@@ -51,7 +51,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route("/", get(counter))
         // Plain http on localhost: browsers drop `Secure` cookies there. Keep the default in production.
-        .layer(SessionLayer::new(redis).with_secure(false));
+        .layer(SessionLayer::from_env(redis)?.with_secure(false));
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

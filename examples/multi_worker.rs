@@ -54,7 +54,7 @@ struct AppState {
 }
 
 /// The routes; add new ones here.
-fn router(state: AppState, redis: RedisClient) -> Router {
+fn router(state: AppState, redis: &RedisClient, sessions: SessionLayer) -> Router {
     Router::new()
         .route("/healthz", get(herd::launcher::healthz))
         .route("/whoami", get(whoami))
@@ -69,14 +69,11 @@ fn router(state: AppState, redis: RedisClient) -> Router {
         .route("/transfer", post(transfer))
         .route("/accounts", get(accounts))
         .route("/ticks", get(coordination::ticks))
-        .route(
-            "/limited",
-            coordination::limited_route(&redis, state.worker),
-        )
+        .route("/limited", coordination::limited_route(redis, state.worker))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
         // Plain http in this example: browsers drop `Secure` cookies there.
-        .layer(SessionLayer::new(redis).with_secure(false))
+        .layer(sessions.with_secure(false))
         // A plain function on the response: no future of its own per request.
         .layer(tower::util::MapResponseLayer::new(json_errors))
 }
@@ -137,7 +134,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tracing::warn!("worker {:?}: accounts not seeded yet: {e}", worker.index());
             }
             tokio::spawn(coordination::tick_job(globals.clone(), worker.shutdown()));
-            let app = router(state, redis).layer(worker.requests());
+            // The launcher hands every worker the same HERD_SECRET: a cookie verifies in all of them.
+            let sessions = SessionLayer::from_env(redis.clone())?;
+            let app = router(state, &redis, sessions).layer(worker.requests());
             // Reports READY, serves, and on SIGTERM stops accepting, then drains.
             worker
                 .serve(app)

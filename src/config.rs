@@ -1,13 +1,13 @@
-//! One [`Config`] for everything herd does: where Redis is, the cookie signing key, the key prefix and
-//! every timeout. Build it from the environment ([`Config::from_env`]) or in code ([`Config::builder`]).
+//! One [`Config`] for herd's Redis client: where Redis is, the key prefix and every timeout. Build it
+//! from the environment ([`Config::from_env`]) or in code ([`Config::builder`]). The cookie signing
+//! keys (`HERD_SECRET`, `HERD_OLD_SECRETS`) belong to the session layer: see
+//! [`SessionLayer::from_env`](crate::SessionLayer::from_env).
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `REDIS_URL` | where Redis is: `redis://[user:pass@]host:port[/db]`, `rediss://...` (TLS), `redis+cluster://host:port[,host:port...]` (Redis Cluster), `redis+sentinel://host:port[,host:port...]/<master name>[/db]` (Sentinel); `rediss+cluster://`, `rediss+sentinel://` for TLS. Cluster, Sentinel and TLS need the `cluster`, `sentinel` and `tls` features | `redis://127.0.0.1:6379` |
 //! | `HERD_REDIS_MODE` | `cluster`: read a comma-separated `REDIS_URL` of plain URLs as cluster seed nodes; `single` (default) | `single` |
 //! | `HERD_REDIS_CA_FILE` | PEM file of the CA(s) that signed the Redis server certificates (`rediss`); without it the system roots are used | system roots |
-//! | `HERD_SECRET` | cookie signing key: base64 of at least 64 random bytes (`openssl rand -base64 64`) | a random key per process, with a warning |
-//! | `HERD_OLD_SECRETS` | comma-separated earlier secrets still accepted when verifying cookies (key rotation) | none |
 //! | `HERD_PREFIX` | prefix of every Redis key herd writes | `herd` |
 //! | `HERD_REDIS_TIMEOUT_MS` | longest wait for one Redis round trip (connecting included) | `1000` |
 //! | `HERD_REQUEST_TIMEOUT_MS` | longest time all the Redis calls of one request may take together, pool waits included (the request deadline; see [`client`](crate::client#deadlines-and-fail-fast-what-redis-trouble-costs-a-request)) | `2000` |
@@ -15,41 +15,31 @@
 //! | `HERD_POOL_SIZE` | connections in the pool of dedicated connections (used for `WATCH`) | `16` |
 //! | `HERD_POOL_WAIT_MS` | longest wait for a free pooled connection | `1000` |
 //!
-//! When `HERD_SECRET` is missing, a random key is made and a loud warning is logged: cookies then only
-//! verify in this one process and until it restarts ([`Config::key_is_ephemeral`] says so). Under the
-//! launcher the master makes one key and hands it to every worker, so cookies verify in all of them.
-//!
-//! A variable that is set but malformed (a secret that is not base64 or too short, a URL herd cannot
-//! use, a number that does not parse or is zero, a prefix with characters outside `[A-Za-z0-9_.:-]`)
+//! A variable that is set but malformed (a URL herd cannot use, a number that does not parse or is zero, a prefix with characters outside `[A-Za-z0-9_.:-]`)
 //! is an [`Error::Config`] whose message names the variable: herd refuses to start rather than guess.
 //! A variable set to an empty or blank value counts as unset.
 
 use std::fmt;
-use std::sync::Once;
 use std::time::Duration;
 
-use base64::Engine as _;
-use cookie::Key;
-
 use crate::error::{Error, Result};
+use crate::topology::{redact_url, Topology};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_PREFIX: &str = "herd";
 
-/// Configuration shared by sessions, globals and the Redis client. See the [module docs](self).
+/// How herd's Redis client reaches Redis and how long it waits. See the [module docs](self).
 #[derive(Clone)]
 pub struct Config {
     pub(crate) redis_url: String,
-    pub(crate) key: Key,
-    pub(crate) old_keys: Vec<Key>,
-    pub(crate) key_is_ephemeral: bool,
+    /// `redis_url` parsed (with `HERD_REDIS_MODE`), checked when the config is built.
+    pub(crate) topology: Topology,
     pub(crate) prefix: String,
     pub(crate) command_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
     pub(crate) pool_wait_timeout: Duration,
-    pub(crate) cluster_mode: bool,
     /// PEM of the CA file (`HERD_REDIS_CA_FILE`), read when the config is built.
     pub(crate) ca_pem: Option<Vec<u8>>,
 }
@@ -58,16 +48,12 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("redis_url", &redact_url(&self.redis_url))
-            .field("key", &"<secret>")
-            .field("old_keys", &self.old_keys.len())
-            .field("key_is_ephemeral", &self.key_is_ephemeral)
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
-            .field("cluster_mode", &self.cluster_mode)
             .field("ca_file", &self.ca_pem.is_some())
             .finish()
     }
@@ -77,8 +63,8 @@ impl Config {
     /// Reads the configuration from the environment (see the [module docs](self) for the variables).
     ///
     /// # Errors
-    /// [`Error::Config`] naming the variable when a value is malformed (a secret that is not base64 or
-    /// shorter than 64 bytes, an unparsable `REDIS_URL`, a timeout that is not a number).
+    /// [`Error::Config`] naming the variable when a value is malformed (an unparsable `REDIS_URL`, a
+    /// timeout that is not a number).
     pub fn from_env() -> Result<Config> {
         ConfigBuilder::from_env()?.build()
     }
@@ -118,19 +104,12 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
-
-    /// True when no secret was configured and a random per-process key is in use.
-    pub fn key_is_ephemeral(&self) -> bool {
-        self.key_is_ephemeral
-    }
 }
 
 /// Builds a [`Config`]; every setter is optional.
 #[derive(Clone, Default)]
 pub struct ConfigBuilder {
     redis_url: Option<String>,
-    secret: Option<Secret>,
-    old_secrets: Vec<Secret>,
     prefix: Option<String>,
     command_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
@@ -139,16 +118,6 @@ pub struct ConfigBuilder {
     pool_wait_timeout: Option<Duration>,
     cluster_mode: bool,
     ca_file: Option<std::path::PathBuf>,
-}
-
-#[derive(Clone)]
-enum Secret {
-    /// `source` names where the text came from, for error messages (`HERD_SECRET`, ...).
-    Base64 {
-        source: String,
-        text: String,
-    },
-    Key(Key),
 }
 
 impl fmt::Debug for ConfigBuilder {
@@ -166,8 +135,7 @@ impl ConfigBuilder {
     /// # Errors
     /// [`Error::Config`] naming the variable when a value is malformed: a number that does not
     /// parse or is zero, an unknown `HERD_REDIS_MODE`, a `REDIS_URL` herd cannot use, a
-    /// `HERD_PREFIX` outside the allowed alphabet. The secrets are checked by
-    /// [`build`](Self::build), also with the variable's name in the message.
+    /// `HERD_PREFIX` outside the allowed alphabet.
     pub fn from_env() -> Result<ConfigBuilder> {
         ConfigBuilder::from_lookup(|name| std::env::var(name).ok())
     }
@@ -176,12 +144,7 @@ impl ConfigBuilder {
     /// variable, `None` when it is not set. A pure function of `lookup` (the process environment is
     /// global, which makes `from_env` itself awkward to test).
     pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<ConfigBuilder> {
-        // Empty or blank counts as unset (`REDIS_URL= cargo run` means "the default").
-        let var = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = |name: &str| non_blank(lookup(name));
         let millis = |name: &str| -> Result<Option<Duration>> {
             var(name)
                 .map(|v| match v.parse::<u64>() {
@@ -207,34 +170,8 @@ impl ConfigBuilder {
         }
         if let Some(url) = var("REDIS_URL") {
             // Checked here too, so that a bad URL is reported even if a setter replaces it later.
-            crate::topology::Topology::parse(&url, b.cluster_mode)?;
+            Topology::parse(&url, b.cluster_mode)?;
             b.redis_url = Some(url);
-        }
-        if let Some(secret) = var("HERD_SECRET") {
-            b.secret = Some(Secret::Base64 {
-                source: "HERD_SECRET".into(),
-                text: secret,
-            });
-        }
-        if let Some(old) = var("HERD_OLD_SECRETS") {
-            let entries: Vec<&str> = old
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect();
-            let n = entries.len();
-            b.old_secrets = entries
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| Secret::Base64 {
-                    source: if n == 1 {
-                        "HERD_OLD_SECRETS".into()
-                    } else {
-                        format!("HERD_OLD_SECRETS (entry {} of {n})", i + 1)
-                    },
-                    text: s.to_owned(),
-                })
-                .collect();
         }
         if let Some(prefix) = var("HERD_PREFIX") {
             crate::keys::validate_prefix(&prefix)
@@ -295,37 +232,6 @@ impl ConfigBuilder {
         self
     }
 
-    /// The cookie signing secret, base64 of at least 64 bytes (checked by [`build`](Self::build)).
-    pub fn secret_base64(mut self, secret: impl Into<String>) -> Self {
-        self.secret = Some(Secret::Base64 {
-            source: "the secret".into(),
-            text: secret.into(),
-        });
-        self
-    }
-
-    /// The cookie signing key.
-    pub fn key(mut self, key: Key) -> Self {
-        self.secret = Some(Secret::Key(key));
-        self
-    }
-
-    /// An earlier key still accepted when verifying cookies (new cookies are signed with the current
-    /// key). Call several times for several keys.
-    pub fn old_key(mut self, key: Key) -> Self {
-        self.old_secrets.push(Secret::Key(key));
-        self
-    }
-
-    /// An earlier secret (base64) still accepted when verifying cookies.
-    pub fn old_secret_base64(mut self, secret: impl Into<String>) -> Self {
-        self.old_secrets.push(Secret::Base64 {
-            source: "an old secret".into(),
-            text: secret.into(),
-        });
-        self
-    }
-
     /// Prefix of every Redis key herd writes. Default `herd`. Letters, digits and `-_.:` only.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Some(prefix.into());
@@ -371,7 +277,7 @@ impl ConfigBuilder {
         let redis_url = self
             .redis_url
             .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
-        crate::topology::Topology::parse(&redis_url, self.cluster_mode)?;
+        let topology = Topology::parse(&redis_url, self.cluster_mode)?;
         let ca_pem = match &self.ca_file {
             None => None,
             Some(_) if !cfg!(feature = "tls") => {
@@ -386,18 +292,6 @@ impl ConfigBuilder {
                 ))
             })?),
         };
-        let (key, key_is_ephemeral) = match self.secret {
-            Some(secret) => (secret.into_key()?, false),
-            None => {
-                warn_ephemeral_key();
-                (Key::generate(), true)
-            }
-        };
-        let old_keys = self
-            .old_secrets
-            .into_iter()
-            .map(Secret::into_key)
-            .collect::<Result<Vec<_>>>()?;
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         crate::keys::validate_prefix(&prefix)?;
         let pool_size = self.pool_size.unwrap_or(16);
@@ -413,9 +307,7 @@ impl ConfigBuilder {
         };
         Ok(Config {
             redis_url,
-            key,
-            old_keys,
-            key_is_ephemeral,
+            topology,
             prefix,
             command_timeout: positive("the Redis timeout", self.command_timeout)?,
             request_timeout: positive(
@@ -425,54 +317,15 @@ impl ConfigBuilder {
             connect_timeout: positive("the connect timeout", self.connect_timeout)?,
             pool_size,
             pool_wait_timeout: positive("the pool wait timeout", self.pool_wait_timeout)?,
-            cluster_mode: self.cluster_mode,
             ca_pem,
         })
     }
 }
 
-impl Secret {
-    fn into_key(self) -> Result<Key> {
-        match self {
-            Secret::Key(key) => Ok(key),
-            Secret::Base64 { source, text } => key_from_base64(&source, &text),
-        }
-    }
-}
-
-/// Decodes a base64 secret (standard or URL-safe alphabet, padding optional) of at least 64 bytes.
-pub(crate) fn key_from_base64(source: &str, text: &str) -> Result<Key> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    // `openssl rand -base64 64` wraps its output at 64 columns: line breaks are not part of it.
-    let text: String = text.split_ascii_whitespace().collect();
-    let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|engine| engine.decode(&text).ok())
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "{source} is not base64; make one with `openssl rand -base64 64`"
-            ))
-        })?;
-    Key::try_from(bytes.as_slice()).map_err(|_| {
-        Error::Config(format!(
-            "{source} decodes to {} bytes but needs at least 64; make one with `openssl rand -base64 64`",
-            bytes.len()
-        ))
-    })
-}
-
-fn warn_ephemeral_key() {
-    static WARNED: Once = Once::new();
-    WARNED.call_once(|| {
-        let msg = "HERD_SECRET is not set: using a random cookie key for this process only. \
-                   Sessions will not survive a restart and cookies will not verify in other \
-                   processes. Set HERD_SECRET (e.g. `openssl rand -base64 64`) in production.";
-        if tracing::dispatcher::has_been_set() {
-            tracing::warn!("{msg}");
-        } else {
-            eprintln!("herd: WARNING: {msg}");
-        }
-    });
+/// A variable's value, trimmed; an empty or blank one counts as unset (`REDIS_URL= cargo run`
+/// means "the default").
+pub(crate) fn non_blank(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
 /// The sentence inside an [`Error::Config`] (other errors as displayed).
@@ -483,64 +336,9 @@ fn config_message(e: Error) -> String {
     }
 }
 
-/// The URL with any password replaced by `***`, for logs and errors.
-pub(crate) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let creds = &url[scheme_end + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("redis://user:hunter2@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
-        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-    }
-
-    #[test]
-    fn short_or_garbage_secrets_are_clear_errors() {
-        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        let err = key_from_base64("HERD_SECRET", &short)
-            .err()
-            .map(|e| e.to_string());
-        assert!(err
-            .as_deref()
-            .unwrap_or("")
-            .contains("32 bytes but needs at least 64"));
-        let err = key_from_base64("HERD_SECRET", "not base64 at all!").err();
-        assert!(err
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-            .contains("not base64"));
-        let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
-        assert!(key_from_base64("HERD_SECRET", &good).is_ok());
-        // As `openssl rand -base64 64` prints it: wrapped at 64 columns.
-        let (head, tail) = good.split_at(64);
-        assert!(key_from_base64("HERD_SECRET", &format!("{head}\n{tail}\n")).is_ok());
-    }
-
-    fn b64(bytes: &[u8]) -> String {
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    }
 
     /// `from_env`'s logic over a fixed set of variables.
     fn from_vars(vars: &[(&str, &str)]) -> Result<Config> {
@@ -560,14 +358,8 @@ mod tests {
 
     #[test]
     fn every_variable_is_read() {
-        let secret = b64(&[1u8; 64]);
-        let old1 = b64(&[2u8; 64]);
-        let old2 = b64(&[3u8; 80]);
-        let old_list = format!(" {old1} ,, {old2},");
         let config = from_vars(&[
             ("REDIS_URL", "redis://user:pw@10.0.0.7:6380/2"),
-            ("HERD_SECRET", &secret),
-            ("HERD_OLD_SECRETS", &old_list),
             ("HERD_PREFIX", "shop-1.prod:eu"),
             ("HERD_REDIS_TIMEOUT_MS", "250"),
             ("HERD_REQUEST_TIMEOUT_MS", "1500"),
@@ -577,16 +369,9 @@ mod tests {
         ])
         .expect("config");
         assert_eq!(config.redis_url(), "redis://user:pw@10.0.0.7:6380/2");
-        assert!(!config.key_is_ephemeral());
-        assert_eq!(config.key.master(), Key::from(&[1u8; 64]).master());
-        let old: Vec<&[u8]> = config.old_keys.iter().map(Key::master).collect();
         assert_eq!(
-            old,
-            [
-                Key::from(&[2u8; 64]).master(),
-                Key::from(&[3u8; 80]).master()
-            ],
-            "old secrets in order, blanks between commas skipped"
+            config.topology,
+            Topology::Single("redis://user:pw@10.0.0.7:6380/2".into())
         );
         assert_eq!(config.prefix(), "shop-1.prod:eu");
         assert_eq!(config.command_timeout(), Duration::from_millis(250));
@@ -594,7 +379,6 @@ mod tests {
         assert_eq!(config.connect_timeout, Duration::from_millis(750));
         assert_eq!(config.pool_size, 3);
         assert_eq!(config.pool_wait_timeout, Duration::from_millis(1500));
-        assert!(!config.cluster_mode);
         assert!(config.ca_pem.is_none());
         // The password never shows in Debug output.
         let debug = format!("{config:?}");
@@ -613,7 +397,6 @@ mod tests {
                 ("HERD_PREFIX", "  "),
                 ("HERD_REDIS_TIMEOUT_MS", ""),
                 ("HERD_POOL_SIZE", " "),
-                ("HERD_OLD_SECRETS", ""),
             ][..],
         ] {
             let config = from_vars(vars).expect("defaults");
@@ -624,56 +407,19 @@ mod tests {
             assert_eq!(config.connect_timeout, Duration::from_secs(1));
             assert_eq!(config.pool_wait_timeout, Duration::from_secs(1));
             assert_eq!(config.pool_size, 16);
-            assert!(config.old_keys.is_empty());
-            assert!(!config.cluster_mode);
+            assert_eq!(
+                config.topology,
+                Topology::Single("redis://127.0.0.1:6379".into())
+            );
         }
-    }
-
-    /// No secret: a random key per process, flagged, never the same twice.
-    #[test]
-    fn a_missing_secret_gives_an_ephemeral_random_key() {
-        let a = from_vars(&[]).expect("config");
-        let b = from_vars(&[("HERD_SECRET", " ")]).expect("config");
-        assert!(a.key_is_ephemeral() && b.key_is_ephemeral());
-        assert_ne!(a.key.master(), b.key.master());
-        assert_eq!(a.key.master().len(), 64);
-        let built = Config::builder().build().expect("config");
-        assert!(built.key_is_ephemeral());
-        let keyed = Config::builder()
-            .key(Key::generate())
-            .build()
-            .expect("config");
-        assert!(!keyed.key_is_ephemeral());
     }
 
     #[test]
     fn malformed_variables_are_errors_that_name_the_variable() {
-        let good = b64(&[1u8; 64]);
-        let short = b64(&[1u8; 40]);
         let long_prefix = "p".repeat(65);
-        let good_then_short = format!("{good},{short}");
         // (variables, the variable the message must name, a detail it must give)
         type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
         let cases: Vec<Case<'_>> = vec![
-            (
-                vec![("HERD_SECRET", "not base64!")],
-                "HERD_SECRET",
-                "not base64",
-            ),
-            (vec![("HERD_SECRET", &short)], "HERD_SECRET", "40 bytes"),
-            (
-                vec![("HERD_SECRET", &good), ("HERD_OLD_SECRETS", "%%%")],
-                "HERD_OLD_SECRETS",
-                "not base64",
-            ),
-            (
-                vec![
-                    ("HERD_SECRET", &good),
-                    ("HERD_OLD_SECRETS", &good_then_short),
-                ],
-                "HERD_OLD_SECRETS (entry 2 of 2)",
-                "40 bytes",
-            ),
             (vec![("REDIS_URL", "http://example.com")], "REDIS_URL", ""),
             (vec![("REDIS_URL", "not a url")], "REDIS_URL", ""),
             (vec![("REDIS_URL", "redis://:6379")], "REDIS_URL", ""),

@@ -17,6 +17,8 @@ use std::time::Duration;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 
+use crate::client::Effect;
+
 /// The result type of herd.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -191,12 +193,12 @@ impl Error {
         Error::InvalidName { name, reason }
     }
 
-    /// Classifies a Redis error. `wrote` says whether the command could have changed data, so that a
-    /// lost reply becomes [`Error::OutcomeUnknown`] rather than [`Error::Unavailable`].
-    pub(crate) fn from_redis(err: redis::RedisError, wrote: bool, timeout: Duration) -> Self {
+    /// Classifies a Redis error. `effect` says whether the command could have changed data, so that
+    /// a lost reply becomes [`Error::OutcomeUnknown`] rather than [`Error::Unavailable`].
+    pub(crate) fn from_redis(err: redis::RedisError, effect: Effect, timeout: Duration) -> Self {
         use redis::{ErrorKind, ServerErrorKind};
         if err.is_timeout() || (err.is_connection_dropped() && !err.is_connection_refusal()) {
-            if wrote {
+            if effect == Effect::MayWrite {
                 return Error::OutcomeUnknown { timeout };
             }
             return Error::Unavailable {
@@ -327,10 +329,11 @@ mod tests {
     use std::time::Duration;
 
     use super::Error;
+    use crate::client::Effect;
 
     fn classify(code: &str, detail: &str) -> Error {
         let err = redis::make_extension_error(code.to_owned(), Some(detail.to_owned()));
-        Error::from_redis(err, true, Duration::from_millis(500))
+        Error::from_redis(err, Effect::MayWrite, Duration::from_millis(500))
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! let app: Router = Router::new()
 //!     .route("/", get(visit))
 //!     .with_state(Globals::new(redis.clone()))
-//!     .layer(SessionLayer::new(redis));
+//!     .layer(SessionLayer::from_env(redis)?); // HERD_SECRET signs the cookies
 //! # Ok(()) }
 //! ```
 //!

@@ -13,7 +13,6 @@
 //! (`REDIS_URL=redis://10.0.0.1:7000,redis://10.0.0.2:7000`). Credentials in a cluster or sentinel
 //! URL are those of the Redis servers (sentinels are reached without a password).
 
-use crate::config::redact_url;
 use crate::error::{Error, Result};
 
 /// How herd reaches Redis, parsed from the URL (see the [module docs](self)).
@@ -173,9 +172,38 @@ fn node_urls(scheme: &str, creds: Option<&str>, hosts: &str) -> Vec<String> {
         .collect()
 }
 
+/// The URL with any password replaced by `***`, for logs and errors.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
 
     #[test]
     fn single_urls_pass_through() {

@@ -97,7 +97,6 @@ async fn on_a_cluster_commands_reach_the_node_of_their_slot() {
     let cluster = support::cluster::RedisCluster::start();
     let config = herd::Config::builder()
         .redis_url(cluster.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("raw-cluster"))
         .build()
         .expect("config");

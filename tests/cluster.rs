@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use herd::RedisClient;
 use http::StatusCode;
-use support::cluster::{config, counter_app, request, RedisCluster, TestRedis};
+use support::cluster::RedisCluster;
+use support::topology::{config, counter_app, request, TestRedis};
 
 /// Sessions whose slots move from one node to another while four tasks increment them: every
 /// request succeeds and every counter is exact.
@@ -24,7 +25,6 @@ async fn slots_moving_under_load_lose_nothing_and_fail_nothing() {
     let client = RedisClient::connect(
         herd::Config::builder()
             .redis_url(cluster.url())
-            .secret_base64(support::test_secret())
             .prefix(support::unique_prefix("reshard"))
             .command_timeout(Duration::from_secs(2))
             .build()
@@ -142,7 +142,6 @@ async fn a_globals_group_moving_under_atomic_groups_and_updates_stays_exact() {
     let client = RedisClient::connect(
         herd::Config::builder()
             .redis_url(cluster.url())
-            .secret_base64(support::test_secret())
             .prefix(support::unique_prefix("reshard-globals"))
             .command_timeout(Duration::from_secs(2))
             .build()

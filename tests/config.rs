@@ -1,23 +1,35 @@
-//! `Config::from_env` against the real process environment. The environment is global to a
-//! process, so each case runs this test binary again as a child with exactly the variables it
-//! needs (`env_clear`): nothing leaks between cases or in from the shell that runs the tests.
-//! The child's answer is one `RESULT:` line on stdout; what herd prints goes to its stderr.
-//! (The mapping of every variable is unit-tested in `src/config.rs` over a lookup closure.)
+//! `Config::from_env` and `SessionLayer::from_env` against the real process environment. The
+//! environment is global to a process, so each case runs this test binary again as a child with
+//! exactly the variables it needs (`env_clear`): nothing leaks between cases or in from the shell
+//! that runs the tests. The child's answer is one `RESULT:` line on stdout; what herd prints goes
+//! to its stderr. (The mapping of every variable is unit-tested in `src/config.rs` and
+//! `src/session/signing.rs` over a lookup closure.)
 
 use std::process::Command;
 
 /// Set in the child: run [`child`] instead of the cases.
 const CHILD: &str = "HERD_CONFIG_TEST_CHILD";
 
-/// In the child: `Config::from_env()` and one line saying what came of it.
+/// In the child: `Config::from_env()`, a client, `SessionLayer::from_env` applied to a service,
+/// and one line saying what came of it.
 fn child() {
-    match herd::Config::from_env() {
-        Ok(c) => println!(
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = runtime.enter();
+    let layer = |c: &herd::Config| -> herd::Result<herd::SessionLayer> {
+        let layer = herd::SessionLayer::from_env(herd::RedisClient::new(c.clone())?)?;
+        let _service = tower::Layer::layer(&layer, ()); // where a missing key is warned about
+        Ok(layer)
+    };
+    match herd::Config::from_env().and_then(|c| Ok((layer(&c)?, c))) {
+        Ok((layer, c)) => println!(
             "RESULT: ok url={} prefix={} timeout_ms={} ephemeral={}",
             c.redis_url(),
             c.prefix(),
             c.command_timeout().as_millis(),
-            c.key_is_ephemeral()
+            layer.key_is_ephemeral()
         ),
         Err(e) => println!("RESULT: error {e}"),
     }

@@ -22,7 +22,6 @@ fn globals_for(server: &RedisServer, name: &str) -> Globals {
 fn roomy_config(server: &RedisServer, name: &str) -> herd::Config {
     herd::Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(unique_prefix(name))
         .command_timeout(Duration::from_secs(2))
         .pool_wait_timeout(Duration::from_secs(10))
@@ -291,7 +290,6 @@ async fn execabort_from_an_acl_rule_names_the_refused_command() {
     let url = server.url().replace("redis://", "redis://reader:pw@");
     let cfg = herd::Config::builder()
         .redis_url(url)
-        .secret_base64(support::test_secret())
         .prefix(prefix)
         .build()
         .unwrap();
@@ -995,7 +993,6 @@ async fn own_prefix_keeps_each_group_in_one_cluster_slot() {
     let cluster = support::cluster::RedisCluster::start();
     let config = herd::Config::builder()
         .redis_url(cluster.url())
-        .secret_base64(support::test_secret())
         .prefix(unique_prefix("cluster-sessions"))
         .command_timeout(Duration::from_secs(2))
         .build()

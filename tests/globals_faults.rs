@@ -19,7 +19,6 @@ async fn pool_exhaustion_waits_at_most_the_pool_timeout_then_503() {
     let pool_wait = Duration::from_millis(300);
     let config = herd::Config::builder()
         .redis_url(proxy.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("pool"))
         .pool_size(2)
         .pool_wait_timeout(pool_wait)
@@ -166,7 +165,6 @@ async fn redis_frozen_under_updates_neither_deadlocks_nor_leaks_the_pool() {
     let (pool_wait, timeout) = (Duration::from_millis(300), Duration::from_millis(400));
     let config = herd::Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("freeze"))
         .pool_size(4)
         .pool_wait_timeout(pool_wait)
@@ -229,7 +227,6 @@ async fn redis_frozen_with_idle_pooled_connections_fails_updates_in_bounded_time
     let (pool_wait, timeout) = (Duration::from_millis(300), Duration::from_millis(400));
     let config = herd::Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("freeze-idle"))
         .pool_size(8)
         .pool_wait_timeout(pool_wait)
@@ -354,7 +351,6 @@ async fn pooled_connections_cut_mid_load_errors_stay_bounded_and_the_pool_heals(
     let pool_size = 8;
     let config = herd::Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("pool-cut"))
         .pool_size(pool_size)
         .command_timeout(Duration::from_millis(500))

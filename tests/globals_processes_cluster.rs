@@ -7,12 +7,11 @@
 #[path = "globals_processes.rs"]
 mod suite;
 
-// The suite's own `support` module is private to it; the guard below needs the harness too.
-#[allow(clippy::duplicate_mod)]
-mod support;
+/// What the suite runs on: it starts its Redis with `crate::TOPOLOGY`.
+const TOPOLOGY: suite::support::topology::Topology = suite::support::topology::Topology::Cluster;
 
-/// Guard: this binary exists to run the suite on a cluster (see the harness).
+/// Guard: the harness starts a real cluster for this suite.
 #[tokio::test]
 async fn the_suite_really_runs_on_a_redis_cluster() {
-    support::cluster::assert_suite_runs_on_a_cluster().await;
+    suite::support::cluster::assert_suite_runs_on_a_cluster().await;
 }

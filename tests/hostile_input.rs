@@ -48,7 +48,11 @@ fn app(client: &RedisClient) -> Router {
                 Ok::<_, herd::Error>("ok")
             }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false))
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        )
 }
 
 struct Reply {

@@ -34,7 +34,6 @@ fn no_refill(burst: u32) -> Quota {
 fn config(url: &str, prefix: &str) -> herd::Config {
     herd::Config::builder()
         .redis_url(url)
-        .secret_base64(support::test_secret())
         .prefix(prefix)
         .command_timeout(Duration::from_secs(2))
         .build()

@@ -48,7 +48,6 @@ impl Drop for App {
 fn config(url: &str, name: &str, pool_size: usize) -> herd::Config {
     herd::Config::builder()
         .redis_url(url)
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix(name))
         .request_timeout(DEADLINE)
         .command_timeout(Duration::from_secs(5))
@@ -77,7 +76,11 @@ async fn start_app(config: herd::Config) -> App {
         .route("/hits", get(hits).with_state(stats.clone()))
         .route("/three", get(three).with_state(stats))
         .route("/transfer", post(transfer).with_state(bank))
-        .layer(SessionLayer::new(client.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -519,7 +522,6 @@ async fn a_healthy_burst_of_500_connections_never_opens_the_breaker() {
     // The defaults: a 2 s deadline, 1 s per call.
     let config = herd::Config::builder()
         .redis_url(redis.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("burst"))
         .build()
         .expect("config");

@@ -37,7 +37,7 @@ async fn send(
     path: &str,
     cookie: Option<&str>,
 ) -> (StatusCode, String, Option<String>) {
-    support::cluster::request(app, "GET", path, cookie).await
+    support::topology::request(app, "GET", path, cookie).await
 }
 
 /// One request of the load.
@@ -73,7 +73,6 @@ async fn failover(fault: Fault) {
     assert_eq!(setup.master_port(), Some(setup.primary.port()));
     let config = herd::Config::builder()
         .redis_url(setup.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("sentinel"))
         .command_timeout(TIMEOUT)
         .connect_timeout(TIMEOUT)
@@ -82,7 +81,7 @@ async fn failover(fault: Fault) {
     let client = RedisClient::connect(config)
         .await
         .expect("connect via sentinel");
-    let app = support::cluster::counter_app(&client);
+    let app = support::topology::counter_app(&client);
     let (status, _, cookie) = send(&app, "/incr", None).await;
     assert_eq!(status, StatusCode::OK);
     let cookie = Arc::new(cookie.expect("cookie"));

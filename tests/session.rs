@@ -1,8 +1,10 @@
 //! The session layer against a real Redis: cookies, concurrency, expiry, owners, faults, round trips.
 //!
-//! The same suite runs on a 3-primary Redis Cluster in `session_cluster.rs` (`support::cluster`).
+//! The same suite runs on a 3-primary Redis Cluster in `session_cluster.rs` and through Sentinel in
+//! `session_sentinel.rs` (see `support::topology`).
 
-mod support;
+// `pub(crate)`: the binaries that run this suite on other topologies use it too.
+pub(crate) mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -15,8 +17,14 @@ use herd::{RedisClient, Session, SessionLayer};
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::cluster::{config, TestRedis as RedisServer};
+use support::topology::{config, TestRedis as RedisServer, Topology};
 use tower::ServiceExt;
+
+/// The Redis this suite runs on. `session_cluster.rs` and `session_sentinel.rs` include this file as a
+/// module and declare their own `TOPOLOGY` at their crate root, which is the one the tests read
+/// (`crate::TOPOLOGY`); this one is unused there.
+#[allow(dead_code)]
+const TOPOLOGY: Topology = Topology::Single;
 
 /// A test app: a router with a session layer and the client behind it.
 #[derive(Clone)]
@@ -260,7 +268,9 @@ impl App {
     }
 
     fn from_client(client: RedisClient, f: impl FnOnce(SessionLayer) -> SessionLayer) -> App {
-        let layer = f(SessionLayer::new(client.clone()).with_secure(false));
+        let layer = f(SessionLayer::new(client.clone())
+            .with_key(support::test_key())
+            .with_secure(false));
         App {
             router: routes().layer(layer),
             client,
@@ -347,7 +357,7 @@ async fn new_session(app: &App) -> String {
 
 #[tokio::test]
 async fn cookie_round_trip_and_attributes() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "roundtrip");
     let r = app.send("POST", "/set/color/blue", None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -384,10 +394,10 @@ async fn cookie_round_trip_and_attributes() {
 
 #[tokio::test]
 async fn secure_defaults_and_host_prefix() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let client = RedisClient::new(config(&server, "secure")).expect("client");
     let app = App {
-        router: routes().layer(SessionLayer::new(client.clone())),
+        router: routes().layer(SessionLayer::new(client.clone()).with_key(support::test_key())),
         client: client.clone(),
     };
     let r = app.send("POST", "/set/a/1", None).await;
@@ -396,6 +406,7 @@ async fn secure_defaults_and_host_prefix() {
     let app = App {
         router: routes().layer(
             SessionLayer::new(client.clone())
+                .with_key(support::test_key())
                 .with_host_prefix(true)
                 .with_secure(false),
         ),
@@ -409,7 +420,7 @@ async fn secure_defaults_and_host_prefix() {
 
 #[tokio::test]
 async fn tampered_cookies_are_anonymous_never_5xx_and_create_nothing() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "tamper");
     let cookie = new_session(&app).await;
     let value = cookie
@@ -503,7 +514,7 @@ async fn tampered_cookies_are_anonymous_never_5xx_and_create_nothing() {
 
 #[tokio::test]
 async fn concurrent_incr_on_one_session_is_exact() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "incr");
     let cookie = new_session(&app).await;
     let tasks: Vec<_> = (0..200)
@@ -532,7 +543,7 @@ async fn concurrent_incr_on_one_session_is_exact() {
 
 #[tokio::test]
 async fn concurrent_writes_of_different_keys_all_survive() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "fields");
     let cookie = new_session(&app).await;
     let mut tasks = Vec::new();
@@ -562,7 +573,7 @@ async fn concurrent_writes_of_different_keys_all_survive() {
 
 #[tokio::test]
 async fn logout_racing_a_slow_writer_never_resurrects() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "race");
     let cookie = {
         let r = app.send("POST", "/login/alice", None).await;
@@ -638,7 +649,7 @@ async fn logout_racing_a_slow_writer_never_resurrects() {
 
 #[tokio::test]
 async fn cycle_id_moves_data_and_kills_the_old_id() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "cycle");
     let old = new_session(&app).await;
     app.send("POST", "/set/cart/3-items", Some(&old)).await;
@@ -694,7 +705,7 @@ async fn cycle_id_moves_data_and_kills_the_old_id() {
 
 #[tokio::test]
 async fn idle_timeout_expires_and_reads_keep_a_session_alive() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "idle", |l| {
         l.with_idle_timeout(Duration::from_millis(1500))
     });
@@ -719,7 +730,7 @@ async fn idle_timeout_expires_and_reads_keep_a_session_alive() {
 
 #[tokio::test]
 async fn absolute_timeout_is_not_extended_by_activity() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "absolute", |l| {
         l.with_idle_timeout(Duration::from_secs(60))
             .with_absolute_timeout(Duration::from_millis(1500))
@@ -747,7 +758,7 @@ async fn absolute_timeout_is_not_extended_by_activity() {
 
 #[tokio::test]
 async fn log_out_everywhere() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "owner");
     let mut alice = Vec::new();
     for _ in 0..3 {
@@ -787,7 +798,7 @@ async fn log_out_everywhere() {
 
 #[tokio::test]
 async fn anonymous_flood_creates_no_keys_and_no_cookies() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "flood");
     let before = server.dbsize();
     let mut tasks = Vec::new();
@@ -817,27 +828,23 @@ async fn anonymous_flood_creates_no_keys_and_no_cookies() {
 
 #[tokio::test]
 async fn key_rotation_accepts_old_keys_and_signs_with_the_new_one() {
-    use base64::Engine as _;
-    let server = RedisServer::start();
-    let old_secret = support::test_secret();
-    let new_secret = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let server = RedisServer::start(crate::TOPOLOGY);
+    let old_key = support::test_key();
+    let new_key = herd::cookie::Key::from(&[7u8; 64]);
     let prefix = support::unique_prefix("rotation");
-    let make = |secret: &str, old: Option<&str>| {
-        let mut b = herd::Config::builder()
+    let make = |key: &herd::cookie::Key, old: Option<&herd::cookie::Key>| {
+        let config = herd::Config::builder()
             .redis_url(server.url())
             .prefix(prefix.clone())
-            .secret_base64(secret);
-        if let Some(old) = old {
-            b = b.old_secret_base64(old);
-        }
-        App::from_client(
-            RedisClient::new(b.build().expect("config")).expect("client"),
-            |l| l,
-        )
+            .build()
+            .expect("config");
+        App::from_client(RedisClient::new(config).expect("client"), |l| {
+            l.with_key(key.clone()).with_old_keys(old.cloned())
+        })
     };
-    let before = make(&old_secret, None);
+    let before = make(&old_key, None);
     let cookie = new_session(&before).await;
-    let after = make(&new_secret, Some(&old_secret));
+    let after = make(&new_key, Some(&old_key));
     let r = after.send("GET", "/get/seed", Some(&cookie)).await;
     assert_eq!(
         r.body,
@@ -861,7 +868,7 @@ async fn key_rotation_accepts_old_keys_and_signs_with_the_new_one() {
 
 #[tokio::test]
 async fn redis_down_gives_fast_503_and_recovers_without_restart() {
-    let mut server = RedisServer::start();
+    let mut server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "down");
     let cookie = new_session(&app).await;
     server.kill();
@@ -907,7 +914,7 @@ async fn redis_down_gives_fast_503_and_recovers_without_restart() {
 
 #[tokio::test]
 async fn oversize_values_and_sessions_are_413_and_write_nothing() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "size", |l| {
         l.with_max_value_size(1000).with_max_session_size(2500)
     });
@@ -942,7 +949,7 @@ async fn oversize_values_and_sessions_are_413_and_write_nothing() {
 
 #[tokio::test]
 async fn undecodable_values_and_non_integers_are_clear_errors() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let client = RedisClient::new(config(&server, "decode")).expect("client");
     let app = App::from_client(client.clone(), |l| l);
     let cookie = new_session(&app).await;
@@ -969,7 +976,11 @@ async fn undecodable_values_and_non_integers_are_clear_errors() {
                 }
             }),
         )
-        .layer(SessionLayer::new(client).with_secure(false));
+        .layer(
+            SessionLayer::new(client)
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let req = Request::builder()
         .uri("/typed")
         .header(header::COOKIE, &cookie)
@@ -1001,7 +1012,7 @@ async fn extractor_without_layer_says_what_is_missing() {
 /// Round trips per request kind, counted by the client and cross-checked with Redis's commandstats.
 #[tokio::test]
 async fn round_trip_budget() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "budget", |l| {
         l.with_idle_timeout(Duration::from_secs(3600))
     });
@@ -1043,7 +1054,11 @@ async fn round_trip_budget() {
     }
 
     // On a cluster the new id lives in another slot: mark + read, write, delete (store.rs).
-    let cycle_budget = if server.is_cluster() { 3 } else { 1 };
+    let cycle_budget = if server.topology() == Topology::Cluster {
+        3
+    } else {
+        1
+    };
     let cases: [(&str, &str, &str, bool, u64); 8] = [
         ("untouched, no cookie", "GET", "/untouched", false, 0),
         ("untouched, cookie", "GET", "/untouched", true, 0),
@@ -1098,7 +1113,7 @@ async fn round_trip_budget() {
 /// its TTL never runs past the absolute deadline.
 #[tokio::test]
 async fn incr_never_resurrects_and_respects_the_absolute_deadline() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "incr-dead", |l| {
         l.with_idle_timeout(Duration::from_secs(60))
             .with_absolute_timeout(Duration::from_secs(5))
@@ -1132,7 +1147,7 @@ async fn incr_never_resurrects_and_respects_the_absolute_deadline() {
 /// the same request sees its own removal; no session is made for a visitor without one.
 #[tokio::test]
 async fn remove_deletes_one_field_and_nothing_else() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "remove");
     let cookie = new_session(&app).await;
     app.send("POST", "/set/a/x", Some(&cookie)).await;
@@ -1187,7 +1202,7 @@ async fn remove_deletes_one_field_and_nothing_else() {
 /// round trip; later writes land in the same session.
 #[tokio::test]
 async fn clear_empties_the_session_but_keeps_it() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "clear");
     let cookie = app
         .send("POST", "/login/erin", None)
@@ -1259,7 +1274,7 @@ async fn clear_empties_the_session_but_keeps_it() {
 /// own changes; one round trip; empty for a visitor without a session, with nothing created.
 #[tokio::test]
 async fn entries_lists_the_user_fields_with_this_requests_changes() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "entries");
     let (trips, r) = app.counted("GET", "/entries", None).await;
     assert_eq!(r.body, json!({ "entries": {} }));
@@ -1302,7 +1317,7 @@ async fn entries_lists_the_user_fields_with_this_requests_changes() {
 /// owner, read back in later requests (one round trip) and in the same request.
 #[tokio::test]
 async fn owner_is_stored_indexed_and_read_back() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "owner-api");
     let prefix = app.client.config().prefix().to_owned();
     let r = app.send("GET", "/owner", None).await;
@@ -1347,7 +1362,7 @@ async fn owner_is_stored_indexed_and_read_back() {
 /// false with one; one round trip with a cookie, none without; never creates anything.
 #[tokio::test]
 async fn is_empty_says_whether_a_session_is_stored() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "is-empty");
     let (trips, r) = app.counted("GET", "/is-empty", None).await;
     assert_eq!((r.body.clone(), trips), (json!({ "empty": true }), 0));
@@ -1375,7 +1390,7 @@ async fn is_empty_says_whether_a_session_is_stored() {
 /// does end after it.
 #[tokio::test]
 async fn set_idle_timeout_is_per_session_and_sticks() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "idle-override", |l| {
         l.with_idle_timeout(Duration::from_secs(60))
             .with_absolute_timeout(Duration::from_secs(3600))
@@ -1523,7 +1538,7 @@ fn assert_no_data_write(calls: &HashMap<String, u64>, what: &str) {
 /// checked with one real wait too.
 #[tokio::test]
 async fn read_only_requests_refresh_the_ttl_at_most_once_per_tenth() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let idle = 600_000_i64; // a tenth is 60 s: "within a tenth" needs no tight timing
     let app = App::with(&server, "refresh", |l| {
         l.with_idle_timeout(Duration::from_millis(idle as u64))
@@ -1591,7 +1606,7 @@ async fn read_only_requests_refresh_the_ttl_at_most_once_per_tenth() {
 /// (off the request's path) once more has.
 #[tokio::test]
 async fn field_writes_refresh_the_ttl_at_most_once_per_tenth() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let idle = 600_000_i64;
     let app = App::with(&server, "write-refresh", |l| {
         l.with_idle_timeout(Duration::from_millis(idle as u64))
@@ -1645,7 +1660,7 @@ async fn field_writes_refresh_the_ttl_at_most_once_per_tenth() {
 /// sees the old session again.
 #[tokio::test]
 async fn a_field_write_into_a_session_past_its_deadline_keeps_nothing() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let absolute = 3_600_000_i64;
     let app = App::with(&server, "write-deadline", |l| {
         l.with_absolute_timeout(Duration::from_millis(absolute as u64))
@@ -1701,7 +1716,7 @@ async fn a_field_write_into_a_session_past_its_deadline_keeps_nothing() {
 /// and on the one that removes it; the cookie still round-trips; `__Host-` overrides domain/path.
 #[tokio::test]
 async fn cookie_attributes_from_the_layer() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let attrs = |set: &str| -> Vec<String> {
         set.split(';')
             .skip(1)
@@ -1832,7 +1847,7 @@ fn live_sessions(app: &App, server: &RedisServer) -> Vec<String> {
 /// its session (the timing record a script save wrote is what the next write of the request uses).
 #[tokio::test]
 async fn first_visit_incr_then_more_writes_keeps_one_session() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::new(&server, "first-incr");
     let r = app.send("GET", "/incr-twice/n", None).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
@@ -1864,7 +1879,7 @@ async fn first_visit_incr_then_more_writes_keeps_one_session() {
 /// final write; after `cycle_id` the TTL counts from the new creation time, not the old deadline.
 #[tokio::test]
 async fn per_session_idle_timeout_and_cycle_survive_later_writes_of_the_request() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "remember", |l| {
         l.with_idle_timeout(Duration::from_secs(60))
             .with_absolute_timeout(Duration::from_secs(7 * 24 * 3600))
@@ -1929,7 +1944,7 @@ fn spawn_request(app: &App, path: &str, cookie: &str) -> tokio::task::JoinHandle
 /// and creates no session; the old id stays unusable, the login's cookie keeps working.
 #[tokio::test]
 async fn a_request_racing_a_login_never_undoes_it() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     for (name, slow) in [
         ("race-rmw", "/slow-read-write?ms=400"),
         ("race-blind", "/slow-blind-write?ms=400"),
@@ -1978,7 +1993,7 @@ async fn a_request_racing_a_login_never_undoes_it() {
 /// Regression: the longest timeouts (`Duration::MAX`) neither overflow nor break a session.
 #[tokio::test]
 async fn the_longest_timeouts_work() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "longest", |l| {
         l.with_idle_timeout(Duration::MAX)
             .with_absolute_timeout(Duration::MAX)
@@ -2007,7 +2022,7 @@ async fn the_longest_timeouts_work() {
 /// timeout ("sudo mode") does not lengthen the TTL again when it writes.
 #[tokio::test]
 async fn a_stale_request_never_overrides_a_shorter_idle_timeout() {
-    let server = RedisServer::start();
+    let server = RedisServer::start(crate::TOPOLOGY);
     let app = App::with(&server, "sudo", |l| {
         l.with_idle_timeout(Duration::from_secs(3600))
     });

@@ -1,18 +1,17 @@
-//! The whole session suite (`session.rs`, not a copy) on a private 3-primary Redis Cluster: the
-//! harness sees `_cluster` in this binary's name and starts a cluster instead of one server
-//! (`support::cluster::TestRedis`). Needs the `cluster` feature:
+//! The whole session suite (`session.rs`, not a copy) on a private 3-primary Redis
+//! Cluster: `TOPOLOGY` below makes the harness start a cluster instead of one server
+//! (`support::topology`). Needs the `cluster` feature:
 //! `cargo test --features cluster --test session_cluster`.
 #![cfg(feature = "cluster")]
 
 #[path = "session.rs"]
 mod suite;
 
-// The suite's own `support` module is private to it; the guard below needs the harness too.
-#[allow(clippy::duplicate_mod)]
-mod support;
+/// What the suite runs on: it starts its Redis with `crate::TOPOLOGY`.
+const TOPOLOGY: suite::support::topology::Topology = suite::support::topology::Topology::Cluster;
 
-/// Guard: this binary exists to run the suite on a cluster (see the harness).
+/// Guard: the harness starts a real cluster for this suite.
 #[tokio::test]
 async fn the_suite_really_runs_on_a_redis_cluster() {
-    support::cluster::assert_suite_runs_on_a_cluster().await;
+    suite::support::cluster::assert_suite_runs_on_a_cluster().await;
 }

@@ -26,7 +26,6 @@ const SLACK: Duration = Duration::from_millis(250);
 fn app(url: &str, name: &str) -> (Router, RedisClient) {
     let config = herd::Config::builder()
         .redis_url(url)
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix(name))
         .command_timeout(TIMEOUT)
         .connect_timeout(TIMEOUT)
@@ -57,7 +56,11 @@ fn app(url: &str, name: &str) -> (Router, RedisClient) {
                 Ok::<_, herd::Error>("ok")
             }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     (router, client)
 }
 
@@ -505,7 +508,7 @@ async fn read_only_and_out_of_memory_refuse_writes_cleanly() {
 async fn hostile_cookies_never_reach_redis() {
     let server = RedisServer::start();
     let (router, _client) = app(&server.url(), "hostile");
-    let key = cookie::Key::from(&[42u8; 64]); // the test secret: correctly signed, hostile ids
+    let key = support::test_key(); // the layer's key: correctly signed, hostile ids
     let signed = |id: &str| {
         let mut jar = cookie::CookieJar::new();
         jar.signed_mut(&key)
@@ -632,7 +635,6 @@ async fn a_failed_logout_is_not_reported_as_done() {
     let server = RedisServer::start();
     let config = herd::Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("failed-logout"))
         .command_timeout(TIMEOUT)
         .connect_timeout(TIMEOUT)
@@ -656,7 +658,11 @@ async fn a_failed_logout_is_not_reported_as_done() {
                 "ok"
             }),
         )
-        .layer(SessionLayer::new(client).with_secure(false));
+        .layer(
+            SessionLayer::new(client)
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let send = |path: &'static str, cookie: Option<String>| {
         let router = router.clone();
         async move {

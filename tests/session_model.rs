@@ -31,7 +31,7 @@ use herd::session::pause::{self, Step};
 use herd::{RedisClient, Session, SessionLayer};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
-use support::cluster::{config, request, TestRedis};
+use support::topology::{config, request, TestRedis};
 use tokio::sync::{mpsc, oneshot};
 
 const LAYER_IDLE_MS: u64 = 60_000;
@@ -179,7 +179,7 @@ fn app(client: &RedisClient, acks: Acks) -> Router {
         )
         .with_state(Ctx { acks })
         .layer(
-            SessionLayer::new(client.clone())
+            SessionLayer::new(client.clone()).with_key(support::test_key())
                 .with_secure(false)
                 .with_idle_timeout(Duration::from_millis(LAYER_IDLE_MS))
                 .with_absolute_timeout(Duration::from_millis(ABSOLUTE_MS)),

@@ -6,7 +6,8 @@
 //!
 //! The same tests run on a 3-primary Redis Cluster in `session_owners_cluster.rs`.
 
-mod support;
+// `pub(crate)`: the binaries that run this suite on other topologies use it too.
+pub(crate) mod support;
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,14 @@ use herd::{RedisClient, Session, SessionLayer, SessionStore};
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::cluster::{config, TestRedis};
+use support::topology::{config, TestRedis, Topology};
 use tower::ServiceExt;
+
+/// The Redis this suite runs on. `session_owners_cluster.rs` include this file as a
+/// module and declare their own `TOPOLOGY` at their crate root, which is the one the tests read
+/// (`crate::TOPOLOGY`); this one is unused there.
+#[allow(dead_code)]
+const TOPOLOGY: Topology = Topology::Single;
 
 fn routes() -> Router {
     Router::new()
@@ -74,6 +81,7 @@ impl App {
     fn new(redis: &TestRedis, name: &str, idle: Duration) -> App {
         let client = RedisClient::new(config(redis, name)).expect("client");
         let layer = SessionLayer::new(client.clone())
+            .with_key(support::test_key())
             .with_secure(false)
             .with_idle_timeout(idle)
             .with_absolute_timeout(Duration::from_secs(3600));
@@ -163,7 +171,7 @@ fn assert_index_covers(redis: &TestRedis, app: &App) {
 
 #[tokio::test]
 async fn an_owned_session_never_outlives_its_index_entry() {
-    let redis = TestRedis::start();
+    let redis = TestRedis::start(crate::TOPOLOGY);
     let idle = Duration::from_millis(2000);
     let app = App::new(&redis, "cover", idle);
     app.login("alice").await;
@@ -179,7 +187,7 @@ async fn an_owned_session_never_outlives_its_index_entry() {
 
 #[tokio::test]
 async fn active_sessions_stay_listed_past_their_first_coverage() {
-    let redis = TestRedis::start();
+    let redis = TestRedis::start(crate::TOPOLOGY);
     // Coverage without any push forward: 7/4 × 1.2 s = 2.1 s after login.
     let idle = Duration::from_millis(1200);
     let app = App::new(&redis, "active", idle);
@@ -216,7 +224,7 @@ async fn active_sessions_stay_listed_past_their_first_coverage() {
 
 #[tokio::test]
 async fn the_index_of_idle_sessions_goes_within_one_idle_timeout() {
-    let redis = TestRedis::start();
+    let redis = TestRedis::start(crate::TOPOLOGY);
     let idle = Duration::from_millis(1000);
     let app = App::new(&redis, "idle", idle);
     let cookie = app.login("alice").await;
@@ -238,7 +246,7 @@ async fn the_index_of_idle_sessions_goes_within_one_idle_timeout() {
 
 #[tokio::test]
 async fn logout_takes_the_session_out_of_its_owners_index() {
-    let redis = TestRedis::start();
+    let redis = TestRedis::start(crate::TOPOLOGY);
     let app = App::new(&redis, "logout", Duration::from_secs(60));
     let first = app.login("alice").await;
     let _second = app.login("alice").await;
@@ -257,7 +265,7 @@ async fn logout_takes_the_session_out_of_its_owners_index() {
 /// unknown, and a blind retry could apply it twice.
 #[tokio::test]
 async fn a_write_whose_outcome_is_unknown_is_not_sent_again_at_commit() {
-    if support::cluster::on_cluster() || support::cluster::on_sentinel() {
+    if crate::TOPOLOGY != Topology::Single {
         // The latency proxy stands between the app and one server; topologies are covered above.
         return;
     }
@@ -266,7 +274,6 @@ async fn a_write_whose_outcome_is_unknown_is_not_sent_again_at_commit() {
     let timeout = Duration::from_millis(300);
     let config = herd::Config::builder()
         .redis_url(proxy.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("unknown"))
         .command_timeout(timeout)
         .connect_timeout(timeout)
@@ -282,7 +289,11 @@ async fn a_write_whose_outcome_is_unknown_is_not_sent_again_at_commit() {
                 Ok::<_, herd::Error>(Json(json!({ "incr_failed": incr.is_err() })))
             }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let send = |cookie: Option<String>| {
         let router = router.clone();
         async move {

@@ -1,5 +1,5 @@
 //! The whole session suite (`session.rs`, not a copy) through Redis Sentinel: a primary, a replica
-//! and three sentinels started by the harness (`_sentinel` in this binary's name selects them);
+//! and three sentinels started by the harness (`TOPOLOGY` below selects them);
 //! herd connects with `redis+sentinel://…/master`. Needs the `sentinel` feature:
 //! `cargo test --features sentinel --test session_sentinel`.
 #![cfg(feature = "sentinel")]
@@ -7,12 +7,11 @@
 #[path = "session.rs"]
 mod suite;
 
-// The suite's own `support` module is private to it; the guard below needs the harness too.
-#[allow(clippy::duplicate_mod)]
-mod support;
+/// What the suite runs on: it starts its Redis with `crate::TOPOLOGY`.
+const TOPOLOGY: suite::support::topology::Topology = suite::support::topology::Topology::Sentinel;
 
-/// Guard: this binary exists to run the suite through Sentinel (see the harness).
+/// Guard: the harness starts a real Sentinel setup for this suite.
 #[tokio::test]
 async fn the_suite_really_runs_through_sentinel() {
-    support::cluster::assert_suite_runs_through_sentinel().await;
+    suite::support::sentinel::assert_suite_runs_through_sentinel().await;
 }

@@ -13,7 +13,6 @@ use support::tls::TlsRedis;
 fn config(server: &TlsRedis, ca: Option<std::path::PathBuf>) -> herd::Result<Config> {
     let mut b = Config::builder()
         .redis_url(server.url())
-        .secret_base64(support::test_secret())
         .prefix(support::unique_prefix("tls"))
         .command_timeout(Duration::from_millis(1000))
         .connect_timeout(Duration::from_millis(1000));
@@ -36,7 +35,11 @@ async fn the_right_ca_connects_and_serves_sessions() {
             "/incr",
             get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
         )
-        .layer(SessionLayer::new(client.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(client.clone())
+                .with_key(support::test_key())
+                .with_secure(false),
+        );
     let res = app
         .clone()
         .oneshot(

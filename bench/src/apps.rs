@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-/// The fixed signing secret of the herd app (base64 of 64 bytes): a benchmark, not a deployment.
+/// The fixed cookie signing key of the herd app (64 bytes): a benchmark, not a deployment.
 const HERD_SECRET: [u8; 64] = [7u8; 64];
 /// Idle timeout of every app's sessions (herd's default: 24 h).
 const IDLE_SECS: u64 = 24 * 3600;
@@ -72,12 +72,10 @@ async fn untouched() -> &'static str {
 /// Prometheus recorder, the request counter, and the series rendered (and serialized, as for the
 /// master) once a second.
 async fn herd_app(redis_url: &str, observed: bool) -> Result<Router, Box<dyn std::error::Error>> {
-    use base64::Engine as _;
     use herd::{Config, RedisClient, Session, SessionLayer};
 
     let config = Config::builder()
         .redis_url(redis_url)
-        .secret_base64(base64::engine::general_purpose::STANDARD.encode(HERD_SECRET))
         .prefix(if observed { "bench-observed" } else { "bench" })
         .build()?;
     if observed {
@@ -131,7 +129,11 @@ async fn herd_app(redis_url: &str, observed: bool) -> Result<Router, Box<dyn std
             "/limited",
             get(untouched).layer(herd::RateLimitLayer::new(limiter, by_cookie)),
         )
-        .layer(SessionLayer::new(redis.clone()).with_secure(false));
+        .layer(
+            SessionLayer::new(redis.clone())
+                .with_key(herd::cookie::Key::from(&HERD_SECRET))
+                .with_secure(false),
+        );
     // Outside the layer: the driver reads herd's own round-trip counter here.
     Ok(router.route("/__round_trips", get(stats)).with_state(redis))
 }

@@ -18,7 +18,7 @@
 //! reports the whole pipeline as that one error. So a pipeline is re-sent only when re-sending
 //! cannot apply a write twice:
 //!
-//! * a **read-only** pipeline (the round trip's `wrote` flag is false);
+//! * a **read-only** pipeline (the round trip's effect is `ReadOnly`);
 //! * an **atomic** pipeline (`MULTI`/`EXEC`): a refused command inside it makes Redis discard the
 //!   whole transaction (`EXECABORT`), so nothing ran. redis-rs reports that as `EXECABORT`; the
 //!   refusals inside are looked at here.
@@ -47,12 +47,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::SingleNodeRoutingInfo;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, ServerErrorKind, Value};
 
+use super::Effect;
+
 /// The cluster connection as one round trip uses it.
 #[derive(Clone)]
 pub(crate) struct RoundTrip {
     pub(super) conn: ClusterConnection,
     /// The round trip may write: a non-atomic pipeline is then never re-sent after a refusal.
-    pub(super) wrote: bool,
+    pub(super) effect: Effect,
     /// The client's count of requests re-sent after `MOVED` or `ASK`
     /// (`RedisClient::cluster_redirects`).
     pub(super) redirects: Arc<AtomicU64>,
@@ -149,7 +151,7 @@ pub(super) async fn command(trip: &mut RoundTrip, cmd: &Cmd) -> RedisResult<Valu
 }
 
 /// One pipeline (all its commands in one slot). Re-sent on a refusal only when that is safe — it
-/// is read-only (`wrote` false) or atomic — see the [module docs](self). After `ASK` it waits for
+/// is read-only or atomic — see the [module docs](self). After `ASK` it waits for
 /// the slot to be handed over (bounded by the caller's command timeout) rather than sending the
 /// pipeline to the target.
 pub(super) async fn pipeline(
@@ -158,7 +160,7 @@ pub(super) async fn pipeline(
     offset: usize,
     count: usize,
 ) -> RedisResult<Vec<Value>> {
-    let (conn, wrote) = (&mut trip.conn, trip.wrote);
+    let (conn, effect) = (&mut trip.conn, trip.effect);
     let atomic = pipeline.is_transaction();
     let mut attempt = 0;
     loop {
@@ -170,7 +172,7 @@ pub(super) async fn pipeline(
         if matches!(next(&err, attempt), Next::Fail) {
             return Err(err);
         }
-        if wrote && !atomic {
+        if effect == Effect::MayWrite && !atomic {
             // Some commands may have run before the refusal: never send them again.
             return Err(RedisError::from((
                 ErrorKind::Io,
@@ -242,6 +244,7 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
+    use crate::client::Effect;
     use crate::{Config, Error, RedisClient};
 
     struct Node {
@@ -348,10 +351,6 @@ mod tests {
                 "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
                 a.port, b.port
             ))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
             .command_timeout(Duration::from_millis(800))
             .build()
             .expect("config");
@@ -365,7 +364,7 @@ mod tests {
         let (a, b, _slot, _) = migrating(&[("{t}a", "0")], &[]);
         let client = client(&a, &b);
         let result: crate::Result<Vec<i64>> = client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 redis::pipe()
                     .cmd("INCR")
                     .arg("{t}a")
@@ -388,7 +387,7 @@ mod tests {
         // A read-only pipeline in the same state is re-sent until the slot is handed over (here
         // never: it gives up at the command timeout, as unavailable, having written nothing).
         let read: crate::Result<(Option<i64>, Option<i64>)> = client
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::pipe()
                     .cmd("GET")
                     .arg("{t}a")
@@ -448,7 +447,9 @@ mod tests {
             }
         });
         let result: crate::Result<(i64, i64)> = client
-            .run(true, |mut c| async move { pipe.query_async(&mut c).await })
+            .run(Effect::MayWrite, |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
             .await;
         mover.join().expect("mover");
         assert_eq!(result.expect("the transaction ran after the move"), (2, 1));

@@ -31,7 +31,7 @@
 
 use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
 
-use super::RedisClient;
+use super::{Effect, RedisClient};
 use crate::error::Result;
 
 impl RedisClient {
@@ -44,8 +44,10 @@ impl RedisClient {
     /// [`Error::Redis`](crate::Error::Redis) (Redis answered with an error, or the reply does not
     /// convert to `T`).
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        self.run(true, |mut c| async move { cmd.query_async(&mut c).await })
-            .await
+        self.run(Effect::MayWrite, |mut c| async move {
+            cmd.query_async(&mut c).await
+        })
+        .await
     }
 
     /// Runs one command that only reads: a lost reply is
@@ -54,8 +56,10 @@ impl RedisClient {
     /// # Errors
     /// As [`query`](Self::query), never `OutcomeUnknown`.
     pub async fn query_read_only<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        self.run(false, |mut c| async move { cmd.query_async(&mut c).await })
-            .await
+        self.run(Effect::ReadOnly, |mut c| async move {
+            cmd.query_async(&mut c).await
+        })
+        .await
     }
 
     /// Runs a pipeline in one round trip (`redis::pipe().atomic()` for `MULTI`/`EXEC`), as a
@@ -66,10 +70,9 @@ impl RedisClient {
     /// # Errors
     /// As [`query`](Self::query).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T> {
-        self.run(
-            true,
-            |mut c| async move { pipeline.query_async(&mut c).await },
-        )
+        self.run(Effect::MayWrite, |mut c| async move {
+            pipeline.query_async(&mut c).await
+        })
         .await
     }
 
@@ -82,7 +85,7 @@ impl RedisClient {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
-        self.run(true, |mut c| async move {
+        self.run(Effect::MayWrite, |mut c| async move {
             invocation.invoke_async(&mut c).await
         })
         .await

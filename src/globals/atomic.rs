@@ -6,6 +6,7 @@ use redis::{RedisError, Value};
 use serde::Serialize;
 
 use super::{check_len, ttl_millis, unexpected_reply, Group};
+use crate::client::Effect;
 use crate::error::{Error, Result};
 
 /// A list of writes on the variables of one [`Group`], applied all together by
@@ -177,7 +178,7 @@ impl AtomicWrites {
         let timeout = client.config().command_timeout();
         let pipe = self.pipe;
         let reply = client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 match pipe.query_async::<Value>(&mut c).await {
                     Err(e) if is_exec_abort(&e) => Ok(Err(e)),
                     other => other.map(Ok),
@@ -223,7 +224,7 @@ pub(super) fn exec_aborted(err: RedisError, timeout: Duration) -> Error {
             source: err,
         };
     };
-    match Error::from_redis(RedisError::from(cause), true, timeout) {
+    match Error::from_redis(RedisError::from(cause), Effect::MayWrite, timeout) {
         Error::Unavailable { source, .. } => Error::Unavailable {
             reason: format!(
                 "Redis refused command {index} of an atomic group (EXECABORT); nothing was applied"

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::Globals;
+use crate::client::Effect;
 use crate::error::{Error, Result};
 
 /// How often an idle subscription checks its connection with a `PING`, so that a connection that
@@ -117,7 +118,7 @@ impl<T: Serialize> Channel<T> {
         let channel = self.channel.clone();
         self.globals
             .client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 redis::cmd("PUBLISH")
                     .arg(&*channel)
                     .arg(json)

@@ -1,7 +1,7 @@
 //! The compare-and-swap script: optimistic writes of globals on every topology, the replacement of
 //! `WATCH`/`MULTI`/`EXEC` on a Redis Cluster (where no connection can be lent out for `WATCH`).
 
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::Result;
 
 /// Optimistic write that works on every topology (single server, Sentinel, Redis Cluster): sets
@@ -39,7 +39,7 @@ pub(crate) async fn compare_and_swap(
         };
     }
     let written: i64 = client
-        .run(true, |mut c| async move {
+        .run(Effect::MayWrite, |mut c| async move {
             invocation.invoke_async(&mut c).await
         })
         .await?;
@@ -93,10 +93,6 @@ mod tests {
         let server = Server::start();
         let config = Config::builder()
             .redis_url(format!("redis://127.0.0.1:{}", server.1))
-            .secret_base64(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [1u8; 64],
-            ))
             .build()
             .expect("config");
         let client = RedisClient::connect(config).await.expect("connect");
@@ -121,7 +117,7 @@ mod tests {
                 .expect("cas")
         );
         let (a, b): (Option<String>, Option<String>) = client
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("MGET")
                     .arg("t:g:{bank}:a")
                     .arg("t:g:{bank}:b")

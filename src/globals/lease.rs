@@ -61,6 +61,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::{ttl_millis, Globals};
+use crate::client::Effect;
 use crate::error::{Error, Result};
 use crate::keys::validate_name;
 
@@ -198,7 +199,7 @@ impl Lease {
         let (acquired, value): (i64, u64) = self
             .globals
             .client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 invocation.invoke_async(&mut c).await
             })
             .await?;
@@ -237,7 +238,7 @@ impl Lease {
         let token: Option<u64> = self
             .globals
             .client
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("GET").arg(&*key).query_async(&mut c).await
             })
             .await?;
@@ -333,7 +334,7 @@ impl Lease {
         let micros: u64 = self
             .globals
             .client
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 invocation.invoke_async(&mut c).await
             })
             .await?;
@@ -350,7 +351,7 @@ impl Lease {
         let marked: i64 = self
             .globals
             .client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 invocation.invoke_async(&mut c).await
             })
             .await?;
@@ -384,7 +385,7 @@ impl Lease {
         let done: i64 = self
             .globals
             .client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 invocation.invoke_async(&mut c).await
             })
             .await?;

@@ -125,7 +125,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::{Error, Result};
 use crate::keys::{validate_name, validate_prefix, Keys};
 
@@ -333,7 +333,7 @@ impl Group {
         let key = self.key(name)?;
         let raw: Option<String> = self
             .client()
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("GET").arg(&key).query_async(&mut c).await
             })
             .await?;
@@ -384,10 +384,9 @@ impl Group {
             cmd.arg("PX").arg(ttl_millis(ttl));
         }
         self.client()
-            .run(
-                true,
-                |mut c| async move { cmd.query_async::<()>(&mut c).await },
-            )
+            .run(Effect::MayWrite, |mut c| async move {
+                cmd.query_async::<()>(&mut c).await
+            })
             .await
     }
 
@@ -440,7 +439,9 @@ impl Group {
         }
         let reply: Option<String> = self
             .client()
-            .run(true, |mut c| async move { cmd.query_async(&mut c).await })
+            .run(Effect::MayWrite, |mut c| async move {
+                cmd.query_async(&mut c).await
+            })
             .await?;
         Ok(reply.is_some())
     }
@@ -498,10 +499,11 @@ impl Group {
             .arg(op)
             .arg(value);
         // Boxed: a script's future nests deeply (see `rate_limit`'s check).
-        let (written, result): (i64, i64) = Box::pin(self.client().run(true, |mut c| async move {
-            invocation.invoke_async(&mut c).await
-        }))
-        .await?;
+        let (written, result): (i64, i64) =
+            Box::pin(self.client().run(Effect::MayWrite, |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            }))
+            .await?;
         Ok((written == 1).then_some(result))
     }
 
@@ -532,7 +534,7 @@ impl Group {
     async fn counter(&self, name: &str, command: &'static str, by: i64) -> Result<i64> {
         let key = self.key(name)?;
         self.client()
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 redis::cmd(command)
                     .arg(&key)
                     .arg(by)
@@ -551,7 +553,7 @@ impl Group {
         let key = self.key(name)?;
         let n: i64 = self
             .client()
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 redis::cmd("DEL").arg(&key).query_async(&mut c).await
             })
             .await?;
@@ -580,7 +582,7 @@ impl Group {
         let keys = self.keys(names)?;
         let raw: Vec<Option<String>> = self
             .client()
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("MGET").arg(&keys).query_async(&mut c).await
             })
             .await?;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::atomic::{exec_aborted, exec_items, is_exec_abort};
 use super::{decode, Group, Settings};
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::{Error, Result};
 
 /// The error of [`Group::update`]: either your closure refused (`Aborted`, with your error), or the
@@ -185,7 +185,8 @@ impl Group {
             attempt += 1;
             let mut read = redis::pipe();
             read.cmd("WATCH").arg(&keys).ignore().cmd("MGET").arg(&keys);
-            let (raw,): (Vec<Option<String>>,) = conn.query(client, &read, false).await?;
+            let (raw,): (Vec<Option<String>>,) =
+                conn.query(client, &read, Effect::ReadOnly).await?;
             let mut values = decode_read::<T>(names, &raw)?;
 
             let result = f(&mut values).map_err(UpdateError::Aborted)?;
@@ -258,7 +259,7 @@ impl Group {
             let raw: Vec<Option<String>> = {
                 let keys = keys.to_vec();
                 client
-                    .run(false, |mut c| async move {
+                    .run(Effect::ReadOnly, |mut c| async move {
                         redis::cmd("MGET").arg(&keys).query_async(&mut c).await
                     })
                     .await?
@@ -337,14 +338,14 @@ impl Dedicated {
         })
     }
 
-    /// One round trip, bounded by the command timeout. `wrote`: how a lost reply is reported.
+    /// One round trip, bounded by the command timeout. `effect`: how a lost reply is reported.
     async fn query<T: FromRedisValue>(
         &mut self,
         client: &RedisClient,
         pipe: &redis::Pipeline,
-        wrote: bool,
+        effect: Effect,
     ) -> Result<T> {
-        self.request(client, pipe, wrote, |r| r).await
+        self.request(client, pipe, effect, |r| r).await
     }
 
     /// Sends a `MULTI`/`EXEC` pipeline; an `EXECABORT` is returned as the inner error (the reply was
@@ -354,7 +355,7 @@ impl Dedicated {
         client: &RedisClient,
         pipe: &redis::Pipeline,
     ) -> Result<std::result::Result<Value, redis::RedisError>> {
-        self.request(client, pipe, true, |r| match r {
+        self.request(client, pipe, Effect::MayWrite, |r| match r {
             Err(e) if is_exec_abort(&e) => Ok(Err(e)),
             other => other.map(Ok),
         })
@@ -365,7 +366,7 @@ impl Dedicated {
         &mut self,
         client: &RedisClient,
         pipe: &redis::Pipeline,
-        wrote: bool,
+        effect: Effect,
         map: impl FnOnce(redis::RedisResult<T>) -> redis::RedisResult<U>,
     ) -> Result<U> {
         let conn = self.conn.as_mut().ok_or_else(|| Error::Unavailable {
@@ -377,7 +378,7 @@ impl Dedicated {
         // Bounded by the command timeout and the request's deadline; refused while Redis is
         // known down (`RedisClient::on_dedicated`).
         let value = client
-            .on_dedicated(wrote, async {
+            .on_dedicated(effect, async {
                 map(pipe.query_async::<T>(&mut **conn).await)
             })
             .await?;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::worker::Channel;
+use super::master_channel::Channel;
 
 #[derive(Debug)]
 struct CounterInner {

@@ -100,6 +100,7 @@ mod file;
 mod lame_duck;
 mod logs;
 mod master;
+mod master_channel;
 mod max_requests;
 mod spawn;
 mod systemd;
@@ -119,7 +120,7 @@ pub use systemd::{systemd_socket_unit, systemd_unit, UnitOptions};
 pub use worker::Worker;
 
 /// Environment variable carrying the shared cookie key to every worker.
-pub const ENV_SECRET: &str = "HERD_SECRET";
+pub const ENV_SECRET: &str = crate::session::signing::ENV_SECRET;
 /// Environment variable carrying the worker's 0-based slot index.
 pub const ENV_WORKER_INDEX: &str = "HERD_WORKER_INDEX";
 /// Environment variable carrying the worker's generation (bumped by each reload).

@@ -9,7 +9,7 @@ use std::process::Stdio;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::worker::MASTER_FD;
+use super::master_channel::MASTER_FD;
 use super::{Error, Result};
 
 /// Backlog of the shared listening socket: connections wait here while workers are replaced.

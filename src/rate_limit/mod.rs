@@ -51,7 +51,7 @@ mod layer;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::{Error, Result};
 use crate::keys::validate_name;
 
@@ -235,7 +235,7 @@ impl RateLimiter {
         // Boxed: the script's future nests deeply, and without the box an app's handler future
         // that awaits a check can exceed the compiler's query depth limit.
         let (allowed, remaining, retry_after, reset): (i64, i64, i64, i64) =
-            Box::pin(inner.client.run(true, |mut c| async move {
+            Box::pin(inner.client.run(Effect::MayWrite, |mut c| async move {
                 invocation.invoke_async(&mut c).await
             }))
             .await?;

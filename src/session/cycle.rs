@@ -5,7 +5,7 @@ use redis::Value;
 use super::plan::{Delta, SaveMode};
 use super::store::{destroy_key, save_in_place, IndexUpdate, Save, SaveOutcome};
 use super::timing::{index_target, ms, now_ms, Timing};
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::{Error, Result};
 
 /// First step of a cycle on a Redis Cluster: marks the old session as moving and reads it (see
@@ -63,7 +63,9 @@ pub(crate) async fn cycle_across_slots(
             .arg(new_id.as_str())
             .to_owned();
         client
-            .run(true, |mut c| async move { take.query_async(&mut c).await })
+            .run(Effect::MayWrite, |mut c| async move {
+                take.query_async(&mut c).await
+            })
             .await?
     };
     let old: Vec<(Vec<u8>, Vec<u8>)> = match taken {
@@ -134,7 +136,7 @@ pub(crate) async fn cycle_across_slots(
             .arg(new_id.as_str())
             .to_owned();
         if let Err(e) = client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 unmark.query_async::<i64>(&mut c).await
             })
             .await
@@ -151,7 +153,7 @@ pub(crate) async fn cycle_across_slots(
         .arg(new_id.as_str())
         .to_owned();
     match client
-        .run(true, |mut c| async move {
+        .run(Effect::MayWrite, |mut c| async move {
             settle.query_async::<i64>(&mut c).await
         })
         .await

@@ -16,6 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::cookie as codec;
+use super::signing::{self, SigningKeys};
 use super::timing::Expiry;
 use super::{CookieAction, CookieHeaders, Session, SessionStore, Settings};
 use crate::client::{RedisClient, WithDeadline};
@@ -25,17 +26,19 @@ use crate::client::{RedisClient, WithDeadline};
 ///
 /// Defaults are the secure ones: cookie `herd_session`, `HttpOnly`, `Secure`, `SameSite=Lax`,
 /// `Path=/`, no `Max-Age` (a browser-session cookie), idle timeout 24 h, absolute timeout 7 days,
-/// values up to 64 KiB, sessions up to 1 MiB.
+/// values up to 64 KiB, sessions up to 1 MiB. The cookie signing key comes from
+/// [`from_env`](Self::from_env) (`HERD_SECRET`) or [`with_key`](Self::with_key); see the
+/// [module docs](crate::session#cookie-keys).
 ///
 /// ```no_run
-/// # async fn run(redis: herd::RedisClient) {
+/// # async fn run(redis: herd::RedisClient) -> herd::Result<()> {
 /// use std::time::Duration;
-/// let layer = herd::SessionLayer::new(redis)
+/// let layer = herd::SessionLayer::from_env(redis)?
 ///     .with_cookie_name("sid")
 ///     .with_host_prefix(true)
 ///     .with_idle_timeout(Duration::from_secs(30 * 60))
 ///     .with_absolute_timeout(Duration::from_secs(12 * 3600));
-/// # }
+/// # Ok(()) }
 /// ```
 #[derive(Clone, Debug)]
 pub struct SessionLayer {
@@ -46,16 +49,44 @@ pub struct SessionLayer {
 
 impl SessionLayer {
     /// A layer storing sessions through `client` (under the client's key prefix), signing cookies
-    /// with the client's [`Config`](crate::Config) key.
+    /// with a random key made for this process only (a warning says so when the layer is used).
+    /// Give it the application's key with [`with_key`](Self::with_key), or start from
+    /// [`from_env`](Self::from_env) instead.
     pub fn new(client: RedisClient) -> SessionLayer {
+        SessionLayer::with_signing_keys(client, SigningKeys::ephemeral())
+    }
+
+    /// [`new`](Self::new) with the signing keys of the environment: `HERD_SECRET` (base64 of at
+    /// least 64 bytes) signs and verifies cookies, `HERD_OLD_SECRETS` (comma-separated) still
+    /// verify. Without `HERD_SECRET` (unset or blank), a random key for this process only, as
+    /// [`new`](Self::new). Under the launcher every worker gets the master's `HERD_SECRET`, so a
+    /// cookie verifies in all of them. See the [module docs](crate::session#cookie-keys).
+    ///
+    /// ```no_run
+    /// # async fn run() -> herd::Result<()> {
+    /// let redis = herd::RedisClient::connect(herd::Config::from_env()?).await?;
+    /// let layer = herd::SessionLayer::from_env(redis)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) naming the variable when a secret is not base64 or
+    /// decodes to fewer than 64 bytes.
+    pub fn from_env(client: RedisClient) -> crate::Result<SessionLayer> {
+        Ok(SessionLayer::with_signing_keys(
+            client,
+            SigningKeys::from_env()?,
+        ))
+    }
+
+    fn with_signing_keys(client: RedisClient, keys: SigningKeys) -> SessionLayer {
         let cookie = codec::CookieConfig::default();
         SessionLayer {
             base_name: cookie.name.clone(),
             host_prefix: false,
             settings: Arc::new(Settings {
-                verifier: codec::Verifier::new(
-                    std::iter::once(&client.config().key).chain(client.config().old_keys.iter()),
-                ),
+                verifier: keys.verifier(),
+                keys,
                 client,
                 cookie,
                 expiry: Expiry {
@@ -70,6 +101,46 @@ impl SessionLayer {
 
     fn settings_mut(&mut self) -> &mut Settings {
         Arc::make_mut(&mut self.settings)
+    }
+
+    /// The key that signs new cookies and verifies them (at least 64 bytes of a secret; e.g.
+    /// `Key::from(&bytes)` or [`Key::generate`](cookie::Key::generate) for tests). Replaces a
+    /// key from [`from_env`](Self::from_env).
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient, secret: &[u8; 64]) {
+    /// let layer = herd::SessionLayer::new(redis).with_key(herd::cookie::Key::from(secret));
+    /// # }
+    /// ```
+    pub fn with_key(mut self, key: cookie::Key) -> Self {
+        let s = self.settings_mut();
+        s.keys.current = key;
+        s.keys.ephemeral = false;
+        s.verifier = s.keys.verifier();
+        self
+    }
+
+    /// Earlier keys, still accepted when verifying cookies (key rotation); new cookies are signed
+    /// with the current key only. Replaces the old keys set before (or read by
+    /// [`from_env`](Self::from_env) from `HERD_OLD_SECRETS`).
+    ///
+    /// ```no_run
+    /// # fn f(redis: herd::RedisClient, new: herd::cookie::Key, old: herd::cookie::Key) {
+    /// let layer = herd::SessionLayer::new(redis).with_key(new).with_old_keys([old]);
+    /// # }
+    /// ```
+    pub fn with_old_keys(mut self, keys: impl IntoIterator<Item = cookie::Key>) -> Self {
+        let s = self.settings_mut();
+        s.keys.old = keys.into_iter().collect();
+        s.verifier = s.keys.verifier();
+        self
+    }
+
+    /// True when no key was given (neither [`with_key`](Self::with_key) nor `HERD_SECRET`) and
+    /// cookies are signed with a random key of this process: they verify only here, and only
+    /// until it restarts.
+    pub fn key_is_ephemeral(&self) -> bool {
+        self.settings.keys.ephemeral
     }
 
     fn update_name(&mut self) {
@@ -243,6 +314,9 @@ impl<S> Layer<S> for SessionLayer {
     type Service = SessionService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if self.settings.keys.ephemeral {
+            signing::warn_ephemeral_key();
+        }
         SessionService {
             inner,
             settings: self.settings.clone(),
@@ -495,12 +569,9 @@ fn finish(
 fn apply_cookie(settings: &Settings, res: &mut Response, action: CookieAction) {
     let value = match action {
         CookieAction::None => return,
-        CookieAction::Set(id, max_age) => codec::set_cookie(
-            &settings.cookie,
-            &settings.client.config().key,
-            &id,
-            Some(max_age),
-        ),
+        CookieAction::Set(id, max_age) => {
+            codec::set_cookie(&settings.cookie, &settings.keys.current, &id, Some(max_age))
+        }
         CookieAction::Remove => codec::removal(&settings.cookie),
     };
     res.headers_mut().append(header::SET_COOKIE, value);

@@ -15,7 +15,7 @@
 //! let redis = RedisClient::connect(Config::from_env()?).await?;
 //! let app: Router = Router::new()
 //!     .route("/", get(counter))
-//!     .layer(SessionLayer::new(redis).with_secure(false)); // plain-http dev only
+//!     .layer(SessionLayer::from_env(redis)?.with_secure(false)); // plain-http dev only
 //! # Ok(()) }
 //! ```
 //!
@@ -71,12 +71,29 @@
 //! | `cycle_id` (login) or `destroy` (logout), with or without writes | 1 (a cycle on a Redis Cluster: 3; writes after a `destroy` start a new session: 2) |
 //!
 //! # Cookies
-//! Signed with the configured key ([`Config`](crate::Config)), `HttpOnly`, `SameSite=Lax`, `Path=/`,
+//! Signed with the layer's key (see [Cookie keys](#cookie-keys)), `HttpOnly`, `SameSite=Lax`, `Path=/`,
 //! `Secure` (turn off only for plain-http development with
 //! [`with_secure(false)`](SessionLayer::with_secure)), optionally with the `__Host-` prefix. Old keys
 //! still verify (key rotation). `Set-Cookie` is sent only when a session is created, gets a new id, or
 //! is destroyed. A cookie that fails verification, is malformed, or names a session Redis does not have
 //! is ignored: the visitor gets a fresh session, with a fresh id, when the handler first writes.
+//!
+//! # Cookie keys
+//! The layer signs cookies with one key and verifies them with it and any old keys (rotation). The
+//! keys are the layer's own, not the Redis client's [`Config`](crate::Config):
+//!
+//! | where the key comes from | how |
+//! |---|---|
+//! | the environment | [`SessionLayer::from_env`]: `HERD_SECRET` (base64 of at least 64 random bytes, `openssl rand -base64 64`) signs; `HERD_OLD_SECRETS` (comma-separated) still verify. A blank variable counts as unset |
+//! | code | [`SessionLayer::with_key`] and [`SessionLayer::with_old_keys`] ([`Key`](crate::cookie::Key) from the `cookie` crate, re-exported as `herd::cookie`) |
+//! | neither | a random key for this process only, and a loud warning when the layer is first used: cookies verify in this one process and until it restarts ([`SessionLayer::key_is_ephemeral`] says so) |
+//!
+//! A secret that is set but malformed (not base64, fewer than 64 bytes) is an
+//! [`Error::Config`](crate::Error::Config) naming the variable: [`from_env`](SessionLayer::from_env)
+//! refuses rather than guess. Under the launcher the master checks `HERD_SECRET`, or makes one
+//! random key per master life, and hands it to every worker: workers that build their layer with
+//! [`from_env`](SessionLayer::from_env) all verify each other's cookies. Keys never appear in
+//! `Debug` output or logs.
 //!
 //! # Expiry
 //! * **Idle timeout** ([`with_idle_timeout`](SessionLayer::with_idle_timeout), default 24 h; per
@@ -107,6 +124,7 @@ mod owners;
 #[doc(hidden)]
 pub mod pause;
 mod plan;
+pub(crate) mod signing;
 pub(crate) mod store;
 mod timing;
 
@@ -124,7 +142,9 @@ use crate::keys::SessionId;
 pub(crate) struct Settings {
     pub(crate) client: RedisClient,
     pub(crate) cookie: cookie::CookieConfig,
-    /// Keyed HMAC states of the client's current and old keys.
+    /// The current key (signs) and the old ones.
+    pub(crate) keys: signing::SigningKeys,
+    /// Keyed HMAC states of `keys`, current first.
     pub(crate) verifier: cookie::Verifier,
     pub(crate) expiry: Expiry,
     pub(crate) max_value_bytes: usize,

@@ -5,7 +5,7 @@ use redis::{Cmd, Pipeline, Value};
 
 use super::store::{save_nothing, IndexUpdate};
 use super::timing::{index_target, now_ms, Expiry};
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::Result;
 use crate::keys::SessionId;
 
@@ -26,7 +26,7 @@ pub(crate) async fn bump_index(
         None => {
             let key = client.keys().session(id);
             let owner: Option<String> = client
-                .run(false, |mut c| async move {
+                .run(Effect::ReadOnly, |mut c| async move {
                     redis::cmd("HGET")
                         .arg(&key)
                         .arg("$o")
@@ -93,7 +93,7 @@ pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<u
     let ids: Vec<String> = {
         let index = index.clone();
         client
-            .run(false, |mut c| async move {
+            .run(Effect::ReadOnly, |mut c| async move {
                 redis::cmd("ZRANGE")
                     .arg(&index)
                     .arg(0)
@@ -132,7 +132,7 @@ pub(crate) async fn destroy_owner(client: &RedisClient, owner: &str) -> Result<u
         if reread {
             cmds.push(redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).to_owned());
         }
-        let replies = client.run_each(true, cmds).await?;
+        let replies = client.run_each(Effect::MayWrite, cmds).await?;
         deleted += replies
             .iter()
             .take(ids.len())

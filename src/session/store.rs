@@ -34,7 +34,7 @@ use super::fields::Fields;
 pub(crate) use super::owners::{add_owner_index, bump_index, destroy_owner};
 pub(crate) use super::plan::{Delta, IfGone, SaveMode, SavePlan};
 use super::timing::{ms, now_ms, Expiry, Timing};
-use crate::client::RedisClient;
+use crate::client::{Effect, RedisClient};
 use crate::error::{Error, Result};
 use crate::keys::SessionId;
 
@@ -112,7 +112,7 @@ pub(crate) async fn load(client: &RedisClient, id: &SessionId, expiry: Expiry) -
     // Pairs, not a map, and names as bytes: they are sorted into `Loaded` right below; a name that
     // is not UTF-8 (herd never writes one) is skipped rather than making the session unreadable.
     let raw: Vec<(Vec<u8>, Vec<u8>)> = client
-        .run(false, |mut c| async move {
+        .run(Effect::ReadOnly, |mut c| async move {
             redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
         })
         .await?;
@@ -324,10 +324,9 @@ pub(crate) async fn execute(
                     let mut pipe = redis::pipe();
                     add_owner_index(&mut pipe, client, owner, &final_id, now_ms(), indexed);
                     let listed = client
-                        .run(
-                            true,
-                            |mut c| async move { pipe.query_async::<()>(&mut c).await },
-                        )
+                        .run(Effect::MayWrite, |mut c| async move {
+                            pipe.query_async::<()>(&mut c).await
+                        })
                         .await;
                     if let Err(e) = listed {
                         let _ = destroy_key(client, &final_id).await;
@@ -496,10 +495,9 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             pipe.atomic();
             add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
             client
-                .run(
-                    true,
-                    |mut c| async move { pipe.query_async::<()>(&mut c).await },
-                )
+                .run(Effect::MayWrite, |mut c| async move {
+                    pipe.query_async::<()>(&mut c).await
+                })
                 .await?;
             run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?
         }
@@ -515,10 +513,9 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             let query = Query::Cmd(&cmd);
             let (reply, indexed) = tokio::join!(
                 run_with_script(client, &query, &SAVE),
-                client.run_alongside(
-                    true,
-                    |mut c| async move { pipe.query_async::<()>(&mut c).await }
-                )
+                client.run_alongside(Effect::MayWrite, |mut c| async move {
+                    pipe.query_async::<()>(&mut c).await
+                })
             );
             if let Err(e) = indexed {
                 if reply.is_ok() {
@@ -596,10 +593,9 @@ pub(crate) async fn destroy(
     let reply = match owner {
         None => {
             client
-                .run(
-                    true,
-                    |mut c| async move { del.query_async::<i64>(&mut c).await },
-                )
+                .run(Effect::MayWrite, |mut c| async move {
+                    del.query_async::<i64>(&mut c).await
+                })
                 .await?
         }
         Some(owner) => {
@@ -607,7 +603,7 @@ pub(crate) async fn destroy(
                 .arg(client.keys().owner_index(owner))
                 .arg(id.as_str())
                 .to_owned();
-            let replies = client.run_each(true, vec![del, zrem]).await?;
+            let replies = client.run_each(Effect::MayWrite, vec![del, zrem]).await?;
             match replies.first() {
                 Some(Value::Int(n)) => *n,
                 _ => 0,
@@ -625,10 +621,9 @@ pub(crate) async fn destroy(
 pub(crate) async fn destroy_key(client: &RedisClient, id: &SessionId) -> Result<()> {
     let del = redis::cmd("DEL").arg(client.keys().session(id)).to_owned();
     client
-        .run(
-            true,
-            |mut c| async move { del.query_async::<i64>(&mut c).await },
-        )
+        .run(Effect::MayWrite, |mut c| async move {
+            del.query_async::<i64>(&mut c).await
+        })
         .await?;
     Ok(())
 }
@@ -658,7 +653,7 @@ async fn run_with_script(
 ) -> Result<Value> {
     async fn once(client: &RedisClient, query: &Query<'_>) -> Result<Value> {
         client
-            .run(true, |mut c| async move {
+            .run(Effect::MayWrite, |mut c| async move {
                 match query {
                     Query::Cmd(cmd) => cmd.query_async::<Value>(&mut c).await,
                     Query::Pipe(pipe) => pipe.query_async::<Value>(&mut c).await,
@@ -676,10 +671,10 @@ async fn run_with_script(
                 &SAVE
             };
             let (loaded, _) = tokio::join!(
-                client.run(false, |mut c| async move {
+                client.run(Effect::ReadOnly, |mut c| async move {
                     script.prepare_invoke().load_async(&mut c).await
                 }),
-                client.run_alongside(false, |mut c| async move {
+                client.run_alongside(Effect::ReadOnly, |mut c| async move {
                     other.prepare_invoke().load_async(&mut c).await
                 })
             );

@@ -1,6 +1,5 @@
-//! A private 3-primary Redis Cluster on free loopback ports, and [`TestRedis`], the backend the
-//! session suite runs on: one server, or this cluster when the test binary's name contains
-//! `_cluster` (`tests/session_cluster.rs`) or `HERD_TEST_TOPOLOGY=cluster` is set.
+//! A private 3-primary Redis Cluster on free loopback ports (a suite picks it with
+//! [`Topology::Cluster`], see [`super::topology`]).
 //!
 //! The cluster is three [`RedisServer`]s started with `--cluster-enabled yes`, joined by
 //! `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`; [`RedisCluster::start`]
@@ -12,7 +11,8 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{unique_prefix, RedisServer};
+use super::topology::{config, TestRedis, Topology};
+use super::RedisServer;
 
 /// Three cluster-enabled primaries holding all 16384 slots.
 pub struct RedisCluster {
@@ -222,223 +222,11 @@ impl RedisCluster {
     }
 }
 
-/// What the session suite runs on: one server, or a 3-primary cluster (see the module docs).
-pub enum TestRedis {
-    /// One `redis-server`.
-    Single(RedisServer),
-    /// A 3-primary cluster.
-    Cluster(RedisCluster),
-    /// A primary, a replica and three sentinels; herd connects through the sentinels.
-    Sentinel(Box<super::sentinel::SentinelSetup>),
-}
-
-/// True when this test binary runs its suite through Sentinel (`_sentinel` in its name, or
-/// `HERD_TEST_TOPOLOGY=sentinel`).
-pub fn on_sentinel() -> bool {
-    if let Ok(t) = std::env::var("HERD_TEST_TOPOLOGY") {
-        return t == "sentinel";
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|n| n.contains("_sentinel"))
-}
-
-/// True when this test binary runs its suite on a cluster.
-pub fn on_cluster() -> bool {
-    if let Ok(t) = std::env::var("HERD_TEST_TOPOLOGY") {
-        return t == "cluster";
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|n| n.contains("_cluster"))
-}
-
-impl TestRedis {
-    /// A fresh backend of the kind this binary runs on.
-    pub fn start() -> TestRedis {
-        if on_cluster() {
-            TestRedis::Cluster(RedisCluster::start())
-        } else if on_sentinel() {
-            TestRedis::Sentinel(Box::new(super::sentinel::SentinelSetup::start()))
-        } else {
-            TestRedis::Single(RedisServer::start())
-        }
-    }
-
-    /// True on a cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, TestRedis::Cluster(_))
-    }
-
-    /// The URL herd connects with.
-    pub fn url(&self) -> String {
-        match self {
-            TestRedis::Single(s) => s.url(),
-            TestRedis::Cluster(c) => c.url(),
-            TestRedis::Sentinel(t) => t.url(),
-        }
-    }
-
-    /// One command (on the key's node on a cluster).
-    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        match self {
-            TestRedis::Single(s) => s.cmd(args),
-            TestRedis::Cluster(c) => c.cmd(args),
-            TestRedis::Sentinel(t) => t.primary.cmd(args),
-        }
-    }
-
-    /// Keys matching a pattern.
-    pub fn keys(&self, pattern: &str) -> Vec<String> {
-        match self {
-            TestRedis::Single(s) => s.keys(pattern),
-            TestRedis::Cluster(c) => c.keys(pattern),
-            TestRedis::Sentinel(t) => t.primary.keys(pattern),
-        }
-    }
-
-    /// Number of keys.
-    pub fn dbsize(&self) -> i64 {
-        match self {
-            TestRedis::Single(s) => s.dbsize(),
-            TestRedis::Cluster(c) => c.dbsize(),
-            TestRedis::Sentinel(t) => t.primary.dbsize(),
-        }
-    }
-
-    /// `INFO commandstats` (summed over the nodes).
-    pub fn command_calls(&self) -> HashMap<String, u64> {
-        match self {
-            TestRedis::Single(s) => s.command_calls(),
-            TestRedis::Cluster(c) => c.command_calls(),
-            TestRedis::Sentinel(t) => t.primary.command_calls(),
-        }
-    }
-
-    /// Resets `INFO commandstats`.
-    pub fn reset_stats(&self) {
-        match self {
-            TestRedis::Single(s) => s.reset_stats(),
-            TestRedis::Cluster(c) => c.reset_stats(),
-            TestRedis::Sentinel(t) => t.primary.reset_stats(),
-        }
-    }
-
-    /// Kills the server (every node).
-    pub fn kill(&mut self) {
-        match self {
-            TestRedis::Single(s) => s.kill(),
-            TestRedis::Cluster(c) => c.kill(),
-            TestRedis::Sentinel(t) => {
-                t.primary.kill();
-                t.replica.kill();
-            }
-        }
-    }
-
-    /// Starts it again, empty.
-    pub fn restart(&mut self) {
-        match self {
-            TestRedis::Single(s) => s.restart(),
-            TestRedis::Cluster(c) => c.restart(),
-            TestRedis::Sentinel(t) => {
-                t.primary.restart();
-                t.replica.restart();
-            }
-        }
-    }
-}
-
-/// A herd config pointing at `redis`, with a fixed secret and a unique prefix (as
-/// [`super::config`]).
-pub fn config(redis: &TestRedis, name: &str) -> herd::Config {
-    herd::Config::builder()
-        .redis_url(redis.url())
-        .secret_base64(super::test_secret())
-        .prefix(unique_prefix(name))
-        .command_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_millis(500))
-        .pool_wait_timeout(Duration::from_millis(500))
-        .build()
-        .expect("test config")
-}
-
-/// Sends one request with an optional cookie through `app`; returns the status, the body as text
-/// and the `name=value` of a cookie it sets.
-pub async fn request(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-) -> (http::StatusCode, String, Option<String>) {
-    use tower::ServiceExt;
-    let mut req = http::Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        req = req.header(http::header::COOKIE, c);
-    }
-    let res = app
-        .clone()
-        .oneshot(req.body(axum::body::Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
-    let status = res.status();
-    let set_cookie = res
-        .headers()
-        .get(http::header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned);
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    (
-        status,
-        String::from_utf8_lossy(&body).into_owned(),
-        set_cookie,
-    )
-}
-
-/// A small app for load tests: `GET /incr` increments the session counter `n` and answers its
-/// value, `GET /get` answers it (0 when absent), `POST /login` writes `user` and cycles the id.
-pub fn counter_app(client: &herd::RedisClient) -> axum::Router {
-    use axum::routing::{get, post};
-    use herd::{Session, SessionLayer};
-    axum::Router::new()
-        .route(
-            "/incr",
-            get(|s: Session| async move { s.incr("n", 1).await.map(|n| n.to_string()) }),
-        )
-        .route(
-            "/get",
-            get(|s: Session| async move {
-                s.get::<i64>("n").await.map(|n| n.unwrap_or(0).to_string())
-            }),
-        )
-        .route(
-            "/login",
-            post(|s: Session| async move {
-                s.insert("user", "carol").await?;
-                s.cycle_id().await;
-                Ok::<_, herd::Error>("ok")
-            }),
-        )
-        .layer(SessionLayer::new(client.clone()).with_secure(false))
-}
-
-/// The guard of a suite compiled for a cluster (`*_cluster.rs`): fails if the harness would not start
-/// a cluster for this binary (a rename would silently run the suite on one server), and proves that
-/// herd routes by slot through the cluster URL (keys of several groups land on several nodes).
+/// The guard of a suite declared for a cluster (`*_cluster.rs`): proves that the harness starts a
+/// cluster for it and that herd routes by slot through the cluster URL (keys of several groups
+/// land on several nodes).
 pub async fn assert_suite_runs_on_a_cluster() {
-    assert!(
-        on_cluster(),
-        "the harness does not see a cluster suite in `{:?}`: keep `_cluster` in the file name \
-         (or set HERD_TEST_TOPOLOGY=cluster)",
-        std::env::current_exe().ok()
-    );
-    let redis = TestRedis::start();
+    let redis = TestRedis::start(Topology::Cluster);
     let TestRedis::Cluster(cluster) = &redis else {
         panic!("the harness started something else than a cluster")
     };
@@ -475,46 +263,5 @@ pub async fn assert_suite_runs_on_a_cluster() {
     assert!(
         nodes_with_keys >= 2,
         "12 groups all landed on one node: not routed by slot"
-    );
-}
-
-/// The guard of a suite compiled for Sentinel (`*_sentinel.rs`): fails if the harness would not
-/// start a Sentinel setup for this binary, and proves that the sentinels answer and that herd writes
-/// to the master they name.
-pub async fn assert_suite_runs_through_sentinel() {
-    assert!(
-        on_sentinel(),
-        "the harness does not see a Sentinel suite in `{:?}`: keep `_sentinel` in the file name \
-         (or set HERD_TEST_TOPOLOGY=sentinel)",
-        std::env::current_exe().ok()
-    );
-    let redis = TestRedis::start();
-    let TestRedis::Sentinel(setup) = &redis else {
-        panic!("the harness started something else than a Sentinel setup")
-    };
-    assert!(
-        redis.url().starts_with("redis+sentinel://"),
-        "{}",
-        redis.url()
-    );
-    assert_eq!(
-        setup.master_port(),
-        Some(setup.primary.port()),
-        "the sentinels answer and name the primary"
-    );
-    let client = herd::RedisClient::connect(config(&redis, "guard"))
-        .await
-        .expect("connect through the sentinels");
-    herd::Globals::new(client.clone())
-        .group("guard")
-        .expect("group")
-        .set("v", &1)
-        .await
-        .expect("set through Sentinel");
-    let pattern = format!("{}:g:*", client.config().prefix());
-    assert_eq!(
-        setup.primary.keys(&pattern).len(),
-        1,
-        "written on the master"
     );
 }

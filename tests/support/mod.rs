@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod example_bin;
 pub mod sentinel;
 pub mod tls;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -268,11 +269,15 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
-/// A herd config pointing at `server`, with a fixed secret and a unique prefix.
+/// A herd config pointing at `server`, with a unique prefix.
 pub fn config(server: &RedisServer, name: &str) -> herd::Config {
+    config_at(&server.url(), name)
+}
+
+/// A herd config pointing at `url`, with a unique prefix and short timeouts.
+pub fn config_at(url: &str, name: &str) -> herd::Config {
     herd::Config::builder()
-        .redis_url(server.url())
-        .secret_base64(test_secret())
+        .redis_url(url)
         .prefix(unique_prefix(name))
         .command_timeout(Duration::from_millis(500))
         .connect_timeout(Duration::from_millis(500))
@@ -281,7 +286,12 @@ pub fn config(server: &RedisServer, name: &str) -> herd::Config {
         .expect("test config")
 }
 
-/// A fixed base64 secret of 64 bytes for tests.
+/// The cookie key of the tests' session layers: 64 fixed bytes, [`test_secret`] decoded.
+pub fn test_key() -> herd::cookie::Key {
+    herd::cookie::Key::from(&[42u8; 64])
+}
+
+/// A fixed base64 secret of 64 bytes for tests (`HERD_SECRET` of the processes they start).
 pub fn test_secret() -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode([42u8; 64])

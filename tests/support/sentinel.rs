@@ -8,6 +8,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::topology::{config, TestRedis, Topology};
 use super::RedisServer;
 
 /// The master name the sentinels use.
@@ -180,4 +181,38 @@ pub fn wait(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The guard of a suite declared for Sentinel (`*_sentinel.rs`): proves that the harness starts a
+/// Sentinel setup for it, that the sentinels answer and that herd writes to the master they name.
+pub async fn assert_suite_runs_through_sentinel() {
+    let redis = TestRedis::start(Topology::Sentinel);
+    let TestRedis::Sentinel(setup) = &redis else {
+        panic!("the harness started something else than a Sentinel setup")
+    };
+    assert!(
+        redis.url().starts_with("redis+sentinel://"),
+        "{}",
+        redis.url()
+    );
+    assert_eq!(
+        setup.master_port(),
+        Some(setup.primary.port()),
+        "the sentinels answer and name the primary"
+    );
+    let client = herd::RedisClient::connect(config(&redis, "guard"))
+        .await
+        .expect("connect through the sentinels");
+    herd::Globals::new(client.clone())
+        .group("guard")
+        .expect("group")
+        .set("v", &1)
+        .await
+        .expect("set through Sentinel");
+    let pattern = format!("{}:g:*", client.config().prefix());
+    assert_eq!(
+        setup.primary.keys(&pattern).len(),
+        1,
+        "written on the master"
+    );
 }

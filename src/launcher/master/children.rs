@@ -439,7 +439,9 @@ impl Master {
         if let Some(mut channel) = p.channel.as_ref() {
             // A few bytes on a channel the worker drains as they come: a full buffer (or a
             // worker already gone) is the only way this fails, and it is logged.
-            if let Err(e) = channel.write_all(crate::launcher::worker::DRAINING_LINE.as_bytes()) {
+            if let Err(e) =
+                channel.write_all(crate::launcher::master_channel::DRAINING_LINE.as_bytes())
+            {
                 tracing::warn!(
                     "herd: cannot tell worker {} (pid {}) that the host drains: {e}",
                     p.slot,

@@ -178,8 +178,9 @@ fn later(d: Duration) -> Instant {
 /// file's `[env]`) or ours, or 64 fresh random bytes.
 ///
 /// A blank `HERD_SECRET` counts as unset (what `HERD_SECRET=` or compose's `${HERD_SECRET:-}`
-/// give), exactly as the workers' own configuration reads it: passing a blank one through would
-/// make each worker invent its own key, and a cookie would verify in one worker only. A given key
+/// give), exactly as `SessionLayer::from_env` reads it in the workers: passing a blank one
+/// through would make each worker invent its own key, and a cookie would verify in one worker
+/// only. A given key
 /// is checked here, once, so that a malformed one is a clear startup error of the master instead
 /// of every worker failing and being restarted in a loop.
 fn shared_secret(configured: Option<&String>) -> Result<String> {
@@ -188,7 +189,7 @@ fn shared_secret(configured: Option<&String>) -> Result<String> {
         .or_else(|| std::env::var(super::ENV_SECRET).ok())
         .filter(|s| !s.trim().is_empty())
     {
-        crate::config::key_from_base64(super::ENV_SECRET, &secret)
+        crate::session::signing::key_from_base64(super::ENV_SECRET, &secret)
             .map_err(|e| Error::Config(e.to_string()))?;
         return Ok(secret);
     }
