@@ -585,7 +585,7 @@ impl std::fmt::Display for SessionMissing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
             "herd::Session was extracted but no herd::SessionLayer runs in front of this handler: \
-             add `.layer(herd::SessionLayer::new(redis))` to the Router (after the routes that use it)",
+             add `.layer(herd::SessionLayer::from_env(redis)?)` to the Router (after the routes that use it)",
         )
     }
 }

@@ -122,9 +122,18 @@ pub(crate) fn key_from_base64(source: &str, text: &str) -> Result<Key> {
 pub(crate) fn warn_ephemeral_key() {
     static WARNED: Once = Once::new();
     WARNED.call_once(|| {
-        let msg = "HERD_SECRET is not set: using a random cookie key for this process only. \
-                   Sessions will not survive a restart and cookies will not verify in other \
-                   processes. Set HERD_SECRET (e.g. `openssl rand -base64 64`) in production.";
+        // A secret in the environment that this layer does not use (built with
+        // `SessionLayer::new`) is the likelier mistake behind a random key: say so.
+        let msg = if non_blank(std::env::var(ENV_SECRET).ok()).is_some() {
+            "HERD_SECRET is set, but this session layer was built without it \
+             (SessionLayer::new): it signs cookies with a random key for this process only. \
+             Sessions will not survive a restart and cookies will not verify in other \
+             processes. Build it with SessionLayer::from_env(redis)? or .with_key(..)."
+        } else {
+            "HERD_SECRET is not set: using a random cookie key for this process only. \
+             Sessions will not survive a restart and cookies will not verify in other \
+             processes. Set HERD_SECRET (e.g. `openssl rand -base64 64`) in production."
+        };
         if tracing::dispatcher::has_been_set() {
             tracing::warn!("{msg}");
         } else {
