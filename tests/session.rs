@@ -1046,6 +1046,8 @@ async fn round_trip_budget() {
                         | "client|setinfo"
                         | "client"
                         | "hello"
+                        // Each sentinel's hello, every 2 s, at any moment; herd sends none.
+                        | "publish"
                 )
             })
             .map(|(_, n)| n)
