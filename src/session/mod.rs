@@ -56,9 +56,9 @@
 //! any cookie that names no session.)
 //!
 //! The guarantees, for concurrent requests of one visitor and "log out everywhere" from elsewhere:
-//! every write is all or nothing; a destroyed or expired session is never resurrected; the TTL of
-//! every write follows the idle timeout stored in the session (its own, if one was set) and never
-//! runs past the absolute deadline or the owner index's coverage; each acknowledged `incr` counts
+//! every write is all or nothing; a destroyed or expired session is never resurrected; a session's
+//! TTL follows the idle timeout stored in it (its own, if one was set) and never runs past the
+//! absolute deadline or the owner index's coverage; each acknowledged `incr` counts
 //! once; a login is never undone by an earlier-started request.
 //!
 //! | handler does | Redis round trips |
