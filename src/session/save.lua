@@ -18,7 +18,7 @@
 -- no owner). An owned session's TTL never runs past 'indexed', so "log out everywhere" always finds
 -- every live session.
 --
--- Returns {status, n, owner, indexed, record}: status 1 = applied (n = the incremented value, record =
+-- Returns {status, n, owner, record} (the shape of write.lua's reply): status 1 = applied (n = the incremented value, record =
 -- the timing record now stored), 0 = the session is gone (destroyed or expired: never resurrected),
 -- 2 = the id is taken, 3 = too large (n = size), 4 = the incremented field is not an integer, 5 = the
 -- id was cycled away (a tombstone '$t', or '$m' while a cluster cycle runs): the session lives on
@@ -45,7 +45,7 @@ local nset = tonumber(ARGV[12])
 local first_set = 13
 local first_del = first_set + 2 * nset
 
-local gone = {0, 0, false, false, false}
+local gone = {0, 0, false, false}
 local tombstone_ms = 60000
 
 -- HINCRBY of the session's key, checked by Redis itself (it refuses a non-integer and writes
@@ -54,7 +54,7 @@ local tombstone_ms = 60000
 local function incr_checked()
   local r = redis.pcall('HINCRBY', key, incr_field, incr_by)
   if type(r) == 'table' and r.err then
-    if string.find(r.err, 'not an integer', 1, true) then return nil, {4, 0, false, false, false} end
+    if string.find(r.err, 'not an integer', 1, true) then return nil, {4, 0, false, false} end
     return nil, redis.error_reply(r.err)
   end
   return r
@@ -64,11 +64,11 @@ local session_idle = nil
 local indexed = nil
 local current_owner = false
 if mode == 'new' then
-  if redis.call('EXISTS', key) == 1 then return {2, 0, false, false, false} end
+  if redis.call('EXISTS', key) == 1 then return {2, 0, false, false} end
 else
   local meta = redis.call('HMGET', key, '$c', '$o', '$m', '$t')
   -- '$m': the id is being cycled to another slot on a cluster (store.rs); '$t': it was cycled.
-  if meta[3] or meta[4] then return {5, 0, false, false, false} end
+  if meta[3] or meta[4] then return {5, 0, false, false} end
   if not meta[1] then return gone end
   local c, _, i, x = string.match(meta[1], '^(%d+):?(%d*):?(%d*):?(%d*)$')
   if not c then return gone end
@@ -76,7 +76,7 @@ else
   if x ~= '' then indexed = tonumber(x) end
   current_owner = meta[2]
   if mode == 'cycle' then
-    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false, false} end
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {2, 0, false, false} end
   else
     created = tonumber(c)
   end
@@ -106,7 +106,7 @@ if incr_field ~= '' and not incr_first then
   if current == nil and not dels[incr_field] and not clear and mode ~= 'new' then
     current = redis.call('HGET', key, incr_field)
   end
-  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false, false, false} end
+  if current and not string.match(current, '^%-?%d+$') then return {4, 0, false, false} end
 end
 
 if max_bytes > 0 then
@@ -121,7 +121,7 @@ if max_bytes > 0 then
     end
   end
   for f, v in pairs(sets) do total = total + #f + #v end
-  if total > max_bytes then return {3, total, false, false, false} end
+  if total > max_bytes then return {3, total, false, false} end
 end
 
 -- Checks done: write.
@@ -154,4 +154,4 @@ if owner ~= '' then
 end
 if incr_field ~= '' and not incr_first then n = redis.call('HINCRBY', key, incr_field, incr_by) end
 redis.call('PEXPIRE', key, string.format('%d', ttl))
-return {1, n, current_owner, indexed or false, record}
+return {1, n, current_owner, record}

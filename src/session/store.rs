@@ -66,16 +66,14 @@ pub(crate) struct Loaded {
 /// What the save script answered.
 #[derive(Debug)]
 pub(crate) enum SaveOutcome {
-    /// Applied; the value of the incremented field if there was one; the session's owner, and
-    /// until when its index lists it.
+    /// Applied; the value of the incremented field if there was one; the session's owner.
     Applied {
         incr: i64,
         owner: Option<String>,
-        indexed: Option<u64>,
         /// The timing record the save wrote (or found, when it wrote fields only).
         timing: Timing,
-        /// The save left the TTL as it was, and it is due to be pushed back (off the request's
-        /// path: [`touch`]).
+        /// The TTL is due to be pushed back (off the request's path: [`touch`]); only after a
+        /// write that left it as it was.
         refresh_due: bool,
     },
     /// The session does not exist any more (destroyed or expired).
@@ -309,13 +307,12 @@ pub(crate) async fn execute(
             SaveOutcome::Applied {
                 incr,
                 owner,
-                indexed,
                 timing,
                 refresh_due,
             } => {
                 let final_id = new_id.unwrap_or(key_id);
                 if let (SaveMode::Cycle, None, Some(owner), Some(indexed), false) =
-                    (mode, index, &owner, indexed, client.is_cluster())
+                    (mode, index, &owner, timing.indexed, client.is_cluster())
                 {
                     // A blind cycle of an owned session on one server: the script moved the data
                     // (owner and index coverage included) to the new id; list the new id too. If
@@ -400,45 +397,52 @@ async fn write_fields(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcom
     for field in &delta.remove {
         cmd.arg(field);
     }
-    let reply = run_with_script(client, &Query::Cmd(&cmd), &WRITE).await?;
+    let reply = run_with_script(client, &Query::Cmd(&cmd)).await?;
+    decode(reply, save.expiry)
+}
+
+/// The reply of either script, `{status, n, owner, record}` (see `save.lua`). The record decides
+/// the rest: a session past its deadline or index coverage is gone (only `write.lua`, which does not
+/// parse the record, writes into one: its key expires then, and no read sees it again), and the TTL
+/// is due to be pushed back when a write left it as it was for a tenth of the idle timeout (never
+/// right after the save script, which records `touched`).
+fn decode(reply: Value, expiry: Expiry) -> Result<SaveOutcome> {
     let reply: (i64, i64, Option<String>, Option<Vec<u8>>) =
         redis::from_redis_value(reply).map_err(|e| Error::Redis(e.into()))?;
     Ok(match reply {
         (1, incr, owner, record) => {
-            let timing = record
-                .as_deref()
-                .and_then(Timing::parse)
-                .ok_or_else(no_record)?;
+            let timing = record.as_deref().and_then(Timing::parse).ok_or_else(|| {
+                Error::Redis(redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "the session save answered without a timing record",
+                )))
+            })?;
             let now = now_ms();
-            match timing.ttl(now, save.expiry) {
+            match timing.ttl(now, expiry) {
                 None => SaveOutcome::Gone,
                 Some(ttl) => SaveOutcome::Applied {
                     incr,
                     owner,
-                    indexed: timing.indexed,
-                    refresh_due: timing.refresh_due(now, ttl, save.expiry),
+                    refresh_due: timing.refresh_due(now, ttl, expiry),
                     timing,
                 },
             }
         }
         (0, ..) => SaveOutcome::Gone,
-        (5, ..) => SaveOutcome::Cycled,
+        (2, ..) => SaveOutcome::IdTaken,
+        (3, size, ..) => SaveOutcome::TooLarge {
+            size: size.max(0) as usize,
+        },
         (4, ..) => SaveOutcome::NotAnInteger,
+        (5, ..) => SaveOutcome::Cycled,
         (status, ..) => {
             return Err(Error::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "unknown status from the session write",
+                "unknown status from the session save",
                 status.to_string(),
             ))))
         }
     })
-}
-
-fn no_record() -> Error {
-    Error::Redis(redis::RedisError::from((
-        redis::ErrorKind::UnexpectedReturnType,
-        "the session save answered without a timing record",
-    )))
 }
 
 /// The save script on one key (plus the new key on a single server when cycling).
@@ -485,7 +489,7 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
 
     let reply = match save.index {
         // One command on its own: cheaper than a pipeline, and Redis errors keep their codes.
-        None => run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?,
+        None => run_with_script(client, &Query::Cmd(&cmd)).await?,
         Some(index) if client.is_cluster() && save.mode == SaveMode::Existing => {
             // An existing session (a new owner, or its index pushed forward): the index (another
             // slot) first, then the save, one after the other. A failed index update then leaves
@@ -499,7 +503,7 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
                     pipe.query_async::<()>(&mut c).await
                 })
                 .await?;
-            run_with_script(client, &Query::Cmd(&cmd), &SAVE).await?
+            run_with_script(client, &Query::Cmd(&cmd)).await?
         }
         Some(index) if client.is_cluster() => {
             // A new id (created or cycled): the index lives in another slot, sent alongside, at the
@@ -512,7 +516,7 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
             let query = Query::Cmd(&cmd);
             let (reply, indexed) = tokio::join!(
-                run_with_script(client, &query, &SAVE),
+                run_with_script(client, &query),
                 client.run_alongside(Effect::MayWrite, |mut c| async move {
                     pipe.query_async::<()>(&mut c).await
                 })
@@ -534,7 +538,7 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             add_owner_index(&mut pipe, client, index.owner, target_id, now, index.until);
             pipe.add_command(cmd);
             let mut replies: Vec<Value> =
-                redis::from_redis_value(run_with_script(client, &Query::Pipe(&pipe), &SAVE).await?)
+                redis::from_redis_value(run_with_script(client, &Query::Pipe(&pipe)).await?)
                     .map_err(|e| Error::Redis(e.into()))?;
             replies.pop().ok_or_else(|| {
                 Error::Redis(redis::RedisError::from((
@@ -544,27 +548,7 @@ pub(crate) async fn save_in_place(client: &RedisClient, save: Save<'_>) -> Resul
             })?
         }
     };
-    let reply: (i64, i64, Option<String>, Option<u64>, Option<Vec<u8>>) =
-        redis::from_redis_value(reply).map_err(|e| Error::Redis(e.into()))?;
-    Ok(match reply {
-        (1, incr, owner, indexed, record) => SaveOutcome::Applied {
-            incr,
-            owner,
-            indexed,
-            timing: record
-                .as_deref()
-                .and_then(Timing::parse)
-                .ok_or_else(no_record)?,
-            refresh_due: false,
-        },
-        (0, ..) => SaveOutcome::Gone,
-        (5, ..) => SaveOutcome::Cycled,
-        (2, ..) => SaveOutcome::IdTaken,
-        (3, size, ..) => SaveOutcome::TooLarge {
-            size: size.max(0) as usize,
-        },
-        _ => SaveOutcome::NotAnInteger,
-    })
+    decode(reply, save.expiry)
 }
 
 /// What a logout found.
@@ -641,16 +625,11 @@ enum Query<'a> {
     Pipe(&'a Pipeline),
 }
 
-/// Runs a command or pipeline that contains an `EVALSHA` of `script`; if Redis does not know the
-/// script yet (first use, or after a restart), loads it — and the other write script with it, in
-/// the same round trip of latency: a Redis that lost one lost both — and runs it again. Safe to
-/// repeat: a `NOSCRIPT` reply means the script did not run, and the other commands pipelined with
-/// it are idempotent index updates.
-async fn run_with_script(
-    client: &RedisClient,
-    query: &Query<'_>,
-    script: &Script,
-) -> Result<Value> {
+/// Runs a command or pipeline that contains an `EVALSHA` of a write script; if Redis does not know
+/// it yet (first use, or after a restart), loads both write scripts (a Redis that lost one lost
+/// both; one round trip of latency) and runs it again. Safe to repeat: a `NOSCRIPT` reply means the
+/// script did not run, and the other commands pipelined with it are idempotent index updates.
+async fn run_with_script(client: &RedisClient, query: &Query<'_>) -> Result<Value> {
     async fn once(client: &RedisClient, query: &Query<'_>) -> Result<Value> {
         client
             .run(Effect::MayWrite, |mut c| async move {
@@ -665,20 +644,16 @@ async fn run_with_script(
         Err(Error::Redis(e))
             if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
         {
-            let other: &Script = if std::ptr::eq(script, &*SAVE) {
-                &WRITE
-            } else {
-                &SAVE
-            };
-            let (loaded, _) = tokio::join!(
+            let (save, write) = tokio::join!(
                 client.run(Effect::ReadOnly, |mut c| async move {
-                    script.prepare_invoke().load_async(&mut c).await
+                    SAVE.prepare_invoke().load_async(&mut c).await
                 }),
                 client.run_alongside(Effect::ReadOnly, |mut c| async move {
-                    other.prepare_invoke().load_async(&mut c).await
+                    WRITE.prepare_invoke().load_async(&mut c).await
                 })
             );
-            loaded?;
+            save?;
+            write?;
             once(client, query).await
         }
         other => other,
