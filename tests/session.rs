@@ -1485,13 +1485,18 @@ async fn set_idle_timeout_is_per_session_and_sticks() {
 /// Makes a session look `ms` older to its idle timeout, as time passing would: its TTL `ms`
 /// shorter, and the time its TTL was last pushed back (in the timing record `$c`) `ms` earlier.
 fn age_session(server: &RedisServer, key: &str, ms: i64) {
-    let record: String = server.cmd(&["HGET", key, "$c"]);
-    let mut parts: Vec<String> = record.split(':').map(str::to_owned).collect();
-    let touched: i64 = parts[1].parse().expect("touched");
-    parts[1] = (touched - ms).to_string();
-    let _: i64 = server.cmd(&["HSET", key, "$c", &parts.join(":")]);
+    move_record_back(server, key, 1, ms);
     let pttl: i64 = server.cmd(&["PTTL", key]);
     let _: i64 = server.cmd(&["PEXPIRE", key, &(pttl - ms).to_string()]);
+}
+
+/// Moves part `n` of a session's timing record `$c` (`created:touched:idle:indexed`) `ms` earlier.
+fn move_record_back(server: &RedisServer, key: &str, n: usize, ms: i64) {
+    let record: String = server.cmd(&["HGET", key, "$c"]);
+    let mut parts: Vec<String> = record.split(':').map(str::to_owned).collect();
+    let value: i64 = parts[n].parse().expect("a timing record part");
+    parts[n] = (value - ms).to_string();
+    let _: i64 = server.cmd(&["HSET", key, "$c", &parts.join(":")]);
 }
 
 /// Commands that change a session's data, or its TTL; a read-only request must send none of them.
@@ -1667,13 +1672,7 @@ async fn a_field_write_into_a_session_past_its_deadline_keeps_nothing() {
     let app = App::with(&server, "write-deadline", |l| {
         l.with_absolute_timeout(Duration::from_millis(absolute as u64))
     });
-    let past_deadline = |key: &str| {
-        let record: String = server.cmd(&["HGET", key, "$c"]);
-        let mut parts: Vec<String> = record.split(':').map(str::to_owned).collect();
-        let created: i64 = parts[0].parse().expect("created");
-        parts[0] = (created - absolute - 1000).to_string();
-        let _: i64 = server.cmd(&["HSET", key, "$c", &parts.join(":")]);
-    };
+    let past_deadline = |key: &str| move_record_back(&server, key, 0, absolute + 1000);
 
     let cookie = new_session(&app).await;
     let old_key = app.session_keys(&server).pop().expect("key");
