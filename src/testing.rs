@@ -54,19 +54,19 @@ impl RedisServer {
     /// As [`start`](Self::start).
     pub fn start_with(extra: &[&str]) -> Result<RedisServer, StartError> {
         let args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
-        RedisServer::start_on_a_free_port(|_| (args.clone(), None))
+        RedisServer::start_on_a_free_port(|_| Ok((args.clone(), None)))
     }
 
     /// Starts a server on a port free now, with the arguments (and the directory to remove on
     /// drop) `setup` gives for that port. Another process may take the port between the check
     /// and the server's bind: then the server exits, and another port is tried (5 in all).
     fn start_on_a_free_port(
-        setup: impl Fn(u16) -> (Vec<String>, Option<PathBuf>),
+        setup: impl Fn(u16) -> Result<(Vec<String>, Option<PathBuf>), StartError>,
     ) -> Result<RedisServer, StartError> {
         let mut last = StartError("no attempt".into());
         for _ in 0..5 {
             let port = free_port()?;
-            let (args, dir) = setup(port);
+            let (args, dir) = setup(port)?;
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut server = RedisServer {
                 port,
@@ -184,8 +184,18 @@ impl RedisCluster {
                     .join(format!("herd-cluster-{}-{port}", std::process::id()));
                 let _ = std::fs::create_dir_all(&dir);
                 let dir_arg = dir.to_string_lossy().into_owned();
-                let args = ["--cluster-enabled", "yes", "--dir", &dir_arg];
-                (args.map(str::to_owned).to_vec(), Some(dir))
+                // The bus port defaults to port + 10000: over 65535 (Redis refuses to start) for
+                // a fifth of the ephemeral ports, and possibly taken. Pick it free as well.
+                let bus = free_port()?.to_string();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--dir",
+                    &dir_arg,
+                ];
+                Ok((args.map(str::to_owned).to_vec(), Some(dir)))
             })?);
         }
         let cluster = RedisCluster { nodes };
@@ -196,6 +206,14 @@ impl RedisCluster {
     fn form(&self) -> Result<(), StartError> {
         let fail = |what: &str, e: redis::RedisError| StartError(format!("{what}: {e}"));
         let n = self.nodes.len();
+        let (_, first_bus): (String, u16) = node_conn(self.nodes[0].port)
+            .and_then(|mut c| {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("cluster-port")
+                    .query(&mut c)
+            })
+            .map_err(|e| fail("CONFIG GET cluster-port", e))?;
         for (i, node) in self.nodes.iter().enumerate() {
             let mut conn = node_conn(node.port).map_err(|e| fail("connect", e))?;
             let first = i * 16384 / n;
@@ -211,6 +229,7 @@ impl RedisCluster {
                     .arg("MEET")
                     .arg("127.0.0.1")
                     .arg(self.nodes[0].port)
+                    .arg(first_bus)
                     .query::<()>(&mut conn)
                     .map_err(|e| fail("CLUSTER MEET", e))?;
             }

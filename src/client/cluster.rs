@@ -256,10 +256,7 @@ mod tests {
     impl Node {
         fn start() -> Node {
             let dir = tempfile::tempdir().expect("temp dir");
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port");
+            let port = free_port();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args([
@@ -269,6 +266,10 @@ mod tests {
                     "no",
                     "--cluster-enabled",
                     "yes",
+                    // The default bus port, port + 10000, is over 65535 for a fifth of the
+                    // ephemeral ports (Redis then refuses to start): pick it free as well.
+                    "--cluster-port",
+                    &free_port().to_string(),
                 ])
                 .args(["--dir", &dir.path().to_string_lossy()])
                 .args(["--cluster-config-file", "nodes.conf"])
@@ -309,6 +310,13 @@ mod tests {
         }
     }
 
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
     fn wait(what: &str, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ready() {
@@ -322,7 +330,8 @@ mod tests {
     fn migrating(on_a: &[(&str, &str)], on_b: &[(&str, &str)]) -> (Node, Node, String, String) {
         let (a, b) = (Node::start(), Node::start());
         let _: () = a.cmd(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
-        let _: () = a.cmd(&["CLUSTER", "MEET", "127.0.0.1", &b.port.to_string()]);
+        let (_, b_bus): (String, String) = b.cmd(&["CONFIG", "GET", "cluster-port"]);
+        let _: () = a.cmd(&["CLUSTER", "MEET", "127.0.0.1", &b.port.to_string(), &b_bus]);
         wait("the cluster to form", || {
             [&a, &b].iter().all(|n| {
                 n.try_cmd::<String>(&["CLUSTER", "INFO"]).is_ok_and(|i| {

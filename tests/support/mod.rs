@@ -53,11 +53,19 @@ impl RedisServer {
         let mut last_err = String::new();
         // A free port can be taken between our probe and the server's bind: try a few.
         for _ in 0..5 {
+            let mut extra_args = extra_args.clone();
+            // A cluster node's bus port defaults to its port + 10000: over 65535 (Redis refuses to
+            // start) for a fifth of the ephemeral ports, and possibly taken. Pick it free as well.
+            if extra_args.iter().any(|a| a == "--cluster-enabled")
+                && !extra_args.iter().any(|a| a == "--cluster-port")
+            {
+                extra_args.extend(["--cluster-port".to_owned(), free_port().to_string()]);
+            }
             let mut server = RedisServer {
                 port: free_port(),
                 child: None,
                 dir: tempfile::tempdir().expect("temp dir"),
-                extra_args: extra_args.clone(),
+                extra_args,
             };
             match server.spawn() {
                 Ok(()) => return server,
