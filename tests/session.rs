@@ -92,6 +92,13 @@ fn routes() -> Router {
             }),
         )
         .route(
+            "/incr-then-owner/{key}",
+            get(|s: Session, Path(key): Path<String>| async move {
+                let n = s.incr(&key, 1).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": n, "owner": s.owner().await? })))
+            }),
+        )
+        .route(
             "/read-then-write/{key}",
             post(|s: Session, Path(key): Path<String>| async move {
                 let n: i64 = s.get(&key).await?.unwrap_or(0);
@@ -989,6 +996,37 @@ async fn undecodable_values_and_non_integers_are_clear_errors() {
     let res = router.oneshot(req).await.expect("infallible");
     let body = res.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"decode error on broken");
+}
+
+/// What a write script answers reaches the handler exactly: a counter past 2^53 (Lua numbers are
+/// doubles) and an owner with spaces (the reply is one string, the owner its last part).
+#[tokio::test]
+async fn write_replies_carry_large_counters_and_owners_exactly() {
+    let server = RedisServer::start(crate::TOPOLOGY);
+    let app = App::new(&server, "replies");
+    let r = app.send("POST", "/login/Ada%20Lovelace", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let cookie = r.cookie().expect("login cookie");
+    let key = app.session_keys(&server).pop().expect("key");
+    for start in [
+        "9007199254740993",
+        "-9007199254740995",
+        "9223372036854775806",
+        "41",
+    ] {
+        let _: () = server.cmd(&["HSET", &key, "n", start]);
+        let expected = start.parse::<i64>().expect("i64") + 1;
+        // Blind: the write script's reply is all the handler learns.
+        let r = app.send("GET", "/incr-then-owner/n", Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(
+            r.body,
+            json!({ "value": expected, "owner": "Ada Lovelace" }),
+            "after {start}"
+        );
+        let stored: String = server.cmd(&["HGET", &key, "n"]);
+        assert_eq!(stored, expected.to_string());
+    }
 }
 
 #[tokio::test]

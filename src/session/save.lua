@@ -18,8 +18,10 @@
 -- no owner). An owned session's TTL never runs past 'indexed', so "log out everywhere" always finds
 -- every live session.
 --
--- Returns {status, n, owner, record} (the shape of write.lua's reply): status 1 = applied (n = the incremented value, record =
--- the timing record now stored), 0 = the session is gone (destroyed or expired: never resurrected),
+-- Returns, as write.lua does, one string when applied: 'record n', or 'record n owner' when the session
+-- has an owner (record = the timing record now stored, n = the incremented value, 0 without an
+-- increment; one bulk reply is cheaper for the client to parse than an array of four). Otherwise
+-- {status, n, false, false}: 0 = the session is gone (destroyed or expired: never resurrected),
 -- 2 = the id is taken, 3 = too large (n = size), 4 = the incremented field is not an integer, 5 = the
 -- id was cycled away (a tombstone '$t', or '$m' while a cluster cycle runs): the session lives on
 -- under an id this request does not know, and nothing is written. Every check runs before the first
@@ -154,4 +156,9 @@ if owner ~= '' then
 end
 if incr_field ~= '' and not incr_first then n = redis.call('HINCRBY', key, incr_field, incr_by) end
 redis.call('PEXPIRE', key, string.format('%d', ttl))
-return {1, n, current_owner, record}
+-- Lua numbers are doubles: past 2^53 the value is read back as Redis wrote it.
+if math.abs(n) >= 9007199254740992 then n = redis.call('HGET', key, incr_field)
+else n = string.format('%d', n) end
+local applied = record .. ' ' .. n
+if current_owner then return applied .. ' ' .. current_owner end
+return applied

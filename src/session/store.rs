@@ -381,7 +381,7 @@ impl Save<'_> {
 /// The common write (`write.lua`): checks the session exists and was not cycled away, writes its
 /// fields, and answers with the stored timing record, which decides here whether the session is
 /// past its deadline (gone: Redis drops the key at that time, no read sees it again) and whether
-/// its TTL is due to be pushed back. One `EVALSHA`, a reply of four values.
+/// its TTL is due to be pushed back. One `EVALSHA`, a reply of one string.
 async fn write_fields(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcome> {
     let delta = save.delta;
     let mut cmd = evalsha(&WRITE);
@@ -401,41 +401,55 @@ async fn write_fields(client: &RedisClient, save: Save<'_>) -> Result<SaveOutcom
     decode(reply, save.expiry)
 }
 
-/// The reply of either script, `{status, n, owner, record}` (see `save.lua`). The record decides
-/// the rest: a session past its deadline or index coverage is gone (only `write.lua`, which does not
-/// parse the record, writes into one: its key expires then, and no read sees it again), and the TTL
-/// is due to be pushed back when a write left it as it was for a tenth of the idle timeout (never
-/// right after the save script, which records `touched`).
+/// The reply of either script: one string `record n [owner]` when applied, `{status, n, _, _}`
+/// otherwise (see `save.lua`). The record decides the rest: a session past its deadline or index
+/// coverage is gone (only `write.lua`, which does not parse the record, writes into one: its key
+/// expires then, and no read sees it again), and the TTL is due to be pushed back when a write left
+/// it as it was for a tenth of the idle timeout (never right after the save script, which records
+/// `touched`).
 fn decode(reply: Value, expiry: Expiry) -> Result<SaveOutcome> {
-    let reply: (i64, i64, Option<String>, Option<Vec<u8>>) =
+    let unexpected = |what: &'static str| {
+        Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            what,
+        )))
+    };
+    if let Value::BulkString(applied) = reply {
+        let mut parts = applied.splitn(3, |b| *b == b' ');
+        let timing = parts.next().and_then(Timing::parse);
+        let incr = parts
+            .next()
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<i64>().ok());
+        let (Some(timing), Some(incr)) = (timing, incr) else {
+            return Err(unexpected(
+                "the session save answered with a malformed record",
+            ));
+        };
+        let owner = parts
+            .next()
+            .map(|o| String::from_utf8_lossy(o).into_owned());
+        let now = now_ms();
+        return Ok(match timing.ttl(now, expiry) {
+            None => SaveOutcome::Gone,
+            Some(ttl) => SaveOutcome::Applied {
+                incr,
+                owner,
+                refresh_due: timing.refresh_due(now, ttl, expiry),
+                timing,
+            },
+        });
+    }
+    let (status, n, ..): (i64, i64, Value, Value) =
         redis::from_redis_value(reply).map_err(|e| Error::Redis(e.into()))?;
-    Ok(match reply {
-        (1, incr, owner, record) => {
-            let timing = record.as_deref().and_then(Timing::parse).ok_or_else(|| {
-                Error::Redis(redis::RedisError::from((
-                    redis::ErrorKind::UnexpectedReturnType,
-                    "the session save answered without a timing record",
-                )))
-            })?;
-            let now = now_ms();
-            match timing.ttl(now, expiry) {
-                None => SaveOutcome::Gone,
-                Some(ttl) => SaveOutcome::Applied {
-                    incr,
-                    owner,
-                    refresh_due: timing.refresh_due(now, ttl, expiry),
-                    timing,
-                },
-            }
-        }
-        (0, ..) => SaveOutcome::Gone,
-        (2, ..) => SaveOutcome::IdTaken,
-        (3, size, ..) => SaveOutcome::TooLarge {
-            size: size.max(0) as usize,
+    Ok(match status {
+        0 => SaveOutcome::Gone,
+        2 => SaveOutcome::IdTaken,
+        3 => SaveOutcome::TooLarge {
+            size: n.max(0) as usize,
         },
-        (4, ..) => SaveOutcome::NotAnInteger,
-        (5, ..) => SaveOutcome::Cycled,
-        (status, ..) => {
+        4 => SaveOutcome::NotAnInteger,
+        5 => SaveOutcome::Cycled,
+        status => {
             return Err(Error::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
                 "unknown status from the session save",

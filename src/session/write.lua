@@ -5,8 +5,9 @@
 -- ARGV[1]  field to increment ('' = none)     ARGV[2] increment
 -- ARGV[3]  n, the number of fields to set; then n field/value pairs; then the fields to delete.
 --
--- Returns {1, n, owner, record} when applied (n = the incremented value, 0 without an increment;
--- record = the timing record '$c' as stored, see store.rs); otherwise {status, 0, false, false}:
+-- Returns 'record n' or 'record n owner' when applied (one string, see save.lua; n = the incremented
+-- value, 0 without an increment; record = the timing record '$c' as stored, see store.rs); otherwise
+-- {status, 0, false, false}:
 -- status 0 when the key holds no session (destroyed, expired, never was: never resurrected), 5 when
 -- the id was cycled away (a tombstone '$t', or '$m' while a cluster cycle runs), 4 when the
 -- incremented field is not an integer. The checks run before the first write: a refused write
@@ -34,4 +35,9 @@ end
 local last_set = 3 + 2 * tonumber(ARGV[3])
 if last_set > 3 then redis.call('HSET', key, unpack(ARGV, 4, last_set)) end
 if #ARGV > last_set then redis.call('HDEL', key, unpack(ARGV, last_set + 1, #ARGV)) end
-return {1, n, meta[2], meta[1]}
+-- Lua numbers are doubles: past 2^53 the value is read back as Redis wrote it.
+if math.abs(n) >= 9007199254740992 then n = redis.call('HGET', key, ARGV[1])
+else n = string.format('%d', n) end
+local applied = meta[1] .. ' ' .. n
+if meta[2] then return applied .. ' ' .. meta[2] end
+return applied
