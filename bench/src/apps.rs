@@ -5,13 +5,13 @@
 //! `herd-observed` is `herd` with metrics enabled as under `herd run --metrics` (for the cost of
 //! observability).
 //!
-//! | route | herd | tower-sessions | limit | getset | plain |
-//! |---|---|---|---|---|---|
-//! | `GET /counter` (read + write) | `incr` (1 RT) | get + insert (2 RT) | `HINCRBY`+`EXPIRE` pipelined (1 RT) | `GET` blob + `SET` blob (2 RT) | – |
-//! | `GET /rmw` (generic read-modify-write) | get + insert (2 RT) | get + insert (2 RT) | – | `GET` + `SET` (2 RT) | – |
-//! | `GET /read` (read-only) | get (1 RT) | get (1 RT) | `HGETALL` (1 RT) | `GET` (1 RT) | – |
-//! | `GET /untouched` (cookie sent, session not used) | 0 RT | 0 RT | 0 RT | 0 RT | 0 RT |
-//! | `GET /limited` (`/untouched` behind herd's `RateLimitLayer`, keyed by the cookie, never over the limit) | 1 RT | – | – | – | – |
+//! | route | herd | tower-sessions | limit | getset | checked | plain |
+//! |---|---|---|---|---|---|---|
+//! | `GET /counter` (read + write) | `incr` (1 RT) | get + insert (2 RT) | `HINCRBY`+`EXPIRE` pipelined (1 RT) | `GET` blob + `SET` blob (2 RT) | check-and-`HINCRBY` script (1 RT) | – |
+//! | `GET /rmw` (generic read-modify-write) | get + insert (2 RT) | get + insert (2 RT) | – | `GET` + `SET` (2 RT) | `HGETALL` + check-and-`HSET` script (2 RT) | – |
+//! | `GET /read` (read-only) | get (1 RT) | get (1 RT) | `HGETALL` (1 RT) | `GET` (1 RT) | `HGETALL` (1 RT) | – |
+//! | `GET /untouched` (cookie sent, session not used) | 0 RT | 0 RT | 0 RT | 0 RT | 0 RT | 0 RT |
+//! | `GET /limited` (`/untouched` behind herd's `RateLimitLayer`, keyed by the cookie, never over the limit) | 1 RT | – | – | – | – | – |
 //!
 //! A request without a cookie on `/counter` creates a session (the driver uses this to make its pool
 //! of sessions). Each app checks the cookie the way its real counterpart does:
@@ -20,6 +20,10 @@
 //!   default unsigned id cookie, default expiry): the peer's cheapest out-of-the-box configuration.
 //! * limit / getset: a plain random 128-bit id cookie (`sid`), format-checked, **not signed** — the
 //!   floor of what any session layer can cost, not a secure design.
+//! * checked: the floor **with herd's guarantees**, written by hand: a signed cookie (the `cookie`
+//!   crate's signed jar, the format herd uses), a hash per session with a creation time, an
+//!   absolute deadline checked on every use, and every write one script that checks the session
+//!   exists and was not cycled away before it writes (no resurrection, no write into a tombstone).
 
 use std::sync::Arc;
 
@@ -53,6 +57,7 @@ pub async fn serve(
         "tower-sessions" => tower_sessions_app(redis_url).await?,
         "limit" => limit_app(redis_url).await?,
         "getset" => getset_app(redis_url).await?,
+        "checked" => checked_app(redis_url).await?,
         "plain" => plain_app(),
         other => return Err(format!("unknown app `{other}`").into()),
     };
@@ -359,6 +364,205 @@ async fn getset_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error
         .route("/read", get(read))
         .route("/untouched", get(untouched))
         .with_state(conn))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor with herd's guarantees, by hand.
+
+/// `$c` = creation time (unix ms); a session is dead 7 days after it (the absolute timeout), and
+/// the key's TTL is the idle timeout. A tombstone (`$t`) is an id that was cycled away. The idle
+/// refresh herd does once per tenth of the idle timeout never comes due within a benchmark run and
+/// is left out.
+const CHECKED_WRITE: &str = r"
+local m = redis.call('HMGET', KEYS[1], '$c', '$t')
+if not m[1] or m[2] then return false end
+if ARGV[2] == '' then return m[1] .. ' ' .. redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return m[1] .. ' ' .. ARGV[2]
+";
+const CHECKED_COOKIE: &str = "checked";
+const ABSOLUTE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+struct Checked {
+    conn: Conn,
+    key: herd::cookie::Key,
+    write_sha: String,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Alive: created, and not past the absolute deadline.
+fn checked_alive(created: &[u8]) -> bool {
+    std::str::from_utf8(created)
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+        .is_some_and(|c| c + ABSOLUTE_MS > now_ms())
+}
+
+async fn checked_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Error>> {
+    use herd::cookie::{Cookie, CookieJar};
+
+    let mut conn = connect(redis_url).await?;
+    let write_sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(CHECKED_WRITE)
+        .query_async(&mut conn)
+        .await?;
+    let state = Arc::new(Checked {
+        conn,
+        key: herd::cookie::Key::from(&HERD_SECRET),
+        write_sha,
+    });
+
+    /// The verified session id of the request, if any.
+    fn verified(app: &Checked, headers: &HeaderMap) -> Option<String> {
+        let mut jar = CookieJar::new();
+        for value in headers.get_all(header::COOKIE) {
+            for c in Cookie::split_parse(value.to_str().ok()?).flatten() {
+                jar.add_original(c.into_owned());
+            }
+        }
+        let id = jar.signed(&app.key).get(CHECKED_COOKIE)?.value().to_owned();
+        let ok = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then_some(id)
+    }
+    fn signed_cookie(app: &Checked, id: String) -> String {
+        let mut jar = CookieJar::new();
+        jar.signed_mut(&app.key)
+            .add(Cookie::new(CHECKED_COOKIE, id));
+        let value = jar.get(CHECKED_COOKIE).map(|c| c.value().to_owned());
+        format!("{CHECKED_COOKIE}={}", value.unwrap_or_default())
+    }
+    fn with_set_cookie(body: String, cookie: Option<String>) -> Response {
+        let mut res = body.into_response();
+        if let Some(cookie) = cookie {
+            let value = format!("{cookie}; HttpOnly; SameSite=Lax; Path=/");
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                res.headers_mut().append(header::SET_COOKIE, v);
+            }
+        }
+        res
+    }
+    /// The session's fields, or `None` when it does not exist, ended or was cycled away.
+    async fn load(app: &Checked, id: &str) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, Response> {
+        let mut c = app.conn.clone();
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("checked:s:{id}"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let created = fields.iter().find(|(f, _)| f == b"$c").map(|(_, v)| v);
+        let cycled = fields.iter().any(|(f, _)| f == b"$t");
+        Ok((!cycled && created.is_some_and(|c| checked_alive(c))).then_some(fields))
+    }
+    /// The checked write: `Ok(None)` when the session ended meanwhile (nothing written).
+    async fn write(
+        app: &Checked,
+        id: &str,
+        field: &str,
+        value: Option<i64>,
+    ) -> Result<Option<i64>, Response> {
+        let mut c = app.conn.clone();
+        let reply: Option<String> = redis::cmd("EVALSHA")
+            .arg(&app.write_sha)
+            .arg(1)
+            .arg(format!("checked:s:{id}"))
+            .arg(field)
+            .arg(value.map(|v| v.to_string()).unwrap_or_default())
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply.and_then(|r| {
+            let (created, n) = r.split_once(' ')?;
+            checked_alive(created.as_bytes()).then(|| n.parse().ok())?
+        }))
+    }
+    /// A new session holding `field = 1`.
+    async fn create(app: &Checked, field: &str) -> Response {
+        let id = new_sid();
+        let key = format!("checked:s:{id}");
+        let mut c = app.conn.clone();
+        let r: Result<(), _> = redis::pipe()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("$c")
+            .arg(now_ms())
+            .arg(field)
+            .arg(1)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(IDLE_SECS)
+            .ignore()
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(()) => with_set_cookie("1".into(), Some(signed_cookie(app, id))),
+            Err(e) => unavailable(e),
+        }
+    }
+    fn gone() -> Response {
+        (StatusCode::CONFLICT, "the session ended").into_response()
+    }
+
+    async fn counter(State(app): State<Arc<Checked>>, headers: HeaderMap) -> Response {
+        let Some(id) = verified(&app, &headers) else {
+            return create(&app, "counter").await;
+        };
+        match write(&app, &id, "counter", None).await {
+            Ok(Some(n)) => n.to_string().into_response(),
+            Ok(None) => gone(),
+            Err(res) => res,
+        }
+    }
+    async fn rmw(State(app): State<Arc<Checked>>, headers: HeaderMap) -> Response {
+        let Some(id) = verified(&app, &headers) else {
+            return create(&app, "n").await;
+        };
+        let fields = match load(&app, &id).await {
+            Ok(Some(fields)) => fields,
+            Ok(None) => return gone(),
+            Err(res) => return res,
+        };
+        let n: i64 = fields
+            .iter()
+            .find(|(f, _)| f == b"n")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+            .unwrap_or(0);
+        match write(&app, &id, "n", Some(n + 1)).await {
+            Ok(Some(n)) => n.to_string().into_response(),
+            Ok(None) => gone(),
+            Err(res) => res,
+        }
+    }
+    async fn read(State(app): State<Arc<Checked>>, headers: HeaderMap) -> Response {
+        let Some(id) = verified(&app, &headers) else {
+            return "0".into_response();
+        };
+        match load(&app, &id).await {
+            Ok(fields) => fields
+                .and_then(|fields| {
+                    let (_, v) = fields.iter().find(|(f, _)| f == b"counter")?;
+                    std::str::from_utf8(v).ok()?.parse::<i64>().ok()
+                })
+                .unwrap_or(0)
+                .to_string()
+                .into_response(),
+            Err(res) => res,
+        }
+    }
+
+    Ok(Router::new()
+        .route("/counter", get(counter))
+        .route("/rmw", get(rmw))
+        .route("/read", get(read))
+        .route("/untouched", get(untouched))
+        .with_state(state))
 }
 
 // ---------------------------------------------------------------------------------------------

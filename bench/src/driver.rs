@@ -13,12 +13,13 @@ use crate::proc_stat;
 
 type Error = Box<dyn std::error::Error>;
 
-pub const APPS: [&str; 6] = [
+pub const APPS: [&str; 7] = [
     "herd",
     "herd-observed",
     "tower-sessions",
     "limit",
     "getset",
+    "checked",
     "plain",
 ];
 pub const ROUTES: [&str; 5] = ["counter", "rmw", "read", "untouched", "limited"];
@@ -977,6 +978,21 @@ fn report(
                 "| {name} | {c} | {r:.2}× | goal {goal:.2}× | {cpu:.2}× | {} |\n",
                 if r >= goal { "yes" } else { "**no**" }
             );
+        }
+        // Against the floor with herd's guarantees (signed cookie, checked writes): what herd's
+        // abstractions cost on top of what its guarantees cost. Informational, no goal.
+        for route in ["counter", "read", "rmw"] {
+            let key = (c, route.to_owned(), "herd".to_owned());
+            if samples.contains_key(&key)
+                && samples.contains_key(&(c, route.to_owned(), "checked".to_owned()))
+            {
+                let r = ratio(&key, "checked", &|x| x.rps);
+                let cpu = ratio(&key, "checked", &|x| x.app_cpu_us);
+                let redis = ratio(&key, "checked", &|x| x.redis_cpu_us);
+                s += &format!(
+                    "| /{route} vs checked, the floor with herd's guarantees (Redis CPU/req {redis:.2}×) | {c} | {r:.2}× | – | {cpu:.2}× | – |\n"
+                );
+            }
         }
         for route in ROUTES {
             if let Some(ss) = samples.get(&(c, route.to_owned(), "herd".to_owned())) {
