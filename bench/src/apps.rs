@@ -211,10 +211,16 @@ fn new_sid() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// `body`, with a `Set-Cookie` of the `sid` cookie when a new id was made.
 fn with_cookie(body: String, id: Option<&str>) -> Response {
+    with_set_cookie(body, id.map(|id| format!("{SID}={id}")))
+}
+
+/// `body`, with a `Set-Cookie` of `name=value` (HttpOnly, SameSite=Lax) when there is one.
+fn with_set_cookie(body: String, cookie: Option<String>) -> Response {
     let mut res = body.into_response();
-    if let Some(id) = id {
-        let value = format!("{SID}={id}; HttpOnly; SameSite=Lax; Path=/");
+    if let Some(cookie) = cookie {
+        let value = format!("{cookie}; HttpOnly; SameSite=Lax; Path=/");
         if let Ok(v) = HeaderValue::from_str(&value) {
             res.headers_mut().append(header::SET_COOKIE, v);
         }
@@ -437,16 +443,6 @@ async fn checked_app(redis_url: &str) -> Result<Router, Box<dyn std::error::Erro
             .add(Cookie::new(CHECKED_COOKIE, id));
         let value = jar.get(CHECKED_COOKIE).map(|c| c.value().to_owned());
         format!("{CHECKED_COOKIE}={}", value.unwrap_or_default())
-    }
-    fn with_set_cookie(body: String, cookie: Option<String>) -> Response {
-        let mut res = body.into_response();
-        if let Some(cookie) = cookie {
-            let value = format!("{cookie}; HttpOnly; SameSite=Lax; Path=/");
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                res.headers_mut().append(header::SET_COOKIE, v);
-            }
-        }
-        res
     }
     /// The session's fields, or `None` when it does not exist, ended or was cycled away.
     async fn load(app: &Checked, id: &str) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, Response> {
