@@ -99,6 +99,15 @@ fn routes() -> Router {
             }),
         )
         .route(
+            // A set and an incr in one save: the save script, not the field-write script.
+            "/set-incr-then-owner/{key}",
+            get(|s: Session, Path(key): Path<String>| async move {
+                s.insert("other", 1).await?;
+                let n = s.incr(&key, 1).await?;
+                Ok::<_, herd::Error>(Json(json!({ "value": n, "owner": s.owner().await? })))
+            }),
+        )
+        .route(
             "/read-then-write/{key}",
             post(|s: Session, Path(key): Path<String>| async move {
                 let n: i64 = s.get(&key).await?.unwrap_or(0);
@@ -998,8 +1007,8 @@ async fn undecodable_values_and_non_integers_are_clear_errors() {
     assert_eq!(&body[..], b"decode error on broken");
 }
 
-/// What a write script answers reaches the handler exactly: a counter past 2^53 (Lua numbers are
-/// doubles) and an owner with spaces (the reply is one string, the owner its last part).
+/// What either write script answers reaches the handler exactly: a counter past 2^53 (Lua numbers
+/// are doubles) and an owner with spaces (the reply is one string, the owner its last part).
 #[tokio::test]
 async fn write_replies_carry_large_counters_and_owners_exactly() {
     let server = RedisServer::start(crate::TOPOLOGY);
@@ -1008,21 +1017,25 @@ async fn write_replies_carry_large_counters_and_owners_exactly() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let cookie = r.cookie().expect("login cookie");
     let key = app.session_keys(&server).pop().expect("key");
-    for start in [
+    let starts = [
         "9007199254740993",
         "-9007199254740995",
         "9223372036854775806",
         "41",
-    ] {
+    ];
+    for (route, start) in ["/incr-then-owner/n", "/set-incr-then-owner/n"]
+        .into_iter()
+        .flat_map(|route| starts.map(|start| (route, start)))
+    {
         let _: () = server.cmd(&["HSET", &key, "n", start]);
         let expected = start.parse::<i64>().expect("i64") + 1;
         // Blind: the write script's reply is all the handler learns.
-        let r = app.send("GET", "/incr-then-owner/n", Some(&cookie)).await;
+        let r = app.send("GET", route, Some(&cookie)).await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         assert_eq!(
             r.body,
             json!({ "value": expected, "owner": "Ada Lovelace" }),
-            "after {start}"
+            "{route} after {start}"
         );
         let stored: String = server.cmd(&["HGET", &key, "n"]);
         assert_eq!(stored, expected.to_string());
